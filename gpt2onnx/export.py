@@ -1,0 +1,277 @@
+"""Export GPT-2 to a verified ONNX model folder (fp32 or int8) with a KV cache.
+
+>>> import gpt2onnx
+>>> gpt2onnx.export("gpt2", "out/gpt2-int8", precision="int8", random_weights=True)  # doctest: +SKIP
+
+Steps: load (torch) -> build the graph -> record the PyTorch reference -> check fp32
+parity (a failure raises `ParityError`) -> quantize (int8) and measure it -> write the
+tokenizer, config, manifest and model card. Everything is written into a temporary
+folder beside OUTDIR and renamed into place at the end, so a failure or Ctrl-C leaves
+no half-written folder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from . import __version__
+from .errors import ExportError, Gpt2OnnxError, ParityError, UnsupportedModelError
+
+PRECISIONS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and how."""
+
+    source: str  # hub id or local save_pretrained folder
+    outdir: str  # the model folder to create
+    precision: str = "fp32"  # "fp32" or "int8"
+    force: bool = False  # replace an existing outdir
+    random_weights: bool = False  # seeded random weights instead of loading them
+    seed: int = 0  # seed of the random weights
+    tokenizer: str | None = None  # folder with tokenizer.json or vocab.json + merges.txt
+    progress: bool = True  # show progress on stderr
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ExportError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+class _Progress:
+    """One line per long step on stderr: '[3/7] verify parity ... 1.2 s' (tqdm-styled)."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, disable=not enabled, file=sys.stderr, leave=True,
+                        bar_format="{desc} [{n_fmt}/{total_fmt}] {elapsed}")
+        self.t0 = time.perf_counter()
+
+    def step(self, desc: str) -> None:
+        self.bar.set_description_str(f"gpt2onnx export: {desc}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _check_outdir(cfg: ExportConfig) -> str:
+    out = os.path.abspath(cfg.outdir)
+    if os.path.exists(out):
+        if not cfg.force:
+            raise ExportError(f"output folder {cfg.outdir!r} exists; pass --force to replace it")
+        if not os.path.isdir(out):
+            raise ExportError(f"output path {cfg.outdir!r} exists and is not a folder; choose another path")
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {parent!r} ({e.strerror}); choose a writable output path") from None
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write in {parent!r}; choose a writable output path")
+    return out
+
+
+def _tokenizer(cfg: ExportConfig, src, vocab_size: int):
+    from . import tokenizer as tok
+
+    if cfg.tokenizer:
+        if not os.path.isdir(cfg.tokenizer):
+            raise UnsupportedModelError(f"tokenizer folder {cfg.tokenizer!r} does not exist; "
+                                        "pass a folder with vocab.json + merges.txt or tokenizer.json")
+        t = tok.from_files(cfg.tokenizer)
+    elif src.folder:
+        t = tok.from_files(src.folder)
+    elif src.kind == "random":
+        t = tok.packaged()  # the real GPT-2 vocabulary, shipped with gpt2onnx
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            t = AutoTokenizer.from_pretrained(src.id).backend_tokenizer
+        except (OSError, ValueError) as e:
+            raise UnsupportedModelError(f"could not load the tokenizer of {src.id!r} ({str(e)[:100]}); "
+                                        "pass --tokenizer DIR") from None
+    if t.get_vocab_size() > vocab_size:
+        raise UnsupportedModelError(
+            f"the tokenizer has {t.get_vocab_size()} tokens but the model only {vocab_size}; "
+            "pass the model's own tokenizer with --tokenizer DIR"
+        )
+    return t
+
+
+def _versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"gpt2onnx": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__}
+
+
+def _session(path: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = False,
+           random_weights: bool = False, seed: int = 0, tokenizer: str | None = None,
+           progress: bool = True) -> dict:
+    """Export a GPT-2 to an ONNX model folder and verify it against PyTorch.
+
+    Args:
+        source: a hub id (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``,
+            ``distilgpt2``; ``openai-community/`` prefix optional) or a local folder
+            written by ``save_pretrained``.
+        outdir: the model folder to create (refused if it exists, unless `force`).
+        precision: ``"fp32"`` or ``"int8"``.
+        force: replace an existing `outdir`.
+        random_weights: build the architecture with seeded random weights (benchmarks
+            where the weights are unavailable; the folder says so everywhere).
+        seed: seed of the random weights.
+        tokenizer: folder with ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``
+            (default: the source's own, or GPT-2's shipped one for random weights).
+        progress: show the steps on stderr.
+
+    Returns:
+        The manifest written to ``outdir/gpt2onnx.json``.
+
+    Raises:
+        UnsupportedModelError: the source is missing or not GPT-2.
+        ExportError: the output cannot be written.
+        ParityError: the fp32 graph does not reproduce PyTorch within 1e-3.
+
+    >>> m = export("gpt2", "out/gpt2", random_weights=True)   # doctest: +SKIP
+    >>> m["parity"]["fp32_max_abs_diff"] < 1e-3                # doctest: +SKIP
+    True
+    """
+    cfg = ExportConfig(source=os.fspath(source), outdir=os.fspath(outdir), precision=precision, force=force,
+                       random_weights=random_weights, seed=seed, tokenizer=tokenizer, progress=progress)
+    out = _check_outdir(cfg)
+    parent = os.path.dirname(out)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    bar = _Progress(7 if precision == "int8" else 6, progress)
+    try:
+        manifest = _export_into(cfg, tmp, bar)
+        _publish(tmp, out)
+        return manifest
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, Gpt2OnnxError):
+            raise ExportError(f"writing the export failed ({e.strerror or e}); check free disk space and "
+                              "permissions of the output path") from e
+        raise
+    finally:
+        bar.close()
+
+
+def _publish(tmp: str, out: str) -> None:
+    """Move the finished folder into place; an old one is removed only after."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the usual permissions
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(old, "x"))
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
+    from . import artifact, graph, modelcard, parity, sources
+    from .quantize import INT8, quantize_int8
+
+    t0 = time.perf_counter()
+    bar.step("load model")
+    src = sources.load(cfg.source, random_weights=cfg.random_weights, seed=cfg.seed)
+    dims = graph.Dims.from_config(src.config)
+    tok = _tokenizer(cfg, src, dims.vocab_size)
+    n_params = sum(p.numel() for p in src.model.parameters())
+
+    bar.step("build ONNX graph")
+    fp32_dir = os.path.join(tmp, "fp32") if cfg.precision == "int8" else tmp
+    os.makedirs(fp32_dir, exist_ok=True)
+    fp32_path = graph.build(sources.numpy_weights(src.model), dims, fp32_dir,
+                            untied_lm_head=cfg.precision == "int8")
+
+    bar.step("record PyTorch reference")
+    steps = parity.reference(src.model)
+    config_json = src.config.to_dict()
+    eos = src.config.eos_token_id if src.config.eos_token_id is not None else tok.token_to_id("<|endoftext|>")
+    bos = src.config.bos_token_id if src.config.bos_token_id is not None else eos
+    source_info = {"id": cfg.source, "kind": src.kind, "revision": src.revision,
+                   "random_weights": src.random_weights, "seed": src.seed}
+    name = src.name
+    del src
+    gc.collect()
+
+    bar.step("verify fp32 parity")
+    fp32 = parity.compare(steps, parity.run_onnx(_session(fp32_path), steps, dims))
+    if fp32["max_abs_diff"] > parity.FP32_TOLERANCE:
+        raise ParityError(
+            f"the fp32 graph differs from PyTorch by {fp32['max_abs_diff']:.3g} (> {parity.FP32_TOLERANCE}); "
+            "this is a gpt2onnx bug for this model, please report it with the model's config.json"
+        )
+    par = {"fp32_max_abs_diff": fp32["max_abs_diff"], "fp32_top1_agreement": fp32["top1_agreement"],
+           "prompts": int(steps[0].feeds["input_ids"].shape[0]), "decode_steps": len(steps) - 1,
+           "positions": fp32["positions"]}
+    quant = None
+    if cfg.precision == "int8":
+        bar.step("quantize int8")
+        path = quantize_int8(fp32_path, tmp, INT8)
+        shutil.rmtree(fp32_dir)
+        q = parity.compare(steps, parity.run_onnx(_session(path), steps, dims))
+        par["int8"] = {"max_abs_diff": q["max_abs_diff"], "top1_agreement": q["top1_agreement"],
+                       "mean_kl": q["mean_kl"], "max_kl": q["max_kl"]}
+        quant = INT8.to_json()
+
+    bar.step("write tokenizer, config, manifest")
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_json, f, indent=2, default=str)
+    manifest = {
+        "name": name,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source_info,
+        "precision": cfg.precision,
+        "quantization": quant,
+        "dims": dims.to_json(),
+        "n_params": int(n_params),
+        "eos_token_id": int(eos),
+        "bos_token_id": int(bos),
+        "io": graph.io_names(dims.n_layer),
+        "opset": graph.OPSET,
+        "parity": par,
+        "tools": _versions(),
+        "export_seconds": None,
+    }
+    manifest["tags"] = modelcard.tags(manifest)
+    manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+    bar.step("write model card and hashes")
+    # The card lists file sizes, so write a provisional manifest first to size the files.
+    artifact.write_manifest(tmp, manifest)
+    manifest = artifact.read_manifest(tmp)
+    with open(os.path.join(tmp, "MODEL_CARD.md"), "w", encoding="utf-8") as f:
+        f.write(modelcard.render(manifest))
+    artifact.write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
+    return artifact.read_manifest(tmp)

@@ -1,0 +1,257 @@
+"""Generator: run an exported model folder with onnxruntime + numpy + tokenizers only.
+
+>>> import gpt2onnx
+>>> gen = gpt2onnx.load("out/gpt2-int8")                                   # doctest: +SKIP
+>>> [r.text for r in gen.generate(["Hello,", "The sky"], max_new_tokens=8)]  # doctest: +SKIP
+>>> for step in gen.generate_tokens("Once upon a time", max_new_tokens=20):  # doctest: +SKIP
+...     print(step.text, end="", flush=True)
+
+One `Generator` may be shared by many threads: every call keeps its state on its own
+stack and onnxruntime sessions allow concurrent `run` calls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import artifact, cpu, sampling
+from . import tokenizer as _tokenizer
+from .errors import ArtifactError, InvalidRequestError
+from .params import GenerationParams
+from .textstream import TextStream
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One prompt's output."""
+
+    text: str  # prompt + completion when return_full_text, else the completion only
+    token_ids: tuple[int, ...]  # generated token ids (the stop-string token included)
+    prompt_tokens: int  # prompt length in tokens, after any truncation
+    finish_reason: str  # "length", "eos" or "stop"
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One streamed token: its id, the text it makes safe to print, and the finish reason on the last."""
+
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+
+
+def load(model_dir: str, *, threads: int | None = None, verify_hashes: bool = True) -> "Generator":
+    """Load a model folder written by `gpt2onnx export`.
+
+    Args:
+        model_dir: the model folder.
+        threads: intra-op threads; default: the physical cores this process may use
+            (CPU affinity and cgroup quota respected).
+        verify_hashes: compare every file's sha256 with the manifest (sizes are always
+            checked); pass False to skip reading the weights twice on large models.
+
+    Raises:
+        ArtifactError: the folder is missing, damaged, or of a newer format.
+    """
+    return Generator(model_dir, threads=threads, verify_hashes=verify_hashes)
+
+
+class Generator:
+    """Text generation over one onnxruntime session. Build with `gpt2onnx.load`."""
+
+    def __init__(self, model_dir: str, *, threads: int | None = None, verify_hashes: bool = True):
+        import onnxruntime as ort
+
+        model_dir = os.fspath(model_dir)
+        self.manifest = artifact.verify(model_dir, check_hashes=verify_hashes)
+        self.model_dir = model_dir
+        d = self.manifest["dims"]
+        self.n_layer, self.n_head, self.head_dim = d["n_layer"], d["n_head"], d["head_dim"]
+        self.n_positions, self.vocab_size = d["n_positions"], d["vocab_size"]
+        self.eos_token_id = int(self.manifest.get("eos_token_id", self.vocab_size - 1))
+        self.bos_token_id = int(self.manifest.get("bos_token_id", self.eos_token_id))
+        self.tokenizer = _tokenizer.load(model_dir)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InvalidRequestError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = threads or cpu.physical_cores()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), so,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"onnxruntime cannot load {model_dir}/model.onnx ({str(e).splitlines()[0][:160]}); "
+                                "re-export the model folder") from None
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+
+    # -- public API -------------------------------------------------------------------
+
+    def generate(self, prompts: str | Sequence[str], params: GenerationParams | None = None,
+                 **overrides) -> list[GenerationResult]:
+        """Generate for one prompt or a batch; returns one result per prompt, in order.
+
+        Args:
+            prompts: a string or a list of strings. An empty string starts from
+                ``<|endoftext|>``, as GPT-2 was trained.
+            params: generation parameters (Hugging Face names); keyword overrides win.
+
+        >>> gen.generate("Hello", max_new_tokens=5)[0].finish_reason   # doctest: +SKIP
+        'length'
+        """
+        params = self._params(params, overrides)
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return self.generate_batch([(p, params) for p in self._check_prompts(prompts)])
+
+    def generate_batch(self, requests: Sequence[tuple[str, GenerationParams]]) -> list[GenerationResult]:
+        """Generate for (prompt, params) pairs in one batch; each row may have its own params."""
+        rows = [self._encode(i, p, prm) for i, (p, prm) in enumerate(requests)]
+        streams = [TextStream(self._decode, stop=prm.stop) for _, _, prm in rows]
+        out: list[list[int]] = [[] for _ in rows]
+        reasons: list[str | None] = [None] * len(rows)
+        for i, tok, reason, _ in self._decode_loop(rows, streams):
+            out[i].append(tok)
+            if reason:
+                reasons[i] = reason
+        results = []
+        for (prompt, ids, prm), s, toks, reason in zip(rows, streams, out, reasons):
+            s.finish()
+            text = s.text
+            results.append(GenerationResult(prompt + text if prm.return_full_text else text,
+                                            tuple(toks), len(ids), reason or "length"))
+        return results
+
+    def generate_tokens(self, prompt: str, params: GenerationParams | None = None,
+                        **overrides) -> Iterator[StepResult]:
+        """Stream one prompt's tokens as they are produced.
+
+        The `text` of each step never splits a multi-byte UTF-8 character and never
+        shows a piece of a stop string; join them for the completion.
+        """
+        params = self._params(params, overrides)
+        [prompt] = self._check_prompts([prompt])
+        row = self._encode(0, prompt, params)
+        stream = TextStream(self._decode, stop=params.stop)
+        for _, tok, reason, text in self._decode_loop([row], [stream]):
+            if reason and not stream.stopped:
+                text += stream.finish()
+            yield StepResult(tok, text, reason)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _params(self, params, overrides) -> GenerationParams:
+        if params is None:
+            return GenerationParams.from_dict(overrides)
+        if not isinstance(params, GenerationParams):
+            if isinstance(params, dict):
+                return GenerationParams.from_dict({**params, **overrides})
+            raise InvalidRequestError(f"params must be a GenerationParams or a dict, got {type(params).__name__}")
+        return params.replace(**overrides) if overrides else params
+
+    @staticmethod
+    def _check_prompts(prompts) -> list[str]:
+        if not isinstance(prompts, (list, tuple)):
+            raise InvalidRequestError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+        if not prompts:
+            raise InvalidRequestError("the prompt list is empty; pass at least one prompt")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise InvalidRequestError(f"prompt {i} must be a string, got {type(p).__name__}")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(f"prompt {i} is not valid Unicode (lone surrogate); "
+                                          "send UTF-8 text") from None
+        return list(prompts)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _encode(self, index: int, prompt: str, params: GenerationParams) -> tuple[str, list[int], GenerationParams]:
+        ids = self.tokenizer.encode(prompt).ids if prompt else [self.bos_token_id]
+        room = self.n_positions - params.max_new_tokens
+        if room < 1:
+            raise InvalidRequestError(
+                f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in the model's context of "
+                f"{self.n_positions} tokens; use max_new_tokens <= {self.n_positions - 1}"
+            )
+        if len(ids) > room:
+            if not params.truncation:
+                raise InvalidRequestError(
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens {params.max_new_tokens} that exceeds "
+                    f"the context of {self.n_positions} tokens; shorten it, lower max_new_tokens, or pass "
+                    "truncation=true to drop tokens from the left"
+                )
+            ids = ids[-room:]
+        return prompt, ids, params
+
+    def _empty_past(self, batch: int) -> list[np.ndarray]:
+        empty = np.zeros((batch, self.n_head, 0, self.head_dim), np.float32)
+        return [empty] * (2 * self.n_layer)
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]):
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        feeds.update(zip(self._past_names, past))
+        logits, *present = self.session.run(None, feeds)
+        return logits[:, -1, :], present
+
+    def _decode_loop(self, rows, streams) -> Iterator[tuple[int, int, str | None, str]]:
+        """Yield (row, token, finish_reason or None, new text) for every generated token of every row.
+
+        Rows are left-padded into one batch; a finished row is dropped from the batch
+        (its cache rows removed) so the others do not pay for it.
+        """
+        n = len(rows)
+        longest = max(len(ids) for _, ids, _ in rows)
+        ids = np.zeros((n, longest), np.int64)
+        mask = np.zeros((n, longest), np.int64)
+        for r, (_, toks, _) in enumerate(rows):
+            ids[r, longest - len(toks):] = toks
+            mask[r, longest - len(toks):] = 1
+        pos = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
+        params = [prm for _, _, prm in rows]
+        rngs = [sampling.make_rng(p.seed) for p in params]
+        histories = [list(toks) for _, toks, _ in rows]
+        active = list(range(n))  # original row index of each batch row
+        counts = [0] * n
+        logits, past = self._run(ids, mask, pos, self._empty_past(n))
+        while active:
+            nxt = sampling.next_tokens(logits, [params[r] for r in active], [rngs[r] for r in active],
+                                       [np.asarray(histories[r], np.int64) for r in active],
+                                       eos_token_id=self.eos_token_id)
+            keep = []
+            for b, r in enumerate(active):
+                tok = int(nxt[b])
+                histories[r].append(tok)
+                counts[r] += 1
+                piece = streams[r].push(tok)
+                reason = None
+                if tok == self.eos_token_id and not params[r].ignore_eos:
+                    reason = "eos"
+                elif streams[r].stopped:
+                    reason = "stop"
+                elif counts[r] >= params[r].max_new_tokens:
+                    reason = "length"
+                yield r, tok, reason, piece
+                if reason is None:
+                    keep.append(b)
+            if len(keep) != len(active):
+                if not keep:
+                    return
+                sel = np.asarray(keep)
+                past = [p[sel] for p in past]
+                mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
+                active = [active[b] for b in keep]
+            mask = np.concatenate([mask, np.ones((len(active), 1), np.int64)], axis=1)
+            pos = pos[:, -1:] + 1
+            logits, past = self._run(nxt[:, None].astype(np.int64), mask, pos, past)

@@ -1,0 +1,57 @@
+"""GPT-2's byte-level BPE tokenizer (the `tokenizers` library; no transformers needed).
+
+The real GPT-2 vocabulary ships inside the package (``gpt2onnx/data``) so exports work
+offline; a model folder always carries its own ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+from .errors import ArtifactError, UnsupportedModelError
+
+EOS = "<|endoftext|>"
+
+
+def from_files(folder: str):
+    """A tokenizer from `tokenizer.json`, or from `vocab.json` + `merges.txt`, in `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    folder = os.fspath(folder)
+    tj = os.path.join(folder, "tokenizer.json")
+    vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    try:
+        if os.path.isfile(tj):
+            return Tokenizer.from_file(tj)
+        if os.path.isfile(vocab) and os.path.isfile(merges):
+            t = Tokenizer(models.BPE.from_file(vocab, merges))
+            t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            t.decoder = decoders.ByteLevel()
+            t.post_processor = processors.ByteLevel(trim_offsets=False)
+            if t.token_to_id(EOS) is not None:
+                t.add_special_tokens([EOS])
+            return t
+    except Exception as e:  # tokenizers raises plain Exception on bad files
+        raise UnsupportedModelError(f"the tokenizer files in {folder!r} cannot be read ({str(e)[:120]}); "
+                                    "pass --tokenizer DIR with GPT-2's vocab.json + merges.txt") from None
+    raise UnsupportedModelError(
+        f"no tokenizer in {folder!r} (tokenizer.json, or vocab.json + merges.txt); pass --tokenizer DIR"
+    )
+
+
+def packaged():
+    """The real GPT-2 tokenizer shipped with gpt2onnx."""
+    with resources.as_file(resources.files("gpt2onnx") / "data") as folder:
+        return from_files(str(folder))
+
+
+def load(model_dir: str):
+    """The tokenizer of a model folder."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(model_dir, "tokenizer.json")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:
+        raise ArtifactError(f"cannot read {path} ({str(e)[:100]}); the model folder is damaged, re-export it") from None

@@ -1,0 +1,197 @@
+"""Runtime: token-for-token parity with transformers, batching, streaming, seeds, threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import gpt2onnx
+from gpt2onnx import GenerationParams
+from gpt2onnx.errors import ArtifactError, InvalidRequestError
+
+PROMPTS = ["The tower is", "In 1998 the", "A", "Valkyria Chronicles III is a tactical role @-@ playing game"]
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_fp32):
+    return gpt2onnx.load(tiny_fp32)
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_int8):
+    return gpt2onnx.load(tiny_int8)
+
+
+def _hf_greedy(model, gen, prompts, max_new_tokens, eos):
+    """transformers' own generate with left padding; returns each row's new tokens up to eos."""
+    import torch
+
+    enc = [gen.tokenizer.encode(p).ids for p in prompts]
+    n = max(map(len, enc))
+    ids = torch.tensor([[eos] * (n - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (n - len(e)) + [1] * len(e) for e in enc])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=eos)
+    rows = []
+    for row in out[:, n:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+def test_greedy_matches_transformers_single_and_batch(fp32, tiny_torch):
+    eos = fp32.eos_token_id
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        ours = fp32.generate(prompts, max_new_tokens=12)
+        ref = _hf_greedy(tiny_torch, fp32, prompts, 12, eos)
+        assert [list(r.token_ids) for r in ours] == ref
+
+
+def test_rows_finishing_at_different_steps_match_transformers(fp32, tiny_torch, monkeypatch):
+    # Make a token that row 0 produces at step 3 the end-of-text token, so rows stop at different steps.
+    free = fp32.generate(PROMPTS, max_new_tokens=12)
+    stop_tok = free[0].token_ids[3]
+    monkeypatch.setattr(fp32, "eos_token_id", stop_tok)
+    ours = fp32.generate(PROMPTS, max_new_tokens=12)
+    lengths = {r.generated_tokens for r in ours}
+    assert len(lengths) > 1, "the test needs rows of different lengths"
+    assert ours[0].finish_reason == "eos" and ours[0].token_ids[-1] == stop_tok
+    ref = _hf_greedy(fp32_model := tiny_torch, fp32, PROMPTS, 12, stop_tok)
+    assert [list(r.token_ids) for r in ours] == ref
+    assert fp32_model is tiny_torch
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_batched_equals_one_by_one(which, request):
+    gen = request.getfixturevalue(which)
+    for params in (GenerationParams(max_new_tokens=10, ignore_eos=True),
+                   GenerationParams(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
+                                    seed=11, repetition_penalty=1.2, ignore_eos=True)):
+        batched = gen.generate(PROMPTS, params)
+        alone = [gen.generate(p, params)[0] for p in PROMPTS]
+        assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+        assert [r.text for r in batched] == [r.text for r in alone]
+
+
+def test_seeds(fp32):
+    p = dict(max_new_tokens=15, do_sample=True, temperature=1.5, top_k=0, ignore_eos=True)
+    a = fp32.generate(PROMPTS[1], seed=1, **p)[0].token_ids
+    assert fp32.generate(PROMPTS[1], seed=1, **p)[0].token_ids == a
+    assert fp32.generate(PROMPTS[1], seed=2, **p)[0].token_ids != a
+    # temperature 0 is greedy, even with do_sample
+    g = fp32.generate(PROMPTS[1], max_new_tokens=15, ignore_eos=True)[0].token_ids
+    assert fp32.generate(PROMPTS[1], max_new_tokens=15, ignore_eos=True, do_sample=True, temperature=0)[0].token_ids == g
+
+
+def test_result_fields_and_full_text(fp32):
+    r = fp32.generate(PROMPTS[0], max_new_tokens=7, ignore_eos=True)[0]
+    assert r.finish_reason == "length" and r.generated_tokens == 7
+    assert r.prompt_tokens == len(fp32.tokenizer.encode(PROMPTS[0]).ids)
+    assert r.text == PROMPTS[0] + fp32.tokenizer.decode(list(r.token_ids))
+    short = fp32.generate(PROMPTS[0], max_new_tokens=7, ignore_eos=True, return_full_text=False)[0]
+    assert short.text == fp32.tokenizer.decode(list(r.token_ids))
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(fp32, monkeypatch):
+    free = fp32.generate(PROMPTS[0], max_new_tokens=10)[0]
+    tok = free.token_ids[2]
+    monkeypatch.setattr(fp32, "eos_token_id", tok)
+    assert fp32.generate(PROMPTS[0], max_new_tokens=10)[0].generated_tokens == free.token_ids.index(tok) + 1
+    r = fp32.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True)[0]
+    assert r.generated_tokens == 10 and tok not in r.token_ids
+
+
+def test_stop_strings(fp32):
+    full = fp32.generate(PROMPTS[2], max_new_tokens=20, ignore_eos=True, return_full_text=False)[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), "need a visible stop string"
+    r = fp32.generate(PROMPTS[2], max_new_tokens=20, ignore_eos=True, stop=[stop], return_full_text=False)[0]
+    assert r.finish_reason == "stop"
+    assert r.text == full[: full.index(stop)] and stop not in r.text
+
+
+def test_streaming_matches_generate(fp32):
+    params = GenerationParams(max_new_tokens=12, ignore_eos=True, return_full_text=False)
+    steps = list(fp32.generate_tokens(PROMPTS[3], params))
+    whole = fp32.generate(PROMPTS[3], params)[0]
+    assert [s.token_id for s in steps] == list(whole.token_ids)
+    assert "".join(s.text for s in steps) == whole.text
+    assert steps[-1].finish_reason == "length" and all(s.finish_reason is None for s in steps[:-1])
+
+
+def test_context_limit(fp32):
+    long = " word" * 80  # > 64 tokens of context
+    with pytest.raises(InvalidRequestError, match="exceeds the context of 64 tokens.*truncation"):
+        fp32.generate(long, max_new_tokens=10)
+    r = fp32.generate(long, max_new_tokens=10, truncation=True, ignore_eos=True)[0]
+    assert r.prompt_tokens == 54 and r.generated_tokens == 10
+    with pytest.raises(InvalidRequestError, match="leaves no room"):
+        fp32.generate("hi", max_new_tokens=64)
+
+
+def test_empty_prompt_starts_from_eos(fp32):
+    r = fp32.generate("", max_new_tokens=3, ignore_eos=True)[0]
+    assert r.prompt_tokens == 1 and r.generated_tokens == 3
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "empty"), ([1], "prompt 0 must be a string"), (b"x", "string or a list"),
+    (["ok", "\ud800"], "prompt 1 is not valid Unicode"),
+])
+def test_bad_prompts(fp32, bad, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        fp32.generate(bad)
+
+
+def test_bad_params(fp32):
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        fp32.generate("x", top_p=1.5)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        fp32.generate("x", max_tokens=3)
+    with pytest.raises(InvalidRequestError, match="threads"):
+        gpt2onnx.load(fp32.model_dir, threads=0)
+
+
+def test_eight_threads_share_one_generator(fp32):
+    params = [GenerationParams(max_new_tokens=8, do_sample=i % 2 == 1, seed=i, ignore_eos=True) for i in range(8)]
+    expected = [fp32.generate(PROMPTS[i % 4], params[i])[0].token_ids for i in range(8)]
+    got = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        for _ in range(3):
+            got[i] = fp32.generate(PROMPTS[i % 4], params[i])[0].token_ids
+            assert got[i] == expected[i]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+
+
+def test_runtime_does_not_import_torch(tiny_int8):
+    code = (
+        "import sys, gpt2onnx; g = gpt2onnx.load(sys.argv[1]); g.generate('hi', max_new_tokens=2);"
+        "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, tiny_int8], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_load_refuses_damaged_folder(tiny_fp32, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_fp32, copy)
+    with open(copy / "model.onnx.data", "r+b") as f:
+        f.truncate(os.path.getsize(copy / "model.onnx.data") - 10)
+    with pytest.raises(ArtifactError, match="truncated or replaced"):
+        gpt2onnx.load(str(copy))
