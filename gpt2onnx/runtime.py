@@ -131,6 +131,19 @@ class Generator:
                                             tuple(toks), len(ids), reason or "length"))
         return results
 
+    def stream_batch(self, requests: Sequence[tuple[str, GenerationParams]]) -> Iterator[tuple[int, StepResult]]:
+        """Stream a batch: yields (row index, StepResult) as each row's tokens are produced.
+
+        All active rows advance one token per model step, so the events of one step come
+        together; a row's last event carries its finish reason.
+        """
+        rows = [self._encode(i, p, prm) for i, (p, prm) in enumerate(requests)]
+        streams = [TextStream(self._decode, stop=prm.stop) for _, _, prm in rows]
+        for r, tok, reason, text in self._decode_loop(rows, streams):
+            if reason and not streams[r].stopped:
+                text += streams[r].finish()
+            yield r, StepResult(tok, text, reason)
+
     def generate_tokens(self, prompt: str, params: GenerationParams | None = None,
                         **overrides) -> Iterator[StepResult]:
         """Stream one prompt's tokens as they are produced.
@@ -140,12 +153,8 @@ class Generator:
         """
         params = self._params(params, overrides)
         [prompt] = self._check_prompts([prompt])
-        row = self._encode(0, prompt, params)
-        stream = TextStream(self._decode, stop=params.stop)
-        for _, tok, reason, text in self._decode_loop([row], [stream]):
-            if reason and not stream.stopped:
-                text += stream.finish()
-            yield StepResult(tok, text, reason)
+        for _, step in self.stream_batch([(prompt, params)]):
+            yield step
 
     # -- internals --------------------------------------------------------------------
 

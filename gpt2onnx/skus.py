@@ -121,8 +121,7 @@ def load_catalog(path: str | None = None) -> list[Sku]:
 
 
 def _norm(name: str) -> str:
-    name = name.strip().lower()
-    return name if name.startswith("standard_") else "standard_" + name
+    return name.strip().lower().removeprefix("standard_")
 
 
 def get(name: str) -> Sku:
