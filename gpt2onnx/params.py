@@ -25,7 +25,7 @@ MAX_REPETITION_PENALTY = 100.0  # beyond this a penalized token is already impos
 SEED_LIMIT = 2**63  # seeds must fit a signed 64-bit integer (JSON clients, numpy)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerationParams:
     """How to generate the continuation of one prompt.
 

@@ -115,7 +115,7 @@ class Generator:
 
     def generate_batch(self, requests: Sequence[tuple[str, GenerationParams]]) -> list[GenerationResult]:
         """Generate for (prompt, params) pairs in one batch; each row may have its own params."""
-        rows = [self._encode(i, p, prm) for i, (p, prm) in enumerate(requests)]
+        rows = self._rows(requests)
         streams = [TextStream(self._decode, stop=prm.stop) for _, _, prm in rows]
         out: list[list[int]] = [[] for _ in rows]
         reasons: list[str | None] = [None] * len(rows)
@@ -137,7 +137,7 @@ class Generator:
         All active rows advance one token per model step, so the events of one step come
         together; a row's last event carries its finish reason.
         """
-        rows = [self._encode(i, p, prm) for i, (p, prm) in enumerate(requests)]
+        rows = self._rows(requests)
         streams = [TextStream(self._decode, stop=prm.stop) for _, _, prm in rows]
         for r, tok, reason, text in self._decode_loop(rows, streams):
             if reason and not streams[r].stopped:
@@ -182,6 +182,14 @@ class Generator:
                 raise InvalidRequestError(f"prompt {i} is not valid Unicode (lone surrogate); "
                                           "send UTF-8 text") from None
         return list(prompts)
+
+    def _rows(self, requests) -> list[tuple[str, list[int], GenerationParams]]:
+        requests = list(requests)
+        prompts = self._check_prompts([p for p, _ in requests])
+        for i, (_, prm) in enumerate(requests):
+            if not isinstance(prm, GenerationParams):
+                raise InvalidRequestError(f"request {i}: params must be a GenerationParams, got {type(prm).__name__}")
+        return [self._encode(i, p, prm) for i, (p, (_, prm)) in enumerate(zip(prompts, requests))]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

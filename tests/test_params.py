@@ -252,3 +252,8 @@ def test_from_dict_either_validates_or_raises_invalid_request(d):
     assert all(isinstance(s, str) and s for s in p.stop) and len(p.stop) <= 16
     for name in ("do_sample", "return_full_text", "ignore_eos", "truncation"):
         assert type(getattr(p, name)) is bool
+
+
+def test_fields_are_keyword_only():
+    with pytest.raises(TypeError):
+        GenerationParams(20)  # type: ignore[misc]
