@@ -185,9 +185,14 @@ def build(weights, dims: Dims, folder: str, *, untied_lm_head: bool = False) -> 
         tok = node("Gather", [wte, "input_ids"], ["tok_emb"], "embed_tokens")
         pos = node("Gather", [wpe, "position_ids"], ["pos_emb"], "embed_positions")
         x = node("Add", [tok, pos], ["h.0.in"], "embed_add")
-        # The attention mask (B,T) as int32, the form MultiHeadAttention takes.
-        mask = node("Cast", ["attention_mask"], ["mask_i32"], "mask_cast", to=TensorProto.INT32)
-        split_sizes = const("qkv_split", [E, E, E])
+        # GroupQueryAttention reads each row's length, not the mask itself:
+        # seqlens_k = sum(mask) - 1 per row (B,), total_sequence_length = T.
+        lens = node("ReduceSum", ["attention_mask", const("axis1", [1])], ["mask_sum"], "mask_sum", keepdims=0)
+        lens = node("Sub", [lens, const("one", 1)], ["seqlens_k_i64"], "seqlens_sub")
+        seqlens = node("Cast", [lens], ["seqlens_k"], "seqlens_cast", to=TensorProto.INT32)
+        shape = node("Shape", ["attention_mask"], ["mask_shape"], "mask_shape")
+        total = node("Gather", [shape, const("one_idx", 1)], ["total_len_i64"], "total_len", axis=0)
+        total = node("Cast", [total], ["total_sequence_length"], "total_cast", to=TensorProto.INT32)
 
         for i in range(dims.n_layer):
             p = f"h.{i}."
@@ -197,15 +202,15 @@ def build(weights, dims: Dims, folder: str, *, untied_lm_head: bool = False) -> 
                 [p + "ln_1"], p + "ln_1", axis=-1, epsilon=eps,
             )
             qkv = node("MatMul", [ln1, w(p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"])],
-                       [p + "qkv"], p + "qkv_matmul")  # (B,S,3E), bias added inside attention
-            q, k, v = node("Split", [qkv, split_sizes], [p + "q", p + "k", p + "v"], p + "qkv_split", axis=-1)
+                       [p + "qkv_mm"], p + "qkv_matmul")
+            qkv = node("Add", [qkv, w(p + "attn.c_attn.bias", weights[p + "attn.c_attn.bias"])], [p + "qkv"],
+                       p + "qkv_bias")  # (B,S,3E) packed q|k|v
             attn, _, _ = node(
-                "MultiHeadAttention",
-                [q, k, v, w(p + "attn.c_attn.bias", weights[p + "attn.c_attn.bias"]), mask, "",
-                 f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
+                "GroupQueryAttention",
+                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
                 [p + "attn", f"present.{i}.key", f"present.{i}.value"],  # present: (B,H,T,D)
                 p + "attn", domain="com.microsoft",
-                num_heads=H, unidirectional=1, scale=dims.attn_scales[i],
+                num_heads=H, kv_num_heads=H, scale=dims.attn_scales[i],
             )
             o = node("MatMul", [attn, w(p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"])],
                      [p + "attn_proj"], p + "attn_proj")
@@ -265,9 +270,10 @@ def build(weights, dims: Dims, folder: str, *, untied_lm_head: bool = False) -> 
                 f"past_key_values.{i}.{kv}", f32, ["batch_size", H, "past_sequence_length", D]))
             outputs.append(helper.make_tensor_value_info(
                 f"present.{i}.{kv}", f32, ["batch_size", H, "total_sequence_length", D]))
-    # An input with an initializer of the same name is optional: 1 = last position only.
+    # How many final positions get logits: 1 in generation (the LM head is a third of the
+    # model; computing it for every prompt position is wasted), 0 = all (evaluation).
+    # A required input: onnxruntime's IO binding cannot bind an overridable initializer.
     inputs.append(helper.make_tensor_value_info("logits_to_keep", i64, []))
-    inits.append(onnx.numpy_helper.from_array(np.array(1, dtype=np.int64), "logits_to_keep"))
 
     graph = helper.make_graph(nodes, "gpt2", inputs, outputs, initializer=inits)
     model = helper.make_model(

@@ -1,8 +1,8 @@
 """Check an exported graph against the PyTorch model it came from.
 
-The reference is computed once from PyTorch (prefill of a left-padded batch of random
+The reference is computed once from PyTorch (prefill of a right-padded batch of random
 prompts of mixed lengths, then several cached decode steps fed with the reference's own
-greedy tokens) and kept as numpy arrays, so the PyTorch model can be freed before the
+greedy tokens; each row's new token goes at its own position, as the runtime does) and kept as numpy arrays, so the PyTorch model can be freed before the
 (memory-hungry) quantization and each candidate graph is compared against the same
 figures.
 """
@@ -24,21 +24,13 @@ class Step:
 
 
 def prompts(vocab_size: int, n_positions: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A left-padded batch of random prompts of mixed lengths: (ids, attention_mask)."""
+    """A right-padded batch of random prompts of mixed lengths: (ids, attention_mask)."""
     rng = np.random.default_rng(seed)
     longest = max(2, min(24, n_positions // 2))
     lengths = [longest, 1, max(1, longest // 3)]
-    ids = np.zeros((len(lengths), longest), np.int64)
-    mask = np.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, longest - n:] = rng.integers(0, vocab_size, n)
-        mask[row, longest - n:] = 1
+    ids = rng.integers(0, vocab_size, (len(lengths), longest))
+    mask = (np.arange(longest)[None] < np.array(lengths)[:, None]).astype(np.int64)
     return ids, mask
-
-
-def position_ids(mask: np.ndarray) -> np.ndarray:
-    """Positions of a left-padded batch: 0 at each row's first real token (pads get 0)."""
-    return np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
 
 
 def reference(model, *, decode_steps: int = 4, seed: int = 0) -> list[Step]:
@@ -49,18 +41,24 @@ def reference(model, *, decode_steps: int = 4, seed: int = 0) -> list[Step]:
     ids, mask = prompts(cfg.vocab_size, cfg.n_positions, seed=seed)
     steps = []
     past = None
-    cur_ids, pos = ids, position_ids(mask)
+    lengths = mask.sum(-1)
+    cur_ids, pos = ids, np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))
+    torch_mask = mask  # HF: the new token goes after the padding, the mask has a gap
     with torch.no_grad():
-        for _ in range(decode_steps + 1):
-            out = model(input_ids=torch.from_numpy(cur_ids), attention_mask=torch.from_numpy(mask),
+        for step in range(decode_steps + 1):
+            out = model(input_ids=torch.from_numpy(cur_ids), attention_mask=torch.from_numpy(torch_mask),
                         position_ids=torch.from_numpy(pos), past_key_values=past, use_cache=True)
             logits = out.logits.float().numpy()
-            valid = mask[:, -cur_ids.shape[1]:].astype(bool)
-            steps.append(Step({"input_ids": cur_ids, "attention_mask": mask, "position_ids": pos}, logits, valid))
+            valid = mask.astype(bool) if step == 0 else np.ones(cur_ids.shape, bool)
+            # gpt2onnx: each row's cache is contiguous; the mask only says how long each row is
+            onnx_mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
+            steps.append(Step({"input_ids": cur_ids, "attention_mask": onnx_mask, "position_ids": pos}, logits, valid))
             past = out.past_key_values
-            cur_ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            mask = np.concatenate([mask, np.ones_like(cur_ids)], axis=1)
-            pos = pos[:, -1:] + 1
+            last = logits[np.arange(len(lengths)), lengths - 1] if step == 0 else logits[:, -1]
+            cur_ids = last.argmax(-1)[:, None].astype(np.int64)
+            pos = lengths[:, None].astype(np.int64)
+            lengths = lengths + 1
+            torch_mask = np.concatenate([torch_mask, np.ones_like(cur_ids)], axis=1)
     return steps
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from . import results as _results
 from . import skus as _skus
-from .skus import Prices, load_prices
 from .errors import Gpt2OnnxError, InvalidRequestError
+from .skus import Prices, load_prices
 
 PROJECTION_LABEL = "projection (not measured)"
 RANDOM_LABEL = "random weights"

@@ -94,6 +94,7 @@ class Generator:
             raise ArtifactError(f"onnxruntime cannot load {model_dir}/model.onnx ({str(e).splitlines()[0][:160]}); "
                                 "re-export the model folder") from None
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        self._present_names = [f"present.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
 
     # -- public API -------------------------------------------------------------------
 
@@ -212,36 +213,51 @@ class Generator:
             ids = ids[-room:]
         return prompt, ids, params
 
-    def _empty_past(self, batch: int) -> list[np.ndarray]:
-        empty = np.zeros((batch, self.n_head, 0, self.head_dim), np.float32)
-        return [empty] * (2 * self.n_layer)
+    def _run(self, cache: "_KVCache", ids: np.ndarray, lengths: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """One model step over `cache`; returns the last position's logits (B,V).
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray]):
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-        feeds.update(zip(self._past_names, past))
-        logits, *present = self.session.run(None, feeds)
-        return logits[:, -1, :], present
+        `lengths` are the rows' lengths after this step; the graph reads only their sums
+        from the mask, and writes the new keys/values into the cache in place.
+        """
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        total = int(lengths.max())
+        io.bind_cpu_input("attention_mask", (np.arange(total)[None] < lengths[:, None]).astype(np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(pos, np.int64))
+        io.bind_cpu_input("logits_to_keep", _ONE)
+        for name, out_name, value in zip(self._past_names, self._present_names, cache.values):
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(out_name, value)  # same buffer: GroupQueryAttention appends in place
+        io.bind_output("logits")
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[-1].numpy()[:, -1, :]
 
     def _decode_loop(self, rows, streams) -> Iterator[tuple[int, int, str | None, str]]:
         """Yield (row, token, finish_reason or None, new text) for every generated token of every row.
 
-        Rows are left-padded into one batch; a finished row is dropped from the batch
-        (its cache rows removed) so the others do not pay for it.
+        The KV cache is one preallocated buffer per layer, (B, H, max_len, D), that the
+        graph fills in place (no per-step copies). Each row's prompt is prefilled at its
+        own length (no padding, and a row's tokens do not depend on its neighbours); then
+        all active rows decode together, each at its own position. A finished row is
+        dropped from the batch so the others do not pay for it.
         """
         n = len(rows)
-        longest = max(len(ids) for _, ids, _ in rows)
-        ids = np.zeros((n, longest), np.int64)
-        mask = np.zeros((n, longest), np.int64)
-        for r, (_, toks, _) in enumerate(rows):
-            ids[r, longest - len(toks):] = toks
-            mask[r, longest - len(toks):] = 1
-        pos = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
+        lengths = np.array([len(ids) for _, ids, _ in rows], np.int64)
         params = [prm for _, _, prm in rows]
+        cache = _KVCache.zeros(n, self.n_layer, self.n_head, self.head_dim,
+                         int(max(len(ids) + prm.max_new_tokens for _, ids, prm in rows)))
+        if len(set(lengths.tolist())) == 1:  # equal lengths: one batched prefill
+            ids = np.array([ids for _, ids, _ in rows], np.int64)
+            logits = self._run(cache, ids, lengths, np.tile(np.arange(ids.shape[1]), (n, 1)))
+        else:
+            logits = np.empty((n, self.vocab_size), np.float32)
+            for r, (_, ids, _) in enumerate(rows):
+                row = cache.row(r)
+                logits[r] = self._run(row, np.array([ids]), lengths[r:r + 1], np.arange(len(ids))[None])[0]
         rngs = [sampling.make_rng(p.seed) for p in params]
         histories = [list(toks) for _, toks, _ in rows]
         active = list(range(n))  # original row index of each batch row
         counts = [0] * n
-        logits, past = self._run(ids, mask, pos, self._empty_past(n))
         while active:
             nxt = sampling.next_tokens(logits, [params[r] for r in active], [rngs[r] for r in active],
                                        [np.asarray(histories[r], np.int64) for r in active],
@@ -262,13 +278,39 @@ class Generator:
                 yield r, tok, reason, piece
                 if reason is None:
                     keep.append(b)
+            if not keep:
+                return
             if len(keep) != len(active):
-                if not keep:
-                    return
                 sel = np.asarray(keep)
-                past = [p[sel] for p in past]
-                mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
+                cache = cache.select(sel)
+                lengths, nxt = lengths[sel], nxt[sel]
                 active = [active[b] for b in keep]
-            mask = np.concatenate([mask, np.ones((len(active), 1), np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
-            logits, past = self._run(nxt[:, None].astype(np.int64), mask, pos, past)
+            pos = lengths[:, None]
+            lengths = lengths + 1
+            logits = self._run(cache, nxt[:, None], lengths, pos)
+
+
+_ONE = np.array(1, np.int64)
+
+
+class _KVCache:
+    """Per-layer key/value buffers (B, H, max_len, D) shared by the graph's past and present."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        import onnxruntime as ort
+
+        self.arrays = arrays
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # no copy
+
+    @classmethod
+    def zeros(cls, batch: int, n_layer: int, n_head: int, head_dim: int, max_len: int) -> "_KVCache":
+        # np.zeros maps fresh pages lazily: only the positions written are touched.
+        return cls([np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in range(2 * n_layer)])
+
+    def row(self, r: int) -> "_KVCache":
+        """A view of one row (writes go into this cache)."""
+        return _KVCache([a[r:r + 1] for a in self.arrays])
+
+    def select(self, rows: np.ndarray) -> "_KVCache":
+        """A compacted copy holding only `rows`."""
+        return _KVCache([np.ascontiguousarray(a[rows]) for a in self.arrays])

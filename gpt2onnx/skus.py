@@ -141,7 +141,7 @@ def get(name: str) -> Sku:
     close = difflib.get_close_matches(_norm(name), list(by_norm), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(by_norm[c].name for c in close)}?" if close else "none is close"
     raise InvalidRequestError(
-        f"unknown SKU {name!r}; {hint} (the catalog has {len(catalog)} CPU sizes: print skus.format_catalog())")
+        f"unknown SKU {name!r}; {hint} (list all {len(catalog)} with gpt2onnx.skus.format_catalog())")
 
 
 def _flag(value: bool | None) -> str:

@@ -37,7 +37,7 @@ def test_fp32_folder_contract(tiny_fp32):
     assert m["source"]["random_weights"] is False and m["source"]["kind"] == "local"
     assert {"onnxruntime", "torch", "transformers", "gpt2onnx"} <= set(m["tools"])
     ops = _ops(tiny_fp32)
-    assert ops.count("MultiHeadAttention") == 2 and ops.count("LayerNormalization") == 5
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("LayerNormalization") == 5
     assert ops.count("FastGelu") == 2
     card = open(os.path.join(tiny_fp32, "MODEL_CARD.md"), encoding="utf-8").read()
     assert "Intended uses and limitations" in card and "2 vCPU, 0 GPU, 8 GiB memory, 28 GiB disk" in card
@@ -45,16 +45,20 @@ def test_fp32_folder_contract(tiny_fp32):
 
 
 def test_graph_reproduces_torch_with_padding_and_cache(tiny_fp32, tiny_torch):
-    """Independent of the exporter's own check: left padding, prefill, 3 cached steps."""
+    """Independent of the exporter's own check: right padding, prefill, 3 cached steps.
+
+    The graph's cache is contiguous per row: the mask only gives each row's length, and
+    a row's new token goes at its own position (HF puts it after the padding instead).
+    """
     import onnxruntime as ort
     import torch
 
     s = ort.InferenceSession(os.path.join(tiny_fp32, "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(5)
     ids = rng.integers(0, 1000, (2, 6))
-    mask = np.ones((2, 6), np.int64)
-    mask[1, :4] = 0
-    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    lengths = np.array([6, 2])
+    mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int64)  # right padding
+    pos = np.tile(np.arange(6), (2, 1))
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "logits_to_keep": np.array(0)}
     for i in range(2):
         for kv in ("key", "value"):
@@ -63,26 +67,28 @@ def test_graph_reproduces_torch_with_padding_and_cache(tiny_fp32, tiny_torch):
     with torch.no_grad():
         ref = tiny_torch(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
     np.testing.assert_allclose(logits[mask == 1], ref.logits.numpy()[mask == 1], atol=1e-4)
-    # default logits_to_keep = 1: only the last position
-    del feeds["logits_to_keep"]
-    last, *_ = s.run(None, feeds)
+    # logits_to_keep = 1: only the last position
+    last, *_ = s.run(None, dict(feeds, logits_to_keep=np.array(1)))
     assert last.shape == (2, 1, 1000)
     np.testing.assert_allclose(last[:, 0], logits[:, -1], atol=1e-5)
-    pkv = ref.past_key_values
+    pkv, torch_mask = ref.past_key_values, mask
+    nxt = logits[np.arange(2), lengths - 1].argmax(-1)[:, None]
     for _ in range(3):
-        nxt = logits[:, -1].argmax(-1)[:, None]
-        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-        pos = pos[:, -1:] + 1
-        feeds = {"input_ids": nxt, "attention_mask": mask, "position_ids": pos}
+        pos = lengths[:, None]
+        lengths = lengths + 1
+        mask = (np.arange(lengths.max())[None] < lengths[:, None]).astype(np.int64)
+        torch_mask = np.concatenate([torch_mask, np.ones((2, 1), np.int64)], 1)
+        feeds = {"input_ids": nxt, "attention_mask": mask, "position_ids": pos, "logits_to_keep": np.array(1)}
         for i in range(2):
             feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
         logits, *past = s.run(None, feeds)
         with torch.no_grad():
-            ref = tiny_torch(torch.tensor(nxt), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+            ref = tiny_torch(torch.tensor(nxt), attention_mask=torch.tensor(torch_mask), position_ids=torch.tensor(pos),
                              past_key_values=pkv, use_cache=True)
         pkv = ref.past_key_values
         np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4)
-        assert past[0].shape == (2, 2, mask.shape[1], 16)
+        assert past[0].shape == (2, 2, lengths.max(), 16)
+        nxt = logits[:, -1].argmax(-1)[:, None]
 
 
 def test_int8_folder(tiny_int8):

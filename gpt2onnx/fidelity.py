@@ -1,0 +1,344 @@
+"""How closely a model follows an fp32 reference on real text: the int8 gate.
+
+The exporter's parity check (`parity.py`) feeds random token ids; that is enough for an
+fp32 graph, but not for int8. Trained GPT-2 carries a few activation channels hundreds
+of times larger than the rest, and a quantizer that puts activations on one int8 grid
+per tensor or per block lets those channels crush every other channel sharing the grid.
+Random ids through random weights show none of it. So the gate is measured on real
+text, with the sliding windows of the perplexity evaluation::
+
+    tokens  |------------------------------ text ------------------------------|
+    window 1 [=========== scored ===========]
+    window 2            [ context only    |==== scored ====]
+    window 3                              [ context only    |==== scored ====]
+             <-stride->  (every token is scored once, with >= window - stride context)
+
+At every scored position both sessions see the same window; we compare the reference's
+next-token distribution p with the model's q:
+
+- ``top1_agreement``: fraction of positions where argmax p == argmax q;
+- ``mean_kl`` / ``p99_kl``: KL(p || q) in nats, mean and 99th percentile;
+- ``ppl_ratio``: perplexity of the model / of the reference on those same tokens.
+
+`GATE` holds the thresholds; `check` lists what missed them. `gate_text` is the real
+text shipped for the exporter's gate: the last 30,238 bytes of the WikiText-2 raw test
+set (``wiki.test.raw``, from the Nerva article), by Stephen Merity et al. (Salesforce),
+from Wikipedia articles, licensed CC BY-SA 3.0
+(https://creativecommons.org/licenses/by-sa/3.0/); unchanged.
+
+Sessions are anything with onnxruntime's ``run(None, feeds)`` and ``get_inputs()``:
+an ``onnxruntime.InferenceSession`` of a gpt2onnx graph, or `TorchSession` around a
+PyTorch GPT-2 (only that class imports torch).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+# Thresholds of the int8 gate (fp32 reference vs int8 model, on `gate_text`).
+GATE = {
+    "top1_agreement": 0.99,  # at least: the same next token at 99 % of positions
+    "mean_kl": 0.01,  # at most, nats
+    "ppl_ratio": 1.01,  # at most 1 % apart, either way (see `check`)
+}
+_CHUNK = 256  # rows of (rows, vocab) logits turned into float64 log-probs at once
+
+
+def gate_text() -> str:
+    """The real text of the exporter's int8 gate (WikiText-2 test, CC BY-SA 3.0).
+
+    >>> len(gate_text().encode("utf-8"))
+    30238
+    """
+    return (resources.files("gpt2onnx") / "data" / "gate_text.txt").read_text(encoding="utf-8")
+
+
+# -- sessions -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What feeding a gpt2onnx-style session needs: the KV-cache shapes."""
+
+    past_names: tuple[str, ...]  # past_key_values.{i}.key|value, in order
+    n_head: int
+    head_dim: int
+    has_logits_to_keep: bool
+
+    @classmethod
+    def of(cls, session) -> "SessionSpec":
+        inputs = {i.name: i for i in session.get_inputs()}
+        past = tuple(n for n in inputs if n.startswith("past_key_values."))
+        if not past or "input_ids" not in inputs:
+            from .errors import ArtifactError
+
+            raise ArtifactError("the session is not a GPT-2 decoder with a KV cache (no past_key_values.* inputs); "
+                                "export the model with gpt2onnx")
+        shape = inputs[past[0]].shape  # (B, H, P, D): H and D are fixed numbers
+        return cls(past, int(shape[1]), int(shape[3]), "logits_to_keep" in inputs)
+
+    def feeds(self, ids: np.ndarray, keep: int) -> dict:
+        """Feeds of a run from an empty cache over `ids` (B, S) keeping `keep` positions (0 = all)."""
+        b, s = ids.shape
+        empty = np.zeros((b, self.n_head, 0, self.head_dim), np.float32)
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, s), np.int64),
+                 "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
+        feeds.update((n, empty) for n in self.past_names)
+        if self.has_logits_to_keep:
+            feeds["logits_to_keep"] = np.array(keep, np.int64)
+        return feeds
+
+
+def last_logits(session, ids: np.ndarray, n: int, spec: SessionSpec | None = None) -> np.ndarray:
+    """Logits predicting the last `n` tokens of `ids` (S,) from an empty cache: (n, V) float32.
+
+    Row j is the distribution of token ``ids[S - n + j]`` given everything before it, so
+    ``n <= S - 1``. Only ``n + 1`` positions go through the LM head.
+    """
+    spec = spec or SessionSpec.of(session)
+    s = len(ids)
+    if not 1 <= n <= s - 1:
+        raise ValueError(f"n must be in [1, {s - 1}], got {n}")
+    keep = 0 if n + 1 >= s else n + 1
+    logits = session.run(None, spec.feeds(np.asarray(ids, np.int64)[None, :], keep))[0][0]  # (K, V)
+    return logits[-(n + 1):-1]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# -- the sliding windows --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Window:
+    """One window of the strided evaluation (token indices into the text)."""
+
+    begin: int
+    end: int
+    trg_len: int  # Hugging Face's trg_len: end - previous end
+    n_scored: int  # tokens actually scored: the last min(trg_len, end - begin - 1)
+
+    @property
+    def hf_weight(self) -> int:
+        """The weight the Hugging Face perplexity guide gives this window: trg_len - 1."""
+        return self.trg_len - 1
+
+
+def windows(n_tokens: int, max_length: int, stride: int) -> Iterator[Window]:
+    """The windows of the Hugging Face perplexity guide, in order.
+
+    ``begin`` steps by `stride`; each window is up to `max_length` tokens and scores the
+    tokens after the previous window's end (``trg_len``). A token at the start of a
+    window has no context in it, so the first window scores ``trg_len - 1`` tokens, and
+    so does every window when ``stride == max_length``. Windows that score nothing
+    (a 1-token tail) are skipped.
+
+    >>> [(w.begin, w.end, w.n_scored) for w in windows(10, 4, 2)]
+    [(0, 4, 3), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    """
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        trg_len = end - prev_end
+        n_scored = min(trg_len, end - begin - 1)
+        if n_scored > 0:
+            yield Window(begin, end, trg_len, n_scored)
+        prev_end = end
+        if end == n_tokens:
+            break
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, unit="win", leave=False)
+
+
+# -- the measurements -----------------------------------------------------------------
+
+def measure(ref_session, session, token_ids, *, window: int, stride: int, limit: int | None = None,
+            progress: bool = False) -> dict:
+    """Compare `session` with `ref_session` on every scored position of real text.
+
+    Args:
+        ref_session: the fp32 reference (onnxruntime session or `TorchSession`).
+        session: the model measured (e.g. the int8 graph).
+        token_ids: the text as token ids, 1-D.
+        window: tokens per window (at most the model's context).
+        stride: step between windows; each window scores about `stride` new tokens.
+        limit: use only the first `limit` windows.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        ``top1_agreement``, ``mean_kl``, ``p99_kl``, ``max_kl`` (nats, KL(ref || model)),
+        ``ppl_ref``, ``ppl``, ``ppl_ratio`` (model / ref, on the same tokens), ``positions``
+        and ``windows``.
+
+    >>> figures = measure(fp32_session, int8_session, ids, window=512, stride=256)  # doctest: +SKIP
+    >>> check(figures)                                                              # doctest: +SKIP
+    []
+    """
+    ids = np.asarray(token_ids, np.int64).ravel()
+    if ids.size < 2:
+        raise ValueError("need at least 2 tokens to measure")
+    ref_spec, spec = SessionSpec.of(ref_session), SessionSpec.of(session)
+    wins = list(windows(ids.size, window, stride))[:limit]
+    agree, kls = [], []
+    nll_ref = nll = 0.0
+    with _bar(len(wins), "fidelity", progress) as bar:
+        for w in wins:
+            seq = ids[w.begin:w.end]
+            target = seq[-w.n_scored:]
+            lp_all = last_logits(ref_session, seq, w.n_scored, ref_spec)
+            lq_all = last_logits(session, seq, w.n_scored, spec)
+            for a in range(0, w.n_scored, _CHUNK):
+                lp, lq = log_softmax(lp_all[a:a + _CHUNK]), log_softmax(lq_all[a:a + _CHUNK])
+                t = target[a:a + _CHUNK]
+                rows = np.arange(len(t))
+                nll_ref -= float(lp[rows, t].sum())
+                nll -= float(lq[rows, t].sum())
+                agree.append(lp.argmax(-1) == lq.argmax(-1))
+                kls.append(np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0))  # rounding can dip below 0
+            bar.update(1)
+    agree_a, kl = np.concatenate(agree), np.concatenate(kls)
+    n = int(agree_a.size)
+    ppl_ref, ppl = float(np.exp(nll_ref / n)), float(np.exp(nll / n))
+    return {
+        "top1_agreement": float(agree_a.mean()),
+        "mean_kl": float(kl.mean()),
+        "p99_kl": float(np.percentile(kl, 99)),
+        "max_kl": float(kl.max()),
+        "ppl_ref": ppl_ref,
+        "ppl": ppl,
+        "ppl_ratio": ppl / ppl_ref,
+        "positions": n,
+        "windows": len(wins),
+    }
+
+
+def check(figures: dict, gate: dict | None = None) -> list[str]:
+    """What in `figures` missed the gate, one readable line each ([] = passed).
+
+    ``ppl_ratio`` must lie within [1 / limit, limit]: an int8 model that is much *better*
+    than its fp32 reference on the gate text is as suspect as one that is worse.
+
+    >>> check({"top1_agreement": 0.995, "mean_kl": 0.002, "ppl_ratio": 1.003})
+    []
+    >>> check({"top1_agreement": 0.9, "mean_kl": 0.002, "ppl_ratio": 1.003})
+    ['top1_agreement 0.9 < 0.99']
+    """
+    gate = GATE if gate is None else gate
+    missed = []
+    if "top1_agreement" in gate and not figures["top1_agreement"] >= gate["top1_agreement"]:
+        missed.append(f"top1_agreement {figures['top1_agreement']:.4g} < {gate['top1_agreement']}")
+    if "mean_kl" in gate and not figures["mean_kl"] <= gate["mean_kl"]:
+        missed.append(f"mean_kl {figures['mean_kl']:.4g} > {gate['mean_kl']}")
+    if "ppl_ratio" in gate:
+        r, lim = figures["ppl_ratio"], gate["ppl_ratio"]
+        if not 1.0 / lim <= r <= lim:
+            missed.append(f"ppl_ratio {r:.4g} outside [{1 / lim:.4g}, {lim}]")
+    return missed
+
+
+def greedy(session, prompts: np.ndarray, new_tokens: int, spec: SessionSpec | None = None) -> np.ndarray:
+    """Greedy continuations of equal-length `prompts` (K, P) with the KV cache: (K, new_tokens)."""
+    spec = spec or SessionSpec.of(session)
+    prompts = np.asarray(prompts, np.int64)
+    k, p = prompts.shape
+    feeds = spec.feeds(prompts, 1)
+    out = np.zeros((k, new_tokens), np.int64)
+    for step in range(new_tokens):
+        logits, *present = session.run(None, feeds)
+        out[:, step] = logits[:, -1].argmax(-1)
+        t = p + step + 1  # tokens in the cache after this step's input
+        feeds = {"input_ids": out[:, step:step + 1], "attention_mask": np.ones((k, t), np.int64),
+                 "position_ids": np.full((k, 1), t - 1, np.int64)}
+        feeds.update(zip(spec.past_names, present))
+        if spec.has_logits_to_keep:
+            feeds["logits_to_keep"] = np.array(1, np.int64)
+    return out
+
+
+def greedy_agreement(ref_session, session, prompts: np.ndarray, *, new_tokens: int) -> dict:
+    """How often greedy continuations of the same prompts are identical.
+
+    Returns ``greedy_identical`` (fraction of the K continuations identical in all
+    `new_tokens` tokens), ``greedy_prefix_mean`` (mean number of leading tokens that
+    match), ``greedy_prompts`` and ``greedy_new_tokens``.
+    """
+    a, b = greedy(ref_session, prompts, new_tokens), greedy(session, prompts, new_tokens)
+    same = a == b  # (K, N)
+    prefix = np.where(same.all(1), new_tokens, np.argmin(same, axis=1))  # first mismatch
+    return {
+        "greedy_identical": float(same.all(1).mean()),
+        "greedy_prefix_mean": float(prefix.mean()),
+        "greedy_prompts": int(len(prompts)),
+        "greedy_new_tokens": int(new_tokens),
+    }
+
+
+def spaced_prompts(token_ids, *, count: int, length: int) -> np.ndarray:
+    """`count` prompts of `length` tokens taken at evenly spaced places in the text: (K, P)."""
+    ids = np.asarray(token_ids, np.int64).ravel()
+    if ids.size < length:
+        raise ValueError(f"the text has {ids.size} tokens, fewer than one prompt of {length}")
+    starts = np.linspace(0, ids.size - length, num=count).astype(int)
+    return np.stack([ids[s:s + length] for s in starts])
+
+
+class TorchSession:
+    """A PyTorch GPT-2 behind onnxruntime's session interface (`run`, `get_inputs`).
+
+    Lets a PyTorch model be the reference of `measure` / `greedy_agreement`. This is
+    the only part of gpt2onnx's measurement code that imports torch.
+    """
+
+    @dataclass(frozen=True)
+    class _Input:
+        name: str
+        shape: tuple
+
+    def __init__(self, model):
+        cfg = model.config
+        self.model = model.eval()
+        self.n_layer, self.n_head = int(cfg.n_layer), int(cfg.n_head)
+        self.head_dim = int(cfg.n_embd) // self.n_head
+
+    def get_inputs(self) -> list:
+        names = ["input_ids", "attention_mask", "position_ids"]
+        names += [f"past_key_values.{i}.{kv}" for i in range(self.n_layer) for kv in ("key", "value")]
+        shape = ("batch_size", self.n_head, "past_sequence_length", self.head_dim)
+        return [self._Input(n, shape if n.startswith("past_") else ("batch_size", "sequence_length"))
+                for n in names] + [self._Input("logits_to_keep", ())]
+
+    def run(self, output_names, feeds: dict) -> list[np.ndarray]:
+        import warnings
+
+        import torch
+        from transformers import DynamicCache
+
+        t = {k: torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in
+             ("input_ids", "attention_mask", "position_ids")}
+        past = [feeds[f"past_key_values.{i}.{kv}"] for i in range(self.n_layer) for kv in ("key", "value")]
+        cache = None
+        if past[0].shape[2] > 0:
+            cache = DynamicCache.from_legacy_cache(tuple(
+                (torch.from_numpy(past[2 * i]), torch.from_numpy(past[2 * i + 1])) for i in range(self.n_layer)))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.model(**t, past_key_values=cache, use_cache=True)
+            legacy = out.past_key_values.to_legacy_cache()
+        keep = int(feeds.get("logits_to_keep", 0))
+        logits = out.logits[:, -keep:] if keep else out.logits
+        present = [x.float().numpy() for kv in legacy for x in kv[:2]]
+        return [logits.float().numpy(), *present]
