@@ -13,7 +13,9 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from .graph import EXTERNAL_DATA
 
@@ -28,7 +30,7 @@ class Int8Recipe:
     symmetric: bool = True  # no zero points: int8 weights centred on 0
     accuracy_level: int = 4  # 4 = int8 activations per block -> int8 dot-product kernels
     lm_head: str = "int8"  # the 38 M-parameter LM head is quantized too
-    embedding: str = "fp32"  # token/position tables are gathered, not multiplied
+    embedding: str = "int8"  # token table as GatherBlockQuantized (position table: 1 M, stays fp32)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -57,7 +59,51 @@ def quantize_int8(fp32_path: str, out_folder: str, recipe: Int8Recipe = INT8) ->
         q.process()
     finally:
         log.setLevel(old_level)
+    model = q.model.model
+    if recipe.embedding == "int8":
+        _quantize_embedding(model, recipe.block_size)
     path = os.path.join(out_folder, "model.onnx")
-    onnx.save_model(q.model.model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA, size_threshold=1024)
     return path
+
+
+def blockwise_int8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per block of the last axis, stored as uint8 with zero point 128.
+
+    (R, C) float -> (R, C) uint8 and (R, C / block_size) float32 scales; C must be a
+    multiple of block_size. Dequantized: (q - 128) * scale.
+    """
+    r, c = w.shape
+    blocks = w.reshape(r, c // block_size, block_size)
+    scales = np.abs(blocks).max(-1) / 127.0  # (R, C/bs)
+    scales[scales == 0] = 1.0
+    q = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int16) + 128
+    return q.astype(np.uint8).reshape(r, c), scales.astype(np.float32)
+
+
+def _quantize_embedding(model: onnx.ModelProto, block_size: int) -> None:
+    """Replace the token-embedding Gather by an 8-bit GatherBlockQuantized.
+
+    Written here because onnxruntime's weight quantizer quantizes Gather only to 4 bits.
+    The block size is the largest power of two <= `block_size` that divides n_embd.
+    """
+    g = model.graph
+    node = next(n for n in g.node if n.op_type == "Gather" and n.input[0] == "wte.weight")
+    init = next(i for i in g.initializer if i.name == "wte.weight")
+    wte = numpy_helper.to_array(init)  # (V,E)
+    bs = block_size
+    while bs >= 16 and wte.shape[1] % bs:
+        bs //= 2
+    if bs < 16:
+        return  # n_embd not a multiple of 16: keep the fp32 table
+    q, scales = blockwise_int8(wte, bs)
+    g.initializer.remove(init)
+    g.initializer.extend([numpy_helper.from_array(q, "wte.weight_q8"),
+                          numpy_helper.from_array(scales, "wte.weight_scales")])
+    new = helper.make_node("GatherBlockQuantized", ["wte.weight_q8", node.input[1], "wte.weight_scales"],
+                           list(node.output), name=node.name, domain="com.microsoft",
+                           gather_axis=0, quantize_axis=1, block_size=bs, bits=8)
+    idx = list(g.node).index(node)
+    g.node.remove(node)
+    g.node.insert(idx, new)
