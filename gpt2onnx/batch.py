@@ -78,6 +78,7 @@ class _Row:
     params: GenerationParams | None = None
     tokens: int = 0  # prompt length in tokens, for grouping
     out: dict | None = None  # the finished output row (None while pending)
+    done: bool = False  # already in the output from an earlier run
 
 
 def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: int = 8,
@@ -119,15 +120,16 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "input_sha256": input_sha,
              "params": GenerationParams.from_dict(base).to_dict(), "model": _model_identity(manifest)}
     done = _prepare_output(output_path, state)
-    gen = model_or_dir
-    if not hasattr(gen, "generate_batch"):
-        from .runtime import load
-
-        gen = load(model_or_dir, threads=threads)
-    writer = _Writer(output_path)
-    bar = _progress_bar(progress, total=max(input_lines, len(done)), initial=len(done))
+    writer = _Writer(output_path)  # opened before the model load: an unwritable output fails fast
+    bar = None
     ok = errors = tokens = skipped = 0
     try:
+        gen = model_or_dir
+        if not hasattr(gen, "generate_batch"):
+            from .runtime import load
+
+            gen = load(model_or_dir, threads=threads)
+        bar = _progress_bar(progress, total=max(input_lines, len(done)), initial=len(done))
         rows = _read_rows(input_path, base, done, gen)
         window: deque[_Row] = deque()
         limit = WINDOW_BATCHES * batch_size
@@ -137,11 +139,12 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
                 row = next(rows, None)
                 if row is None:
                     exhausted = True
-                elif isinstance(row, int):  # a row already in the output
+                    continue
+                if row.index > 0 and bar is not None:  # an input_data line has more rows than lines
+                    bar.total += 1
+                if row.done:
                     skipped += 1
                 else:
-                    if row.index > 0 and bar is not None:  # an input_data line: more rows than lines
-                        bar.total += 1
                     window.append(row)
             if not window:
                 break
@@ -152,12 +155,12 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
             while window and window[0].out is not None:
                 ready.append(window.popleft())
             writer.write([r.out for r in ready])
-            ok += sum("error" not in r.out for r in ready)
-            errors += sum("error" in r.out for r in ready)
+            n_err = sum("error" in r.out for r in ready)
+            ok, errors = ok + len(ready) - n_err, errors + n_err
             if bar is not None:
                 bar.update(len(ready))
                 elapsed = time.perf_counter() - t0
-                bar.set_postfix_str(f"{tokens / elapsed:.1f} tok/s" if elapsed > 0 else "", refresh=False)
+                bar.set_postfix_str(f"{tokens / elapsed:.1f} tok/s", refresh=False)
     finally:
         writer.close()
         if bar is not None:
@@ -258,7 +261,8 @@ def _write_state(path: str, state: dict) -> None:
 
 def _done_keys(output_path: str) -> array.array:
     """Keys of the complete rows of OUTPUT; a torn or damaged tail is cut off first."""
-    keys = array.array("q")
+    keys = array.array("q")  # 8 bytes a row: a million-row output costs 8 MB
+    in_order = True
     good_end = 0  # byte offset after the last good row
     damaged_at = None  # line number of the first bad line, if later rows are good
     try:
@@ -274,6 +278,7 @@ def _done_keys(output_path: str) -> array.array:
                 if damaged_at is not None:
                     raise BatchError(f"output {output_path!r} is damaged at line {damaged_at} (not a result row); "
                                      "repair or delete it")
+                in_order = in_order and (not keys or key > keys[-1])
                 keys.append(key)
                 good_end = offset
         if good_end < offset:
@@ -283,7 +288,7 @@ def _done_keys(output_path: str) -> array.array:
                 os.fsync(f.fileno())
     except OSError as e:
         raise BatchError(f"cannot read or repair output {output_path!r} ({e.strerror or e})") from None
-    return array.array("q", sorted(set(keys)))
+    return keys if in_order else array.array("q", sorted(set(keys)))
 
 
 def _row_key(raw: bytes) -> int | None:
@@ -304,8 +309,8 @@ def _key(line: int, index: int) -> int:
 # -- reading the input ----------------------------------------------------------------
 
 
-def _read_rows(path: str, base: dict, done: array.array, gen) -> Iterator[_Row | int]:
-    """Yield a `_Row` per prompt to do (errors already filled in), or its key if already done."""
+def _read_rows(path: str, base: dict, done: array.array, gen) -> Iterator[_Row]:
+    """Yield a `_Row` per prompt of the input: marked done, an error row, or to generate."""
     room_cache: dict = {}
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -316,7 +321,8 @@ def _read_rows(path: str, base: dict, done: array.array, gen) -> Iterator[_Row |
                 continue
             for row in _parse_line(n, raw.rstrip(b"\r\n"), complete, base):
                 if _contains(done, row.key):
-                    yield row.key
+                    row.done = True
+                    yield row
                     continue
                 if row.out is None:
                     _measure(row, gen, room_cache)

@@ -159,7 +159,7 @@ def _hf_measure(job: dict, model, load_s: float) -> dict:
     def once() -> Timing:
         s = Stamps()
         t0 = time.perf_counter()
-        enc = tok(prompts, return_tensors="pt")
+        enc = tok(prompts, return_tensors="pt", return_token_type_ids=False)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
                                  streamer=s, pad_token_id=eos)
@@ -169,7 +169,7 @@ def _hf_measure(job: dict, model, load_s: float) -> dict:
                                f"expected ({b}, {p}) -> ({b}, {p + n})")
         return t0, s.times[1:], t_end
 
-    return dict(_measure(job, lambda: tok(prompts, return_tensors="pt"), once), load_s=load_s)
+    return dict(_measure(job, lambda: tok(prompts, return_tensors="pt", return_token_type_ids=False), once), load_s=load_s)
 
 
 def _torch_threads(n: int) -> None:

@@ -49,20 +49,23 @@ class ExportConfig:
 
 
 class _Progress:
-    """One line per long step on stderr: '[3/7] verify parity ... 1.2 s' (tqdm-styled)."""
+    """The long steps on stderr: 'gpt2onnx export: quantize int8 (step 5/7) 00:42' (tqdm)."""
 
     def __init__(self, total: int, enabled: bool):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, disable=not enabled, file=sys.stderr, leave=True,
-                        bar_format="{desc} [{n_fmt}/{total_fmt}] {elapsed}")
-        self.t0 = time.perf_counter()
+                        bar_format="gpt2onnx export: {desc} (step {n_fmt}/{total_fmt}) {elapsed}")
 
     def step(self, desc: str) -> None:
-        self.bar.set_description_str(f"gpt2onnx export: {desc}")
+        """Start step `desc` (the previous one is done)."""
+        self.bar.set_description_str(desc, refresh=False)
         self.bar.update(1)
 
-    def close(self) -> None:
+    def close(self, ok: bool) -> None:
+        if ok:
+            self.bar.set_description_str("done", refresh=False)
+        self.bar.refresh()
         self.bar.close()
 
 
@@ -167,9 +170,11 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
     parent = os.path.dirname(out)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     bar = _Progress(7 if precision == "int8" else 6, progress)
+    ok = False
     try:
         manifest = _export_into(cfg, tmp, bar)
         _publish(tmp, out)
+        ok = True
         return manifest
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,7 +183,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
                               "permissions of the output path") from e
         raise
     finally:
-        bar.close()
+        bar.close(ok)
 
 
 def _publish(tmp: str, out: str) -> None:

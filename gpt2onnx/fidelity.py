@@ -93,19 +93,27 @@ class SessionSpec:
         return feeds
 
 
-def last_logits(session, ids: np.ndarray, n: int, spec: SessionSpec | None = None) -> np.ndarray:
-    """Logits predicting the last `n` tokens of `ids` (S,) from an empty cache: (n, V) float32.
+def logits_at_end(session, ids: np.ndarray, keep: int, spec: SessionSpec | None = None) -> np.ndarray:
+    """Logits of the last `keep` positions of one run over `ids` (S,) from an empty cache: (keep, V).
 
-    Row j is the distribution of token ``ids[S - n + j]`` given everything before it, so
-    ``n <= S - 1``. Only ``n + 1`` positions go through the LM head.
+    Only those positions go through the LM head (``logits_to_keep``).
     """
     spec = spec or SessionSpec.of(session)
     s = len(ids)
-    if not 1 <= n <= s - 1:
-        raise ValueError(f"n must be in [1, {s - 1}], got {n}")
-    keep = 0 if n + 1 >= s else n + 1
-    logits = session.run(None, spec.feeds(np.asarray(ids, np.int64)[None, :], keep))[0][0]  # (K, V)
-    return logits[-(n + 1):-1]
+    if not 1 <= keep <= s:
+        raise ValueError(f"keep must be in [1, {s}], got {keep}")
+    logits = session.run(None, spec.feeds(np.asarray(ids, np.int64)[None, :], 0 if keep == s else keep))[0][0]
+    return logits[-keep:]  # (keep, V); a session without logits_to_keep returns all positions
+
+
+def last_logits(session, ids: np.ndarray, n: int, spec: SessionSpec | None = None) -> np.ndarray:
+    """Logits predicting the last `n` tokens of `ids` (S,): (n, V), ``n <= S - 1``.
+
+    Row j is the next-token distribution for ``ids[S - n + j]`` given everything before it.
+    """
+    if not 1 <= n <= len(ids) - 1:
+        raise ValueError(f"n must be in [1, {len(ids) - 1}], got {n}")
+    return logits_at_end(session, ids, n + 1, spec)[:-1]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -342,3 +350,31 @@ class TorchSession:
         logits = out.logits[:, -keep:] if keep else out.logits
         present = [x.float().numpy() for kv in legacy for x in kv[:2]]
         return [logits.float().numpy(), *present]
+
+
+def inject_outliers(model, *, channels=(3, 17), scale: float = 300.0) -> tuple[int, ...]:
+    """Give a PyTorch GPT-2 trained-GPT-2-like outlier activation channels, same fp32 function.
+
+    For every layer, the `channels` of ln_1 and ln_2 (weight and bias) are multiplied by
+    `scale` and the matching input rows of the next weight (``attn.c_attn.weight``,
+    ``mlp.c_fc.weight``; Conv1D layout (in, out)) divided by it::
+
+        x ─LayerNorm(γ·s, β·s on the channels)─> y (channels s× larger) ─ y @ (W with rows / s) ─> same output
+
+    The inputs of c_attn and c_fc then carry channels `scale` times larger than the rest,
+    as in trained GPT-2, while the fp32 logits stay the same (to rounding). Note that
+    the divided weight rows are also `scale` times smaller than their neighbours, which
+    block-wise *weight* quantization handles worse than real GPT-2's rows (pessimistic
+    for weight-only int8). Modifies `model` in place; returns the channels.
+    """
+    import torch
+
+    channels = tuple(int(c) for c in channels)
+    idx = torch.tensor(channels)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for ln, nxt in ((block.ln_1, block.attn.c_attn), (block.ln_2, block.mlp.c_fc)):
+                ln.weight[idx] *= scale
+                ln.bias[idx] *= scale
+                nxt.weight[idx, :] /= scale
+    return channels
