@@ -115,7 +115,8 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
     base = _job_params(params)
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     _check_input(input_path, output_path)
-    manifest = model_or_dir.manifest if hasattr(model_or_dir, "generate_batch") else artifact.read_manifest(model_or_dir)
+    loaded = hasattr(model_or_dir, "generate_batch")
+    manifest = model_or_dir.manifest if loaded else artifact.read_manifest(model_or_dir)  # cheap: no onnxruntime
     input_sha, input_lines = _fingerprint(input_path)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "input_sha256": input_sha,
              "params": GenerationParams.from_dict(base).to_dict(), "model": _model_identity(manifest)}
@@ -125,11 +126,13 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
     ok = errors = tokens = skipped = 0
     try:
         gen = model_or_dir
-        if not hasattr(gen, "generate_batch"):
+        if not loaded:
             from .runtime import load
 
             gen = load(model_or_dir, threads=threads)
-        bar = _progress_bar(progress, total=max(input_lines, len(done)), initial=len(done))
+        t_run = time.perf_counter()
+        # total starts at the non-blank lines; each extra prompt of an input_data line adds one
+        bar = _progress_bar(progress, total=input_lines, initial=len(done))
         rows = _read_rows(input_path, base, done, gen)
         window: deque[_Row] = deque()
         limit = WINDOW_BATCHES * batch_size
@@ -159,8 +162,7 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
             ok, errors = ok + len(ready) - n_err, errors + n_err
             if bar is not None:
                 bar.update(len(ready))
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix_str(f"{tokens / elapsed:.1f} tok/s", refresh=False)
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - t_run):.1f} tok/s", refresh=False)
     finally:
         writer.close()
         if bar is not None:
@@ -235,7 +237,7 @@ def _prepare_output(output_path: str, state: dict) -> array.array:
         if old is None:
             raise BatchError(f"output {output_path!r} already exists and was not written by 'gpt2onnx batch' "
                              "(no .state file); choose another output file or delete it")
-        for field, what in (("input_sha256", "a different input file"), ("params", "different --params"),
+        for field, what in (("input_sha256", "a different input file"), ("params", "different generation parameters"),
                             ("model", "a different model")):
             if old.get(field) != state[field]:
                 raise BatchError(f"output {output_path!r} was made from {what}; write to a new output file, "

@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timing", action="store_true", help="print a latency line on stderr")
     g.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     g.set_defaults(func=_generate)
+
+    # Subcommands that live beside their code (each module's add_parser).
+    from . import azureml, batch
+
+    batch.add_parser(sub)
+    azureml.add_parser(sub)
     return p
 
 

@@ -1,0 +1,305 @@
+"""Azure ML scoring entry: model discovery, request checks (400s), and the real azmlinfsrv server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from gpt2onnx import azureml
+from gpt2onnx.errors import ArtifactError, Gpt2OnnxError
+
+
+def deployment_root(tmp_path, model_dir) -> str:
+    """The layout of a managed online deployment: the registered folder one level below AZUREML_MODEL_DIR."""
+    root = tmp_path / "azureml-models" / "gpt2onnx-tiny" / "1"
+    root.mkdir(parents=True)
+    os.symlink(model_dir, root / "tiny-int8")
+    return str(root)
+
+
+@pytest.fixture
+def scoring(tmp_path, tiny_int8, monkeypatch):
+    """azureml.init() done on the tiny int8 model; the module's state restored afterwards."""
+    monkeypatch.setenv("AZUREML_MODEL_DIR", deployment_root(tmp_path, tiny_int8))
+    monkeypatch.setenv("GPT2ONNX_THREADS", "1")
+    monkeypatch.setattr(azureml, "_generator", None)
+    azureml.init()
+    return azureml
+
+
+def error_of(response) -> str:
+    assert response.status_code == 400, response
+    body = json.loads(response.get_data())
+    assert list(body) == ["error"] and "\n" not in body["error"] and 0 < len(body["error"]) <= 500
+    return body["error"]
+
+
+# -- model discovery ------------------------------------------------------------------
+
+
+def test_find_model_dir_at_depth_0_1_2(tmp_path, tiny_int8):
+    assert azureml.find_model_dir(tiny_int8) == tiny_int8
+    root = deployment_root(tmp_path, tiny_int8)
+    assert azureml.find_model_dir(root) == os.path.join(root, "tiny-int8")
+    deeper = tmp_path / "d2" / "a"
+    deeper.mkdir(parents=True)
+    os.symlink(tiny_int8, deeper / "m")
+    assert azureml.find_model_dir(str(tmp_path / "d2")) == str(deeper / "m")
+
+
+def test_find_model_dir_none_too_deep_or_several(tmp_path, tiny_int8):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        azureml.find_model_dir(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="no gpt2onnx model folder"):
+        azureml.find_model_dir(str(tmp_path / "empty"))
+    deep = tmp_path / "deep" / "a" / "b"
+    deep.mkdir(parents=True)
+    os.symlink(tiny_int8, deep / "m")
+    with pytest.raises(ArtifactError, match="no gpt2onnx model folder"):
+        azureml.find_model_dir(str(tmp_path / "deep"))
+    two = tmp_path / "two"
+    two.mkdir()
+    os.symlink(tiny_int8, two / "a")
+    os.symlink(tiny_int8, two / "b")
+    with pytest.raises(ArtifactError, match="2 model folders .*deploy exactly one"):
+        azureml.find_model_dir(str(two))
+
+
+def test_init_errors(tmp_path, tiny_int8, monkeypatch):
+    monkeypatch.setattr(azureml, "_generator", None)
+    monkeypatch.delenv("AZUREML_MODEL_DIR", raising=False)
+    with pytest.raises(ArtifactError, match="AZUREML_MODEL_DIR is not set"):
+        azureml.init()
+    monkeypatch.setenv("AZUREML_MODEL_DIR", deployment_root(tmp_path, tiny_int8))
+    monkeypatch.setenv("GPT2ONNX_THREADS", "two")
+    with pytest.raises(Gpt2OnnxError, match="GPT2ONNX_THREADS must be a positive integer"):
+        azureml.init()
+    assert azureml._generator is None
+
+
+# -- run() in process -----------------------------------------------------------------
+
+
+def test_card_request(scoring):
+    request = json.loads(json.dumps(azureml.CARD_REQUEST))
+    request["input_data"] = ["I believe the meaning of life is", "The sky"]
+    request["params"]["max_new_tokens"] = 20  # the tiny model's context is 64 tokens
+    out = scoring.run(json.dumps(request))
+    assert isinstance(out, list) and len(out) == 2 and all(isinstance(t, str) for t in out)
+    assert out[0].startswith("I believe the meaning of life is") and out[1].startswith("The sky")
+    greedy = scoring.run(json.dumps({"input_data": ["The sky"], "params": {"max_new_tokens": 5,
+                                                                            "return_full_text": False}}))
+    assert greedy == [scoring._generator.generate("The sky", max_new_tokens=5, return_full_text=False)[0].text]
+    assert scoring.run(b'{"input_data": ["a"]}') == scoring.run({"input_data": ["a"]})  # bytes and dicts too
+
+
+BAD = [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("not json", "not valid JSON"),
+    ('{"input_data": ["a"]', "not valid JSON"),
+    ("[" * 100_000, "not valid JSON"),
+    (b"\xff\xfe\x00\x01 random bytes", "not UTF-8"),
+    ('["a"]', "must be a JSON object"),
+    ("null", "must be a JSON object"),
+    ('"hello"', "must be a JSON object"),
+    ("{}", 'no "input_data"'),
+    ('{"input_data": "a prompt"}', "must be a list"),
+    ('{"input_data": {"input_string": ["a"]}}', "must be a list"),
+    ('{"input_data": []}', "empty"),
+    ('{"input_data": [1]}', r"input_data\[0\] must be a string"),
+    ('{"input_data": ["a", null]}', r"input_data\[1\] must be a string"),
+    ('{"input_data": [["a"]]}', r"input_data\[0\] must be a string"),
+    ('{"input_data": ["a"], "parameters": {}}', "unknown request key 'parameters'"),
+    ('{"input_data": ["a"], "params": []}', "must be a JSON object"),
+    ('{"input_data": ["a"], "params": "fast"}', "must be a JSON object"),
+    ('{"input_data": ["a"], "params": {"top_p": 1.5}}', r"top_p must be in \(0, 1\]"),
+    ('{"input_data": ["a"], "params": {"temperature": -0.1}}', "temperature"),
+    ('{"input_data": ["a"], "params": {"temperature": NaN}}', "finite"),
+    ('{"input_data": ["a"], "params": {"max_new_tokens": 1e400}}', "max_new_tokens"),
+    ('{"input_data": ["a"], "params": {"max_new_tokens": 0}}', "max_new_tokens"),
+    ('{"input_data": ["a"], "params": {"max_new_tokens": "10"}}', "max_new_tokens"),
+    ('{"input_data": ["a"], "params": {"max_new_tokens": 10.5}}', "max_new_tokens"),
+    ('{"input_data": ["a"], "params": {"do_sample": "yes"}}', "do_sample"),
+    ('{"input_data": ["a"], "params": {"top_k": true}}', "top_k"),
+    ('{"input_data": ["a"], "params": {"seed": -1}}', "seed"),
+    ('{"input_data": ["a"], "params": {"num_beams": 4}}', "unknown generation parameter 'num_beams'"),
+    ('{"input_data": ["a"], "params": {"max_new_tokens": 100}}', "context of 64 tokens"),
+    ('{"input_data": ["' + "the " * 100 + '"], "params": {"max_new_tokens": 5}}', "exceeds the context"),
+    ('{"input_data": ["ok", "\\ud800"]}', "not valid Unicode"),
+    (json.dumps({"input_data": ["a"] * 65}), "at most 64"),
+    (json.dumps({"input_data": ["x" * (1 << 20)]}), "at most 1_048_576"),
+    (b"x" * ((1 << 20) + 1), "at most 1_048_576"),
+    (12, "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("raw,reason", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_requests_get_400_with_one_line(scoring, raw, reason):
+    import re
+
+    assert re.search(reason, error_of(scoring.run(raw)))
+
+
+def test_parse_needs_no_model(monkeypatch):
+    monkeypatch.setattr(azureml, "_generator", None)
+    monkeypatch.delenv("AZUREML_MODEL_DIR", raising=False)
+    assert "empty" in error_of(azureml.run('{"input_data": []}'))
+    prompts, params = azureml.parse_request(azureml.CARD_REQUEST)
+    assert prompts == azureml.CARD_REQUEST["input_data"] and params.temperature == 0.8 and params.do_sample
+
+
+def test_concurrent_requests(scoring):
+    body = json.dumps({"input_data": ["he was", "of the", "it is not"], "params": {"max_new_tokens": 12}})
+    expected = scoring.run(body)
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(3):
+                results.append(scoring.run(body))
+                error_of(scoring.run('{"input_data": [1]}'))
+        except Exception as e:  # surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 12 and all(r == expected for r in results)
+
+
+# -- deployment kit -------------------------------------------------------------------
+
+
+def test_write_kit(tmp_path, tiny_int8):
+    out = str(tmp_path / "kit")
+    assert azureml.write_kit(tiny_int8, out, instance_type="standard_f8s_v2") == out
+    dep = open(os.path.join(out, "deployment.yml")).read()
+    assert "instance_type: Standard_F8s_v2\n" in dep and 'GPT2ONNX_THREADS: "4"' in dep
+    assert "scoring_script: score.py" in dep and "model: azureml:" in dep
+    env = open(os.path.join(out, "environment", "conda.yaml")).read()
+    assert "- onnxruntime==" in env and "- azureml-inference-server-http==" in env and "torch" not in env
+    model = open(os.path.join(out, "model.yml")).read()
+    assert "type: custom_model" in model
+    path = model.split("path: ")[1].splitlines()[0]
+    assert os.path.samefile(os.path.join(out, path), tiny_int8)  # relative to the YAML, as az ml resolves it
+    assert os.path.isfile(os.path.join(out, "code", "gpt2onnx", "azureml.py"))
+    assert json.load(open(os.path.join(out, "sample-request.json"))) == azureml.CARD_REQUEST
+    with pytest.raises(Gpt2OnnxError, match="exists; pass --force"):
+        azureml.write_kit(tiny_int8, out)
+    with pytest.raises(Gpt2OnnxError, match="Standard_F4s_v2|unknown|not"):
+        azureml.write_kit(tiny_int8, str(tmp_path / "k2"), instance_type="Standard_Q9")
+    assert not (tmp_path / "k2").exists()
+
+
+# -- the real server ------------------------------------------------------------------
+
+# azmlinfsrv always binds 0.0.0.0 (DEFAULT_HOST; no option). Its own entry point is
+# started with that constant set to 127.0.0.1 so the test server is loopback-only.
+SERVER = ("import sys, azureml_inference_server_http.constants as c; c.DEFAULT_HOST = '127.0.0.1'; "
+          "from azureml_inference_server_http.amlserver import run; sys.exit(run())")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, body: bytes, timeout: float = 30) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=body,
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_azmlinfsrv_scores_good_and_bad_requests(tmp_path, tiny_int8):
+    kit = azureml.write_kit(tiny_int8, str(tmp_path / "kit"))
+    port = free_port()
+    env = dict(os.environ, AZUREML_MODEL_DIR=deployment_root(tmp_path, tiny_int8), GPT2ONNX_THREADS="1",
+               HOME=str(tmp_path), GUNICORN_CMD_ARGS="--no-control-socket", PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, "--entry_script", os.path.join(kit, "code", "score.py"),
+                             "--port", str(port)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server not ready: " + (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+
+        request = json.loads(json.dumps(azureml.CARD_REQUEST))
+        request["input_data"] = ["I believe the meaning of life is", "Hello"]
+        request["params"]["max_new_tokens"] = 10
+        status, body = post(port, json.dumps(request).encode())
+        assert status == 200, body
+        texts = json.loads(body)
+        assert len(texts) == 2 and texts[0].startswith(request["input_data"][0]) and texts[1].startswith("Hello")
+
+        for raw in (b"not json", b"\xff\xfe random \x00 bytes", b'{"input_data": []}', b'{"input_data": [1]}',
+                    b'{"input_data": ["a"], "params": {"top_p": 7}}', b'{"input_data": ["a"], "params": {"x": 1}}',
+                    b'{"input_data": ["a"], "params": {"max_new_tokens": 100}}',
+                    json.dumps({"input_data": ["a"] * 65}).encode(), b"x" * ((1 << 20) + 10)):
+            status, body = post(port, raw)
+            assert status == 400, (raw[:60], status, body[:300])
+            message = json.loads(body)
+            text = message.get("error") or message.get("message")  # non-UTF-8 bodies are refused by the server
+            assert text and "\n" not in text and "Traceback" not in text, message
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn worker
+            proc.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+        log.close()
+
+
+def test_cli_kit(tmp_path, tiny_int8, capsys, monkeypatch):
+    import argparse
+
+    from gpt2onnx import cli
+
+    build = cli.build_parser
+
+    def with_kit():  # until cli.py registers the subcommand itself
+        p = build()
+        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        if "azureml-kit" not in sub.choices:
+            azureml.add_parser(sub)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", with_kit)
+    out = str(tmp_path / "kit")
+    assert cli.main(["azureml-kit", tiny_int8, out, "--instance-type", "Standard_E8s_v3", "--endpoint", "ep1"]) == 0
+    assert "az ml online-deployment create" in capsys.readouterr().out
+    dep = open(os.path.join(out, "deployment.yml")).read()
+    assert "endpoint_name: ep1\n" in dep and 'GPT2ONNX_THREADS: "4"' in dep
+    assert cli.main(["azureml-kit", tiny_int8, out]) == 1
+    assert "pass --force" in capsys.readouterr().err
