@@ -18,12 +18,14 @@ from .errors import (  # noqa: E402
     ParityError,
     UnsupportedModelError,
 )
+from .batch import BatchSummary, run_batch  # noqa: E402
 from .export import export  # noqa: E402
 from .params import GenerationParams  # noqa: E402
 from .runtime import GenerationResult, Generator, StepResult, load  # noqa: E402
 
 __all__ = [
     "ArtifactError",
+    "BatchSummary",
     "ExportError",
     "FidelityError",
     "Gpt2OnnxError",
@@ -36,4 +38,5 @@ __all__ = [
     "StepResult",
     "export",
     "load",
+    "run_batch",
 ]
