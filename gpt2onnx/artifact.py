@@ -17,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 from typing import Any
 
 from .errors import ArtifactError
@@ -25,6 +28,8 @@ MANIFEST = "gpt2onnx.json"
 FORMAT = "gpt2onnx"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("model.onnx", "tokenizer.json", "config.json")
+DIMS = ("n_layer", "n_head", "n_embd", "head_dim", "vocab_size", "n_positions")  # what the runtime reads
+CONFIG_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")  # also in config.json
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -56,9 +61,25 @@ def write_manifest(folder: str, manifest: dict) -> None:
     os.replace(tmp, os.path.join(folder, MANIFEST))
 
 
+def fspath(folder: Any) -> str:
+    """`os.fspath(folder)`, with a one-line `ArtifactError` for what is not a path (None, a number)."""
+    try:
+        return os.fspath(folder)
+    except TypeError:
+        raise ArtifactError(f"a model folder must be a path (str or os.PathLike), got {type(folder).__name__}; "
+                            "pass the folder written by 'gpt2onnx export'") from None
+
+
 def read_manifest(folder: str) -> dict:
-    """Read and check the manifest of a model folder (no hashing; see `verify`)."""
-    folder = os.fspath(folder)
+    """Read and check the manifest of a model folder (no hashing; see `verify`).
+
+    Every field the runtime reads is type-checked here (dims are positive integers, the
+    special token ids lie inside the vocabulary), so a damaged or hand-edited manifest
+    is one `ArtifactError` at load, never a `KeyError` or a wrong shape later.
+    """
+    folder = fspath(folder)
+    if os.path.isfile(folder):
+        raise ArtifactError(f"{folder!r} is a file; pass the model folder that holds it (the one with {MANIFEST})")
     if not os.path.isdir(folder):
         raise ArtifactError(f"model folder {folder!r} does not exist; export one with 'gpt2onnx export SOURCE {folder}'")
     path = os.path.join(folder, MANIFEST)
@@ -80,7 +101,7 @@ def read_manifest(folder: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a gpt2onnx manifest; re-export the model with 'gpt2onnx export'")
     version = manifest.get("format_version")
-    if not isinstance(version, int):
+    if not _positive_int(version):
         raise ArtifactError(f"{path} has no valid format_version; the folder is damaged, re-export it")
     if version > FORMAT_VERSION:
         raise ArtifactError(
@@ -90,7 +111,45 @@ def read_manifest(folder: str) -> dict:
     for key in ("dims", "files", "precision", "io"):
         if not isinstance(manifest.get(key), dict if key != "precision" else str):
             raise ArtifactError(f"{path} lacks '{key}'; the folder is damaged, re-export it")
+    dims = manifest["dims"]
+    for key in DIMS:
+        if not _positive_int(dims.get(key)):
+            raise ArtifactError(f"{path}: dims.{key} must be a positive integer, got {_show(dims.get(key))}; "
+                                "the folder is damaged, re-export it")
+    if dims["head_dim"] * dims["n_head"] != dims["n_embd"]:
+        raise ArtifactError(f"{path}: dims.head_dim x n_head != n_embd; the folder is damaged, re-export it")
+    for key in ("eos_token_id", "bos_token_id"):
+        value = manifest.get(key)
+        if key in manifest and not (type(value) is int and 0 <= value < dims["vocab_size"]):
+            raise ArtifactError(f"{path}: {key} must be a token id in [0, {dims['vocab_size']}), got {_show(value)}; "
+                                "the folder is damaged, re-export it")
     return manifest
+
+
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value >= 1  # not bool, not float
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_config(folder: str, dims: dict) -> None:
+    """The manifest's dims must be the ones of config.json (which the sha256 table covers)."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e.__class__.__name__}); the folder is damaged, "
+                            "re-export it") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path} is not a model config (a JSON object); the folder is damaged, re-export it")
+    for key in CONFIG_DIMS:
+        if key in config and config[key] != dims[key]:
+            raise ArtifactError(f"the manifest of {folder!r} says {key} {dims[key]} but config.json says "
+                                f"{_show(config[key])}; the folder is damaged, re-export it")
 
 
 def verify(folder: str, *, check_hashes: bool = True) -> dict:
@@ -109,6 +168,7 @@ def verify(folder: str, *, check_hashes: bool = True) -> dict:
     >>> verify("out/gpt2-int8")["precision"]   # doctest: +SKIP
     'int8'
     """
+    folder = fspath(folder)
     manifest = read_manifest(folder)
     files = manifest["files"]
     for name in REQUIRED_FILES:
@@ -131,7 +191,89 @@ def verify(folder: str, *, check_hashes: bool = True) -> dict:
                 f"{path} does not match its sha256 in the manifest (damaged or modified); "
                 "copy the model folder again or re-export it"
             )
+    _check_config(folder, manifest["dims"])
     return manifest
+
+
+# -- temporary folders of an export ----------------------------------------------------
+
+
+def temp_prefix(out: str, kind: str = "tmp") -> str:
+    """Name prefix of a temporary folder that an export of `out` makes beside it.
+
+    ``.NAME.tmp-HOST-PID-`` is the folder being written, ``.NAME.old-HOST-PID-`` holds the
+    previous folder while ``--force`` swaps it. Host and pid let a later export tell a
+    folder left behind by a killed process from one that is still being written.
+
+    >>> temp_prefix("out/gpt2-int8").startswith(".gpt2-int8.tmp-")
+    True
+    """
+    return f".{os.path.basename(os.path.abspath(out))}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def remove_stale_temps(out: str) -> list[str]:
+    """Remove the temporary folders that killed exports of `out` left beside it; returns their names.
+
+    A SIGKILL (or SIGTERM, or a power cut) gives an export no chance to clean up. Only
+    folders made on this host by a process that no longer exists are touched. A previous
+    model folder parked by an interrupted ``--force`` swap is moved back to `out` when
+    `out` is missing, so an export killed at that moment loses nothing.
+    """
+    return _remove_temps(out, lambda pid: not _alive(pid))
+
+
+def remove_own_temps(out: str) -> list[str]:
+    """Remove the temporary folders of `out` that this process made (after a failure or Ctrl-C).
+
+    By name rather than by a variable, so a Ctrl-C that lands inside `mkdtemp` is covered;
+    a previous folder parked by an interrupted ``--force`` swap is moved back first.
+    """
+    return _remove_temps(out, lambda pid: pid == os.getpid())
+
+
+def _remove_temps(out: str, remove) -> list[str]:
+    out = os.path.abspath(out)
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    removed: list[str] = []
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:
+        return removed
+    host = _host()
+    for entry in entries:  # ".NAME.old-*" sorts before ".NAME.tmp-*": a parked folder is restored first
+        kind = next((k for k in ("old", "tmp") if entry.startswith(f".{name}.{k}-{host}-")), None)
+        if kind is None:
+            continue
+        pid = entry[len(f".{name}.{kind}-{host}-"):].split("-", 1)[0]
+        if not pid.isdigit() or not remove(int(pid)):
+            continue
+        path = os.path.join(parent, entry)
+        parked = os.path.join(path, "x")
+        try:
+            if kind == "old" and os.path.isdir(parked) and not os.path.lexists(out):
+                os.rename(parked, out)
+        except OSError:
+            continue  # keep it: it may hold the only copy of the previous folder
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+    """True unless process `pid` surely does not exist (then its temporary folders are stale)."""
+    if pid == os.getpid() or os.name == "nt":  # on Windows, os.kill(pid, 0) would send CTRL_C_EVENT
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
 
 
 def summary(manifest: dict) -> str:

@@ -146,12 +146,22 @@ def parse_request(raw_data: Any) -> tuple[list[str], GenerationParams]:
     if isinstance(body, str):
         if len(body) > MAX_BODY_BYTES or len(body.encode("utf-8", "surrogatepass")) > MAX_BODY_BYTES:
             raise _too_big(len(body.encode("utf-8", "surrogatepass")))
+        body = body.removeprefix("\ufeff")  # a UTF-8 BOM, as Windows tools write it, is not part of the JSON
         if not body.strip():
-            raise InvalidRequestError('request body is empty; send {"input_data": ["prompt"], "params": {...}}')
+            # azmlinfsrv also passes "" when the body was not sent as Content-Type: application/json
+            raise InvalidRequestError('request body is empty; send {"input_data": ["prompt"], "params": {...}} '
+                                      "with Content-Type: application/json")
         try:
             body = json.loads(body)
-        except (ValueError, RecursionError) as e:
-            raise InvalidRequestError(f"request body is not valid JSON ({getattr(e, 'msg', 'too deeply nested')}); "
+        except RecursionError:
+            raise InvalidRequestError('request body is not valid JSON (too deeply nested); '
+                                      'send {"input_data": ["prompt"], "params": {...}}') from None
+        except ValueError as e:  # JSONDecodeError has .msg and .pos; an over-long integer is a plain ValueError
+            if isinstance(e, json.JSONDecodeError):
+                reason = f"{e.msg.removesuffix(' at')} at character {e.pos}"
+            else:
+                reason = " ".join(str(e).split(":")[0].split())[:120]
+            raise InvalidRequestError(f"request body is not valid JSON ({reason}); "
                                       'send {"input_data": ["prompt"], "params": {...}}') from None
     if not isinstance(body, dict):
         raise InvalidRequestError(f"request must be a JSON object like {{\"input_data\": [\"prompt\"], \"params\": "

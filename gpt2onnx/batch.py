@@ -35,6 +35,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock on the output
+    fcntl = None
+
 from . import __version__, artifact
 from .errors import Gpt2OnnxError, InvalidRequestError
 from .params import GenerationParams
@@ -120,8 +125,13 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
     input_sha, input_lines = _fingerprint(input_path)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "input_sha256": input_sha,
              "params": GenerationParams.from_dict(base).to_dict(), "model": _model_identity(manifest)}
-    done = _prepare_output(output_path, state)
-    writer = _Writer(output_path)  # opened before the model load: an unwritable output fails fast
+    writer = _Writer(output_path)  # opened and locked first: unwritable or busy fails fast, before the model load
+    try:
+        done = _prepare_output(output_path, state)
+        writer.size = os.fstat(writer.f.fileno()).st_size  # after a torn tail was cut
+    except BaseException:
+        writer.close()
+        raise
     bar = None
     ok = errors = tokens = skipped = 0
     try:
@@ -317,7 +327,7 @@ def _read_rows(path: str, base: dict, done: array.array, gen) -> Iterator[_Row]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             complete = raw.endswith(b"\n")
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            if raw.startswith(b"\xef\xbb\xbf"):  # a BOM: line 1, or any line of files joined with cat
                 raw = raw[3:]
             if not raw.strip():
                 continue
@@ -350,7 +360,11 @@ def _parse_line(n: int, raw: bytes, complete: bool, base: dict) -> list[_Row]:
         return [error(f"line {n} is not valid UTF-8; save the file as UTF-8")]
     except (ValueError, RecursionError) as e:
         hint = " (the file ends with an incomplete line)" if not complete else ""
-        return [error(f"line {n} is not valid JSON{hint}: {getattr(e, 'msg', e)}")]
+        if isinstance(e, json.JSONDecodeError):
+            reason = f"{e.msg.removesuffix(' at')} at character {e.pos}"
+        else:  # too deeply nested, or an integer with too many digits
+            reason = "too deeply nested" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        return [error(f"line {n} is not valid JSON{hint}: {reason}")]
     if not isinstance(obj, dict):
         return [error(f"line {n} must be a JSON object with a \"prompt\", got {type(obj).__name__}")]
     id_ = obj.get("id")
@@ -465,7 +479,12 @@ def _run_one_batch(gen, batch: list[_Row]) -> int:
 
 
 class _Writer:
-    """Appends rows to OUTPUT; every `write` is flushed and fsynced before it returns."""
+    """Appends rows to OUTPUT; every `write` is flushed and fsynced before it returns.
+
+    The file stays locked (flock) while the job runs: a second job started on the same
+    output, by mistake or by an impatient retry, would cut the first one's last line as
+    "torn" and write every row twice; it is refused instead.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -474,7 +493,16 @@ class _Writer:
             self.size = self.f.tell()
         except OSError as e:
             raise BatchError(f"cannot open output {path!r} for writing ({e.strerror or e}); "
-                             "check the folder exists and is writable") from None
+                             "check the output folder exists and is writable") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.f.close()
+                raise BatchError(f"output {path!r} is being written by another running batch job; wait for it to "
+                                 "finish (or stop it), or write to another file") from None
+            except OSError:
+                pass  # a filesystem without locks: run one job per output, as before
 
     def write(self, rows: list[dict]) -> None:
         if not rows:
@@ -509,9 +537,14 @@ class _Writer:
             pass
 
 
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}  # str.splitlines() splits on these
+
+
 def _dump(row: dict) -> bytes:
+    """One JSONL line. Text stays readable UTF-8; the three non-ASCII characters that line-splitting
+    readers (Python's str.splitlines) take for line ends are escaped, so a row is always one line."""
     try:
-        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        return (json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n").encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate in an id: keep it as a JSON escape
         return (json.dumps(row) + "\n").encode("ascii")
 

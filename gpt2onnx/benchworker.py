@@ -1,7 +1,7 @@
 """One benchmark measurement in a fresh process: ``python -m gpt2onnx.benchworker``.
 
 `gpt2onnx.bench` starts one of these per runtime and configuration, so imports, load
-and peak RSS (``ru_maxrss`` at the end) belong to that runtime alone. The job is one
+and peak RSS (VmHWM at the end) belong to that runtime alone. The job is one
 JSON object on stdin; the answer is one JSON object on stdout (anything a library
 prints goes to stderr instead)::
 
@@ -75,8 +75,20 @@ def make_prompts(tok, *, n_tokens: int, batch: int, seed: int = PROMPT_SEED) -> 
 
 
 def _peak_rss_mb() -> float:
-    # Linux reports KiB, macOS bytes.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak RSS of this process in MiB.
+
+    Linux: VmHWM, the high-water mark of this process's own memory. Not ru_maxrss:
+    a child that subprocess starts with vfork + exec inherits the parent's peak in
+    ru_maxrss (the parent holds the 1 GiB bandwidth array, and its own imports).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
@@ -169,7 +181,8 @@ def _hf_measure(job: dict, model, load_s: float) -> dict:
                                f"expected ({b}, {p}) -> ({b}, {p + n})")
         return t0, s.times[1:], t_end
 
-    return dict(_measure(job, lambda: tok(prompts, return_tensors="pt", return_token_type_ids=False), once), load_s=load_s)
+    tokenize = lambda: tok(prompts, return_tensors="pt", return_token_type_ids=False)  # noqa: E731
+    return dict(_measure(job, tokenize, once), load_s=load_s)
 
 
 def _torch_threads(n: int) -> None:

@@ -93,10 +93,11 @@ def _generate(a) -> int:
     t1 = time.perf_counter()
     first = None
     if a.stream and not a.json:
+        steps = gen.generate_tokens(a.prompt, params)  # a bad prompt fails here, before anything is printed
         if params.return_full_text:
             print(a.prompt, end="", flush=True)
         n, reason = 0, None
-        for step in gen.generate_tokens(a.prompt, params):
+        for step in steps:
             first = first or time.perf_counter()
             n += 1
             reason = step.finish_reason
@@ -153,10 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     # Subcommands that live beside their code (each module's add_parser).
-    from . import azureml, batch
+    from . import azureml, batch, bench, eval as evaluation
+    from .integrations import mlflow
 
     batch.add_parser(sub)
     azureml.add_parser(sub)
+    bench.add_parser(sub)
+    evaluation.add_parser(sub)
+    mlflow.add_parser(sub)
     return p
 
 

@@ -166,18 +166,21 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
     """
     cfg = ExportConfig(source=os.fspath(source), outdir=os.fspath(outdir), precision=precision, force=force,
                        random_weights=random_weights, seed=seed, tokenizer=tokenizer, progress=progress)
+    from .artifact import remove_own_temps, remove_stale_temps, temp_prefix
+
+    remove_stale_temps(cfg.outdir)  # folders of killed exports; moves a parked old folder back
     out = _check_outdir(cfg)
     parent = os.path.dirname(out)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    bar = _Progress(7 if precision == "int8" else 6, progress)
+    bar = _Progress(7 if precision == "int8" else 6, progress)  # before mkdtemp: a Ctrl-C here leaves nothing
     ok = False
     try:
+        tmp = tempfile.mkdtemp(prefix=temp_prefix(out), dir=parent)
         manifest = _export_into(cfg, tmp, bar)
         _publish(tmp, out)
         ok = True
         return manifest
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_own_temps(out)  # by name (host + pid): also right when Ctrl-C lands inside mkdtemp
         if isinstance(e, OSError) and not isinstance(e, Gpt2OnnxError):
             raise ExportError(f"writing the export failed ({e.strerror or e}); check free disk space and "
                               "permissions of the output path") from e
@@ -194,7 +197,9 @@ def _publish(tmp: str, out: str) -> None:
     for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
     if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        from .artifact import temp_prefix
+
+        old = tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=os.path.dirname(out))
         os.rename(out, os.path.join(old, "x"))
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

@@ -166,7 +166,7 @@ def windows(n_tokens: int, max_length: int, stride: int) -> Iterator[Window]:
             break
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, unit="win", leave=False)
@@ -203,7 +203,7 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
     wins = list(windows(ids.size, window, stride))[:limit]
     agree, kls = [], []
     nll_ref = nll = 0.0
-    with _bar(len(wins), "fidelity", progress) as bar:
+    with progress_bar(len(wins), "fidelity", progress) as bar:
         for w in wins:
             seq = ids[w.begin:w.end]
             target = seq[-w.n_scored:]
@@ -352,29 +352,44 @@ class TorchSession:
         return [logits.float().numpy(), *present]
 
 
-def inject_outliers(model, *, channels=(3, 17), scale: float = 300.0) -> tuple[int, ...]:
-    """Give a PyTorch GPT-2 trained-GPT-2-like outlier activation channels, same fp32 function.
+def inject_outliers(model, *, channels=(3, 17), scale: float = 300.0, mode: str = "scale") -> tuple[int, ...]:
+    """Give a PyTorch GPT-2 outlier activation channels like trained GPT-2's, same fp32 function.
 
-    For every layer, the `channels` of ln_1 and ln_2 (weight and bias) are multiplied by
-    `scale` and the matching input rows of the next weight (``attn.c_attn.weight``,
-    ``mlp.c_fc.weight``; Conv1D layout (in, out)) divided by it::
+    In every layer, the `channels` of the ln_1 and ln_2 outputs (the inputs of
+    ``attn.c_attn`` and ``mlp.c_fc``) become about `scale` times larger than the rest:
 
-        x ─LayerNorm(γ·s, β·s on the channels)─> y (channels s× larger) ─ y @ (W with rows / s) ─> same output
+    - ``mode="scale"``: multiply those channels' LayerNorm weight and bias by `scale`
+      and divide the matching input rows of the next weight (Conv1D layout (in, out))
+      by it. The divided rows are then `scale` times smaller than their neighbours in
+      each quantization block, which real GPT-2 does not have; this is pessimistic
+      for *weight* quantization too.
+    - ``mode="shift"``: add `scale` (alternating sign) to those channels' LayerNorm
+      bias and subtract ``scale * row`` from the next layer's bias. The weights are
+      untouched; the outlier is a near-constant "massive activation", as measured in
+      trained LLMs (Sun et al., 2024, "Massive activations in large language models").
 
-    The inputs of c_attn and c_fc then carry channels `scale` times larger than the rest,
-    as in trained GPT-2, while the fp32 logits stay the same (to rounding). Note that
-    the divided weight rows are also `scale` times smaller than their neighbours, which
-    block-wise *weight* quantization handles worse than real GPT-2's rows (pessimistic
-    for weight-only int8). Modifies `model` in place; returns the channels.
+    ::
+
+        x ─LayerNorm─> y (channels ~scale× larger) ── y @ W' + b' ──> same output as before
+
+    Modifies `model` in place (fp32 logits change only by rounding); returns the channels.
     """
     import torch
 
+    if mode not in ("scale", "shift"):
+        raise ValueError(f"mode must be 'scale' or 'shift', got {mode!r}")
     channels = tuple(int(c) for c in channels)
     idx = torch.tensor(channels)
+    sign = torch.tensor([(-1.0) ** i for i in range(len(channels))])
     with torch.no_grad():
         for block in model.transformer.h:
             for ln, nxt in ((block.ln_1, block.attn.c_attn), (block.ln_2, block.mlp.c_fc)):
-                ln.weight[idx] *= scale
-                ln.bias[idx] *= scale
-                nxt.weight[idx, :] /= scale
+                if mode == "scale":
+                    ln.weight[idx] *= scale
+                    ln.bias[idx] *= scale
+                    nxt.weight[idx, :] /= scale
+                else:
+                    shift = (scale * sign).to(ln.bias.dtype)  # (C,)
+                    ln.bias[idx] += shift
+                    nxt.bias -= (shift[:, None].double() * nxt.weight[idx, :].double()).sum(0).to(nxt.bias.dtype)
     return channels

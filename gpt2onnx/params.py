@@ -213,4 +213,8 @@ def _stop(value: Any) -> tuple[str, ...]:
     for s in value:
         if not isinstance(s, str) or not s:
             _fail("stop", s, allowed)
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON) can never be generated
+            _fail("stop", s, "valid Unicode text (no lone surrogates)")
     return tuple(value)

@@ -70,7 +70,7 @@ class Generator:
     def __init__(self, model_dir: str, *, threads: int | None = None, verify_hashes: bool = True):
         import onnxruntime as ort
 
-        model_dir = os.fspath(model_dir)
+        model_dir = artifact.fspath(model_dir)
         self.manifest = artifact.verify(model_dir, check_hashes=verify_hashes)
         self.model_dir = model_dir
         d = self.manifest["dims"]
@@ -78,7 +78,7 @@ class Generator:
         self.n_positions, self.vocab_size = d["n_positions"], d["vocab_size"]
         self.eos_token_id = int(self.manifest.get("eos_token_id", self.vocab_size - 1))
         self.bos_token_id = int(self.manifest.get("bos_token_id", self.eos_token_id))
-        self.tokenizer = _tokenizer.load(model_dir)
+        self.tokenizer = _tokenizer.load(model_dir, vocab_size=self.vocab_size)
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InvalidRequestError(f"threads must be a positive integer, got {threads!r}")
         self.threads = threads or cpu.physical_cores()
@@ -138,8 +138,11 @@ class Generator:
         All active rows advance one token per model step, so the events of one step come
         together; a row's last event carries its finish reason.
         """
-        rows = self._rows(requests)
+        rows = self._rows(requests)  # checked at the call, not at the first next()
         streams = [TextStream(self._decode, stop=prm.stop) for _, _, prm in rows]
+        return self._stream(rows, streams)
+
+    def _stream(self, rows, streams) -> Iterator[tuple[int, StepResult]]:
         for r, tok, reason, text in self._decode_loop(rows, streams):
             if reason and not streams[r].stopped:
                 text += streams[r].finish()
@@ -154,8 +157,7 @@ class Generator:
         """
         params = self._params(params, overrides)
         [prompt] = self._check_prompts([prompt])
-        for _, step in self.stream_batch([(prompt, params)]):
-            yield step
+        return (step for _, step in self.stream_batch([(prompt, params)]))  # a bad request fails here, at the call
 
     # -- internals --------------------------------------------------------------------
 
@@ -185,6 +187,8 @@ class Generator:
         return list(prompts)
 
     def _rows(self, requests) -> list[tuple[str, list[int], GenerationParams]]:
+        if not isinstance(requests, (list, tuple)) or not all(isinstance(r, tuple) and len(r) == 2 for r in requests):
+            raise InvalidRequestError("requests must be a list of (prompt, GenerationParams) pairs")
         requests = list(requests)
         prompts = self._check_prompts([p for p, _ in requests])
         for i, (_, prm) in enumerate(requests):
@@ -229,8 +233,17 @@ class Generator:
             io.bind_ortvalue_input(name, value)
             io.bind_ortvalue_output(out_name, value)  # same buffer: GroupQueryAttention appends in place
         io.bind_output("logits")
-        self.session.run_with_iobinding(io)
-        return io.get_outputs()[-1].numpy()[:, -1, :]
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # the folder was checked at load: a graph damaged with verify_hashes=False
+            raise ArtifactError(f"onnxruntime failed running {self.model_dir}/model.onnx "
+                                f"({str(e).splitlines()[0][:160]}); check the folder with 'gpt2onnx inspect'") from None
+        logits = io.get_outputs()[-1].numpy()  # (B, 1, V)
+        b, v = ids.shape[0], self.vocab_size
+        if logits.ndim != 3 or logits.shape[0] != b or logits.shape[1] < 1 or logits.shape[2] != v:
+            raise ArtifactError(f"{self.model_dir}/model.onnx returned logits of shape {logits.shape}, not (batch, 1, "
+                                f"{self.vocab_size}); check the folder with 'gpt2onnx inspect'")
+        return logits[:, -1, :]
 
     def _decode_loop(self, rows, streams) -> Iterator[tuple[int, int, str | None, str]]:
         """Yield (row, token, finish_reason or None, new text) for every generated token of every row.

@@ -35,6 +35,9 @@ import numpy as np
 from .params import GenerationParams
 
 NUCLEUS_FIRST_TRY = 1024  # candidates examined first for top-p without top-k
+# The smallest positive float32: a positive temperature or penalty below it would round to 0
+# in float32 and turn the division into 0/0 = NaN; clamped, it is as extreme as a float32 allows.
+MIN_DIVISOR = float(np.finfo(np.float32).smallest_subnormal)
 
 
 def make_rng(seed: int | None) -> np.random.Generator:
@@ -166,8 +169,9 @@ def _penalize(
         # Repeated ids gather the same original score and write the same value back, so
         # each token is penalized once without np.unique.
         s = scores[history]
-        p = params.repetition_penalty
-        scores[history] = np.where(s < 0, s * p, s / p)
+        p = np.float32(max(params.repetition_penalty, MIN_DIVISOR))
+        with np.errstate(over="ignore"):  # a tiny penalty sends repeated tokens to +inf: they win, as intended
+            scores[history] = np.where(s < 0, s * p, s / p)
 
 
 def _candidates(
@@ -191,7 +195,8 @@ def _candidates(
     m = x[0] if k else x.max()
     if not np.isfinite(m):
         return ids, np.full_like(x, -np.inf), None
-    z = (x - m) / np.float32(params.temperature)  # max is exactly 0
+    with np.errstate(over="ignore"):  # a tiny temperature sends all but the best to -inf: greedy, as intended
+        z = (x - m) / np.float32(max(params.temperature, MIN_DIVISOR))  # max is exactly 0
     w = np.exp(z)
     if params.top_p < 1.0:
         if ids is None:

@@ -46,12 +46,26 @@ def packaged():
         return from_files(str(folder))
 
 
-def load(model_dir: str):
-    """The tokenizer of a model folder."""
+def load(model_dir: str, *, vocab_size: int | None = None):
+    """The tokenizer of a model folder.
+
+    Args:
+        model_dir: the model folder.
+        vocab_size: the model's vocabulary size; a tokenizer with more tokens (which
+            would feed the graph ids it has no embedding for) is refused.
+
+    Raises:
+        ArtifactError: tokenizer.json cannot be read or does not fit the model.
+    """
     from tokenizers import Tokenizer
 
     path = os.path.join(model_dir, "tokenizer.json")
     try:
-        return Tokenizer.from_file(path)
+        tok = Tokenizer.from_file(path)
     except Exception as e:
-        raise ArtifactError(f"cannot read {path} ({str(e)[:100]}); the model folder is damaged, re-export it") from None
+        message = " ".join(str(e).split())[:100]  # one line: tokenizers' messages can span several
+        raise ArtifactError(f"cannot read {path} ({message}); the model folder is damaged, re-export it") from None
+    if vocab_size is not None and tok.get_vocab_size() > vocab_size:
+        raise ArtifactError(f"{path} has {tok.get_vocab_size()} tokens but the model only {vocab_size}; "
+                            "the tokenizer is not this model's: re-export the model folder")
+    return tok

@@ -281,21 +281,9 @@ def test_azmlinfsrv_scores_good_and_bad_requests(tmp_path, tiny_int8):
         log.close()
 
 
-def test_cli_kit(tmp_path, tiny_int8, capsys, monkeypatch):
-    import argparse
-
+def test_cli_kit(tmp_path, tiny_int8, capsys):
     from gpt2onnx import cli
 
-    build = cli.build_parser
-
-    def with_kit():  # until cli.py registers the subcommand itself
-        p = build()
-        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        if "azureml-kit" not in sub.choices:
-            azureml.add_parser(sub)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", with_kit)
     out = str(tmp_path / "kit")
     assert cli.main(["azureml-kit", tiny_int8, out, "--instance-type", "Standard_E8s_v3", "--endpoint", "ep1"]) == 0
     assert "az ml online-deployment create" in capsys.readouterr().out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -335,34 +334,18 @@ def test_progress_bar_on_stderr(tmp_path, gen, capsys):
     assert capsys.readouterr().err == ""
 
 
-def _main(argv, monkeypatch) -> int:
-    """cli.main with the batch subcommand registered (until cli.py registers it itself)."""
-    build = cli.build_parser
-
-    def with_batch():
-        p = build()
-        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        if "batch" not in sub.choices:
-            batch.add_parser(sub)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", with_batch)
-    return cli.main(argv)
-
-
-def test_cli(tmp_path, tiny_int8, capsys, monkeypatch):
+def test_cli(tmp_path, tiny_int8, capsys):
     make_input(tmp_path / "in.jsonl", 12)
-    rc = _main(["batch", tiny_int8, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--batch-size", "5",
-                "--max-new-tokens", "3", "--ignore-eos", "--params", '{"top_k": 5}', "--threads", "1"], monkeypatch)
+    rc = cli.main(["batch", tiny_int8, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--batch-size", "5",
+                "--max-new-tokens", "3", "--ignore-eos", "--params", '{"top_k": 5}', "--threads", "1"])
     out = capsys.readouterr()
     assert rc == 0 and "12 ok, 0 errors" in out.out
     rows = read_rows(tmp_path / "out.jsonl")
     assert len(rows) == 12
     state = json.loads((tmp_path / "out.jsonl.state").read_text())
     assert state["params"]["top_k"] == 5 and state["params"]["ignore_eos"] is True
-    rc = _main(["batch", tiny_int8, str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl")], monkeypatch)
+    rc = cli.main(["batch", tiny_int8, str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl")])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "nope.jsonl' does not exist" in err
-    rc = _main(["batch", tiny_int8, str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"), "--params", "{"],
-               monkeypatch)
+    rc = cli.main(["batch", tiny_int8, str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"), "--params", "{"])
     assert rc == 1 and "--params is not valid JSON" in capsys.readouterr().err

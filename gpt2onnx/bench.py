@@ -1,0 +1,663 @@
+"""Measure a model folder on this machine, against PyTorch and Optimum in the same run.
+
+    >>> from gpt2onnx.bench import run_bench, format_table
+    >>> rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")  # doctest: +SKIP
+    >>> print(format_table(rec))                                                     # doctest: +SKIP
+
+For every threads x batch size x prompt length, each runtime runs in turn — gpt2onnx,
+then transformers `generate` on PyTorch fp32, then Optimum's `ORTModelForCausalLM` fp32
+and int8 — each in a fresh process (`gpt2onnx.benchworker`), so its load time and peak
+RSS (the worker's own VmHWM) are its own. Every runtime gets the same weights (the
+PyTorch model is rebuilt from the source the manifest names), the same prompt token
+ids, the same thread count, greedy decoding and exactly `new_tokens` tokens per row. Each process warms up, then times
+`repeats` runs: time to first token (tokenizing the prompt + prefill + first token),
+the latency of every following step, and tokens/s = batch * new_tokens / wall time.
+
+Bandwidth floor: a decode step must read every weight it multiplies once, so its
+latency is at least ``weight_bytes_per_token / memory bandwidth``. Weight bytes are the
+model's initializers (parameters for PyTorch) minus the tables that are only gathered:
+``wpe`` always, ``wte`` unless it is also the (tied) LM head. Bandwidth is numpy summing
+1 GiB of float32 over the benchmark's threads (best of 5). ``floor_ratio`` = decode step
+p50 / floor, each runtime with its own weight bytes (fp32 or int8); at batch > 1 a step
+still reads the weights once.
+
+The record (schema `gpt2onnx.results`) goes to ``<out>/<date>-<sku or host>-<model>-<precision>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+from . import __version__, artifact, cpu
+from . import results as _results
+from . import skus as _skus
+from .errors import InvalidRequestError
+
+BASELINES = ("pytorch", "optimum")
+BANDWIDTH_MIB = 1024  # the array summed to measure memory bandwidth (far beyond any cache)
+_EXTRA_HINT = "pip install 'gpt2onnx[export]'"
+_NEEDS = {"pytorch": ("torch", "transformers"), "optimum": ("torch", "transformers", "onnx", "optimum.onnxruntime")}
+_FIGURES = ("load_s", "tokenize_ms", "first_token_ms", "token_ms", "tokens_per_s", "peak_rss_mb", "floor_ratio")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- inputs ---------------------------------------------------------------------------
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'1,8' -> [1, 8]; positive, distinct integers.
+
+    >>> parse_int_list("1, 8", "--batch-sizes")
+    [1, 8]
+    >>> parse_int_list("1,x", "--batch-sizes")
+    Traceback (most recent call last):
+    gpt2onnx.errors.InvalidRequestError: --batch-sizes must be positive integers separated by commas, e.g. 1,8; got '1,x'
+    """
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(re.fullmatch(r"\d+", p) for p in parts):
+        raise InvalidRequestError(f"{what} must be positive integers separated by commas, e.g. 1,8; got {text!r}")
+    return _check_ints([int(p) for p in parts], what)
+
+
+def _check_ints(values, what: str) -> list[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise InvalidRequestError(f"{what} must be a non-empty list of positive integers, got {values!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InvalidRequestError(f"{what} must be positive integers, got {v!r}")
+    if len(set(values)) != len(values):
+        raise InvalidRequestError(f"{what} lists a value twice: {list(values)}")
+    return list(values)
+
+
+def _check_int(value, what: str, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise InvalidRequestError(f"{what} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def _check_baselines(baselines) -> list[str]:
+    if isinstance(baselines, str):
+        baselines = [b.strip() for b in baselines.split(",") if b.strip()]
+    out = []
+    for b in baselines:
+        if b == "none":
+            continue
+        if b not in BASELINES:
+            raise InvalidRequestError(f"unknown baseline {b!r}; choose from {', '.join(BASELINES)} (or none)")
+        if b not in out:
+            out.append(b)
+    return out
+
+
+def _check_out_dir(out_dir: str) -> str:
+    out_dir = os.fspath(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InvalidRequestError(f"cannot write results to {out_dir!r} ({e.strerror or e}); "
+                                  "pass a writable --out folder") from None
+    return out_dir
+
+
+# -- the machine ----------------------------------------------------------------------
+
+
+def git_revision() -> str | None:
+    """The commit of the gpt2onnx checkout this package runs from, or None (installed wheel).
+
+    Reads ``.git`` beside the package directly (what ``git rev-parse HEAD`` prints),
+    so it needs no git binary.
+    """
+    git = os.path.join(os.path.dirname(_PACKAGE_DIR), ".git")
+    try:
+        if os.path.isfile(git):  # a worktree: "gitdir: <path>"
+            with open(git, encoding="utf-8") as f:
+                git = os.path.join(os.path.dirname(git), f.read().strip().removeprefix("gitdir:").strip())
+        with open(os.path.join(git, "HEAD"), encoding="utf-8") as f:
+            head = f.read().strip()
+        if re.fullmatch(r"[0-9a-f]{40,64}", head):
+            return head
+        ref = head.removeprefix("ref:").strip()
+        common = git
+        if os.path.isfile(os.path.join(git, "commondir")):
+            with open(os.path.join(git, "commondir"), encoding="utf-8") as f:
+                common = os.path.join(git, f.read().strip())
+        for root in (git, common):
+            path = os.path.join(root, ref)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    return f.read().strip()
+        with open(os.path.join(common, "packed-refs"), encoding="utf-8") as f:
+            for line in f:
+                sha, _, name = line.strip().partition(" ")
+                if name == ref:
+                    return sha
+    except OSError:
+        return None
+    return None
+
+
+def _memory_gib() -> float:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def _versions() -> dict[str, str]:
+    out = {"gpt2onnx": __version__}
+    for name in ("onnxruntime", "numpy", "tokenizers", "onnx", "torch", "transformers", "optimum", "optimum-onnx"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def environment(*, memory_bandwidth_gbs: float | None = None) -> dict:
+    """This machine as a bench record's `environment` (see `gpt2onnx.results`)."""
+    return {
+        "cpu_model": cpu.cpu_model(), "physical_cores": cpu.physical_cores(), "logical_cores": os.cpu_count() or 1,
+        "isa": cpu.isa_flags(), "cgroup_cpu_quota": cpu.cgroup_cpu_quota(), "affinity": cpu.allowed_cpus(),
+        "memory_gib": round(_memory_gib(), 2), "os": platform.platform(), "python": platform.python_version(),
+        "versions": _versions(), "git_revision": git_revision(),
+        "memory_bandwidth_gbs": None if memory_bandwidth_gbs is None else round(memory_bandwidth_gbs, 2),
+    }
+
+
+def measure_bandwidth(*, threads: int, mib: int = BANDWIDTH_MIB, rounds: int = 5) -> float:
+    """Memory read bandwidth in GB/s: numpy sums `mib` MiB of float32 split over `threads` threads.
+
+    numpy releases the GIL in `sum`, so the chunks are read in parallel. Best of `rounds`.
+    """
+    import numpy as np
+
+    a = np.ones(mib * 2**20 // 4, np.float32)  # ones, not empty: every page is really mapped
+    chunks = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(rounds):
+            t = time.perf_counter()
+            list(pool.map(np.sum, chunks))
+            best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+# -- weights read per step -----------------------------------------------------------
+
+
+def onnx_weight_bytes(path: str) -> int:
+    """Bytes of initializers a decode step reads: all but those used only as a Gather table.
+
+    That leaves out ``wpe`` and, when the LM head has its own weight, ``wte``; a tied
+    head reads ``wte`` in full, so it counts. Needs the `onnx` package.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(path, load_external_data=False)
+    sizes: dict[str, int] = {}
+    read: set[str] = set()
+
+    def walk(graph) -> None:
+        for init in graph.initializer:
+            try:
+                item = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                item = 4
+            sizes[init.name] = int(np.prod(init.dims, dtype=np.int64)) * item
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if not (node.op_type == "Gather" and i == 0):
+                    read.add(name)
+            for attr in node.attribute:
+                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(g)
+
+    walk(model.graph)
+    return sum(size for name, size in sizes.items() if name in read)
+
+
+def _model_weight_bytes(model_dir: str, manifest: dict) -> int:
+    try:
+        return onnx_weight_bytes(os.path.join(model_dir, "model.onnx"))
+    except ImportError:  # runtime-only install: estimate from the data file and dims
+        d = manifest["dims"]
+        data = manifest["files"].get("model.onnx.data", {}).get("bytes", 0)
+        tables = d["n_positions"] * d["n_embd"] * 4
+        if manifest["precision"] == "int8":  # int8 exports carry an untied LM head: wte is only gathered
+            tables += d["vocab_size"] * d["n_embd"] * 4
+        return max(0, data - tables)
+
+
+def _model_bytes(manifest: dict) -> int:
+    return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.onnx"))
+
+
+# -- baselines ------------------------------------------------------------------------
+
+
+def _missing(baseline: str) -> list[str]:
+    out = []
+    for mod in _NEEDS[baseline]:
+        try:
+            if importlib.util.find_spec(mod) is None:
+                out.append(mod)
+        except (ImportError, ValueError):
+            out.append(mod)
+    return out
+
+
+def _source_spec(manifest: dict) -> tuple[dict | None, str | None]:
+    """The source the PyTorch baseline is rebuilt from, or why it cannot be."""
+    from .sources import hub_name
+
+    src = manifest.get("source") or {}
+    sid = src.get("id")
+    if not sid:
+        return None, "the manifest names no source model to rebuild it from"
+    if os.path.isdir(sid) or hub_name(sid) is None:
+        if not os.path.isdir(sid):
+            return None, (f"the source folder {sid!r} of this model no longer exists (relative to "
+                          f"{os.getcwd()}); run from where it was exported, or pass --baselines none")
+        sid = os.path.abspath(sid)
+    return {"id": sid, "random_weights": bool(src.get("random_weights")), "seed": src.get("seed")}, None
+
+
+def _source_fingerprint(spec: dict, manifest: dict) -> str:
+    """What the Optimum export depends on; a changed source or tool gives a new cache entry."""
+    files = []
+    if os.path.isdir(spec["id"]):
+        for name in sorted(os.listdir(spec["id"])):
+            if name.endswith((".json", ".safetensors", ".bin")):
+                st = os.stat(os.path.join(spec["id"], name))
+                files.append([name, st.st_size, st.st_mtime_ns])
+    v = _versions()
+    key = {"source": spec, "revision": (manifest.get("source") or {}).get("revision"), "files": files,
+           "dims": manifest["dims"], "tools": [v.get(k) for k in ("optimum", "optimum-onnx", "transformers", "torch",
+                                                                    "onnxruntime")]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _optimum_isa() -> str:
+    """Optimum's dynamic-quantization preset for this CPU."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "arm64"
+    isa = cpu.isa_flags()
+    return "avx512_vnni" if isa["avx512_vnni"] else ("avx512" if isa["avx512f"] else "avx2")
+
+
+def _call_worker(job: dict, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(_PACKAGE_DIR), os.environ.get("PYTHONPATH"))
+                                          if p))
+    p = subprocess.run([sys.executable, "-m", "gpt2onnx.benchworker"], input=json.dumps(job),
+                       capture_output=True, text=True, env=env)
+    lines = p.stdout.strip().splitlines()
+    try:
+        out = json.loads(lines[-1])
+        if isinstance(out, dict):
+            return out
+    except (IndexError, json.JSONDecodeError):
+        pass
+    err = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    return {"error": f"worker exited with code {p.returncode}" + (f": {err[-1][:300]}" if err else "")}
+
+
+# -- figures --------------------------------------------------------------------------
+
+
+def _pct(values: list[float], qs: Sequence[int]) -> dict[str, float]:
+    import numpy as np
+
+    return {f"p{q}": round(float(np.percentile(values, q)), 4) for q in qs}
+
+
+def _row(runtime: str, precision: str, cfg: tuple[int, int, int], new_tokens: int, out: dict,
+         bandwidth_gbs: float | None) -> dict:
+    threads, batch, prompt = cfg
+    row = {"runtime": runtime, "precision": precision, "batch_size": batch, "prompt_tokens": prompt,
+           "new_tokens": new_tokens, "threads": threads}
+    if "error" in out:
+        return {**row, **dict.fromkeys(_FIGURES), "error": out["error"]}
+    token = {**_pct(out["step_ms"], (50, 90, 99)), "mean": round(statistics.fmean(out["step_ms"]), 4)}
+    floor = None
+    if bandwidth_gbs and out.get("weight_bytes_per_token"):
+        floor_ms = out["weight_bytes_per_token"] / (bandwidth_gbs * 1e9) * 1e3
+        floor = round(token["p50"] / floor_ms, 3)
+    return {**row, "load_s": round(out["load_s"], 3), "tokenize_ms": round(statistics.median(out["tokenize_ms"]), 4),
+            "first_token_ms": _pct(out["first_token_ms"], (50, 90)), "token_ms": token,
+            "tokens_per_s": round(batch * new_tokens / statistics.median(out["total_s"]), 3),
+            "peak_rss_mb": round(out["peak_rss_mb"], 1), "floor_ratio": floor, "error": None}
+
+
+def record_path(record: dict, out_dir: str) -> str:
+    """``<out_dir>/<date>-<sku or host>-<model>-<precision>.json`` for a record made on this host."""
+    date = re.sub(r"[-:]", "", record["created"])  # 20240501T120000Z
+    parts = [date, record["sku"] or socket.gethostname(), record["model"]["name"], record["model"]["precision"]]
+    return os.path.join(out_dir, "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", p) for p in parts) + ".json")
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[int] = (1, 8),
+              prompt_tokens: Sequence[int] = (32, 128), new_tokens: int = 128, threads: Sequence[int] | None = None,
+              baselines: Sequence[str] = BASELINES, repeats: int = 3, warmup: int = 1, out_dir: str | None = "results",
+              progress: bool = True, bandwidth_mib: int = BANDWIDTH_MIB) -> dict:
+    """Benchmark a model folder and its baselines; write and return the record.
+
+    Args:
+        model_dir: a folder written by `gpt2onnx export`.
+        sku: the Azure VM size this runs on (default: env ``GPT2ONNX_SKU``; never guessed);
+            the machine is checked against the catalog and mismatches printed.
+        batch_sizes, prompt_tokens: the grid; prompts are exactly that many tokens.
+        new_tokens: tokens generated per row (EOS ignored), at least 2.
+        threads: intra-op thread counts to run (default: the physical cores).
+        baselines: any of ``pytorch``, ``optimum`` (fp32 and Optimum's int8).
+        repeats, warmup: timed and untimed runs per runtime and configuration.
+        out_dir: where the record is written (None: not written); Optimum exports
+            are cached in ``<out_dir>/.cache``.
+        progress: a progress bar on stderr.
+        bandwidth_mib: size of the array for the bandwidth measurement.
+
+    Raises:
+        ArtifactError: the model folder is missing or damaged.
+        InvalidRequestError: a bad argument, an unknown SKU, or an unwritable `out_dir`.
+
+    >>> rec = run_bench("models/gpt2-int8", batch_sizes=[1], baselines=["pytorch"])  # doctest: +SKIP
+    >>> [r["runtime"] for r in rec["results"]]                                        # doctest: +SKIP
+    ['gpt2onnx', 'pytorch']
+    """
+    return _run(model_dir, sku=sku, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                threads=threads, baselines=baselines, repeats=repeats, warmup=warmup, out_dir=out_dir,
+                progress=progress, bandwidth_mib=bandwidth_mib)[0]
+
+
+def _run(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, baselines, repeats, warmup, out_dir,
+         progress, bandwidth_mib) -> tuple[dict, str | None]:
+    from tqdm import tqdm
+
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    manifest = artifact.verify(model_dir, check_hashes=False)  # the gpt2onnx worker checks hashes when it loads
+    batch_sizes = _check_ints(batch_sizes, "batch sizes")
+    prompt_tokens = _check_ints(prompt_tokens, "prompt tokens")
+    threads = [threads] if isinstance(threads, int) and not isinstance(threads, bool) else threads
+    threads = _check_ints(threads, "threads") if threads is not None else [cpu.physical_cores()]
+    new_tokens = _check_int(new_tokens, "new tokens (a decode step to time needs >= 2)", 2)
+    repeats, warmup = _check_int(repeats, "repeats", 1), _check_int(warmup, "warmup", 0)
+    bandwidth_mib = _check_int(bandwidth_mib, "bandwidth_mib", 1)
+    baselines = _check_baselines(baselines)
+    context = manifest["dims"]["n_positions"]
+    if max(prompt_tokens) + new_tokens > context:
+        raise InvalidRequestError(f"prompt tokens {max(prompt_tokens)} + new tokens {new_tokens} exceed the model's "
+                                  f"context of {context}; use shorter prompts or fewer new tokens")
+    sku = sku or os.environ.get("GPT2ONNX_SKU") or None
+    if sku is not None:
+        sku = _skus.get(sku).name
+    if out_dir is not None:
+        out_dir = _check_out_dir(out_dir)
+
+    precision = manifest["precision"]
+    runtimes: list[tuple[str, str]] = [("gpt2onnx", precision)]
+    runtimes += [("pytorch", "fp32")] * ("pytorch" in baselines)
+    runtimes += [("optimum", "fp32"), ("optimum", "int8")] * ("optimum" in baselines)
+    skip: dict[str, str] = {}  # baseline -> why it is not run
+    source, why = _source_spec(manifest) if baselines else (None, None)
+    for b in baselines:
+        missing = _missing(b)
+        if missing:
+            skip[b] = f"not run: needs {', '.join(missing)} ({_EXTRA_HINT})"
+        elif source is None:
+            skip[b] = f"not run: {why}"
+    configs = [(t, b, p) for t in threads for b in batch_sizes for p in prompt_tokens]
+    optimum_prep = "optimum" in baselines and "optimum" not in skip
+
+    scratch = None if out_dir is not None or not optimum_prep else tempfile.TemporaryDirectory(prefix="gpt2onnx-")
+    bar = tqdm(total=1 + optimum_prep + len(configs) * len(runtimes), desc="bench", file=sys.stderr,
+               disable=not progress, unit="run", dynamic_ncols=True)
+    try:
+        bar.set_postfix_str("memory bandwidth")
+        bandwidth = measure_bandwidth(threads=max(threads), mib=bandwidth_mib)
+        bar.update()
+        env = environment(memory_bandwidth_gbs=bandwidth)
+        if sku and progress:  # early, so a wrong --sku can be stopped; the table repeats them
+            for w in _skus.check_cpu(sku, env):
+                bar.write(f"warning: {w}", file=sys.stderr)
+        optimum_dirs = {}
+        if optimum_prep:
+            bar.set_postfix_str("Optimum export + int8 (cached)")
+            cache = os.path.join(out_dir or scratch.name, ".cache", "optimum", _source_fingerprint(source, manifest))
+            prep = _call_worker({"mode": "prepare-optimum", "source": source, "cache_dir": cache,
+                                 "isa": _optimum_isa()}, max(threads))
+            if "error" in prep:
+                skip["optimum"] = f"Optimum export failed: {prep['error']}"
+            else:
+                optimum_dirs = {"fp32": (prep["fp32_dir"], "model.onnx"),
+                                "int8": (prep["int8_dir"], "model_quantized.onnx")}
+            bar.update()
+        ours_bytes = _model_weight_bytes(model_dir, manifest)
+        rows = []
+        for cfg in configs:
+            t, b, p = cfg
+            for runtime, prec in runtimes:
+                bar.set_postfix_str(f"t{t} b{b} p{p} {runtime} {prec}")
+                if runtime in skip:
+                    out = {"error": skip[runtime]}
+                else:
+                    job = {"mode": "run", "runtime": runtime, "model_dir": model_dir, "threads": t,
+                           "batch_size": b, "prompt_tokens": p, "new_tokens": new_tokens,
+                           "warmup": warmup, "repeats": repeats, "source": source}
+                    if runtime == "optimum":
+                        job["optimum_dir"], job["optimum_file"] = optimum_dirs[prec]
+                    out = _call_worker(job, t)
+                    if runtime == "gpt2onnx" and "error" not in out:
+                        out["weight_bytes_per_token"] = ours_bytes
+                rows.append(_row(runtime, prec, cfg, new_tokens, out, bandwidth))
+                bar.update()
+    finally:
+        bar.close()
+        if scratch is not None:
+            scratch.cleanup()
+
+    record = {
+        "schema": _results.SCHEMA,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "sku": sku, "projection": False, "environment": env,
+        "model": {"name": str(manifest.get("name", os.path.basename(model_dir))), "precision": precision,
+                  "random_weights": bool((manifest.get("source") or {}).get("random_weights")),
+                  "n_params": int(manifest.get("n_params", 0)), "size_bytes": _model_bytes(manifest),
+                  "weight_bytes_per_token": int(ours_bytes)},
+        "settings": {"threads": threads, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup,
+                     "batch_sizes": batch_sizes, "prompt_tokens": prompt_tokens},
+        "results": rows,
+    }
+    path = None
+    if out_dir is not None:
+        path = record_path(record, out_dir)
+        _results.dump(record, path)
+    else:
+        _results.validate(record, source="bench record")
+    return record, path
+
+
+# -- the table ------------------------------------------------------------------------
+
+
+def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def format_table(record: dict) -> str:
+    """A bench record as a plain-text table (plus the machine it is valid on, and warnings).
+
+    Speed-up columns are baseline decode p50 / gpt2onnx decode p50 and, after the
+    slash, gpt2onnx tokens/s / baseline tokens/s (> 1: gpt2onnx is faster).
+    """
+    env, model = record["environment"], record["model"]
+    isa = " ".join(k for k, v in env["isa"].items() if v) or "no AVX2"
+    bw = env.get("memory_bandwidth_gbs")
+    lines = [
+        f"{model['name']} {model['precision']}" + (" (RANDOM WEIGHTS)" if model["random_weights"] else "")
+        + f", {model['n_params'] / 1e6:.1f}M params, "
+        f"{model['weight_bytes_per_token'] / 1e6:.1f} MB weights read per step",
+        f"valid on: {env['cpu_model']}, {env['logical_cores']} logical / {env['physical_cores']} physical cores, "
+        f"{isa}, {env['memory_gib']:.1f} GiB, SKU {record['sku'] or 'not given (--sku)'}",
+        f"memory bandwidth {_f(bw, '.1f', ' GB/s')}; new tokens {record['settings']['new_tokens']}, "
+        f"repeats {record['settings']['repeats']}, warmup {record['settings']['warmup']}; "
+        f"gpt2onnx {env['versions']['gpt2onnx']} (git {(env['git_revision'] or 'n/a')[:12]}), "
+        f"onnxruntime {env['versions']['onnxruntime']}",
+        "",
+    ]
+    bases = []
+    for r in record["results"]:
+        if r["runtime"] != "gpt2onnx" and (r["runtime"], r["precision"]) not in bases:
+            bases.append((r["runtime"], r["precision"]))
+    ratios = {}
+    for q in _results.ratios(record):
+        ratios[(q["batch_size"], q["prompt_tokens"], q["threads"], q["baseline"], q["baseline_precision"])] = q
+    head = ["runtime", "batch", "prompt", "threads", "first ms p50", "token ms p50", "p90", "p99", "tok/s",
+            "RSS MB", "floor x"] + [f"vs {b} {p}" for b, p in bases]
+    body = []
+    for r in record["results"]:
+        cells = [f"{r['runtime']} {r['precision']}", str(r["batch_size"]), str(r["prompt_tokens"]), str(r["threads"])]
+        if r.get("error"):
+            body.append(cells + ["failed, see below"])
+            continue
+        cells += [_f(r["first_token_ms"]["p50"], ".2f"), *(_f(r["token_ms"][q], ".2f") for q in ("p50", "p90", "p99")),
+                  _f(r["tokens_per_s"]), _f(r["peak_rss_mb"], ".0f"), _f(r["floor_ratio"], ".2f")]
+        for b, p in bases:
+            q = ratios.get((r["batch_size"], r["prompt_tokens"], r["threads"], b, p)) if r["runtime"] == "gpt2onnx" \
+                else None
+            if q is None:
+                cells.append("")
+            elif q["baseline_error"]:
+                cells.append("n/a")
+            else:
+                cells.append(f"{_f(q['decode_speedup'], '.2f', 'x')} / {_f(q['tokens_per_s_ratio'], '.2f', 'x')}")
+        body.append(cells)
+    widths = [max([len(head[i])] + [len(c[i]) for c in body if len(c) == len(head)]) for i in range(len(head))]
+    for cells in [head] + body:  # a failed row's note spans the figure columns
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+                     + ("  " + cells[-1] if len(cells) < len(head) else ""))
+    if bases:
+        lines.append("vs X: decode p50 speed-up / tokens/s ratio of gpt2onnx over baseline X (> 1: gpt2onnx faster)")
+    lines.append("floor x: decode p50 / (weight bytes read per step / memory bandwidth)")
+    failed = {}
+    for r in record["results"]:
+        if r.get("error"):
+            failed.setdefault(f"{r['runtime']} {r['precision']}", []).append(r["error"])
+    for name, errs in failed.items():
+        lines.append(f"{name}: {'; '.join(sorted(set(errs)))}")
+    if record["sku"]:
+        try:
+            lines += [f"warning: {w}" for w in _skus.check_cpu(record["sku"], env)]
+        except InvalidRequestError as e:
+            lines.append(f"warning: {e}")
+    return "\n".join(lines)
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+def _bench_cmd(a) -> int:
+    record, path = _run(
+        a.model_dir, sku=a.sku, batch_sizes=parse_int_list(a.batch_sizes, "--batch-sizes"),
+        prompt_tokens=parse_int_list(a.prompt_tokens, "--prompt-tokens"), new_tokens=a.new_tokens,
+        threads=parse_int_list(a.threads, "--threads") if a.threads else None, baselines=a.baselines,
+        repeats=a.repeats, warmup=a.warmup, out_dir=a.out, progress=not a.quiet, bandwidth_mib=BANDWIDTH_MIB)
+    print(format_table(record))
+    print(f"wrote {path}")
+    return 0
+
+
+def _skus_cmd(a) -> int:
+    model_bytes = _model_bytes(artifact.read_manifest(a.model_dir)) if a.model_dir else None
+    print(_skus.format_catalog(model_bytes=model_bytes))
+    return 0
+
+
+def _expand_records(paths: Sequence[str]) -> list[str]:
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, n) for n in os.listdir(p) if n.endswith(".json") and not n.startswith("."))
+            if not found:
+                raise InvalidRequestError(f"{p!r} holds no *.json bench records; run 'gpt2onnx bench' first")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _report_cmd(a) -> int:
+    from .report import build_report
+
+    rep = build_report(_expand_records(a.results), a.out, prices_path=a.prices,
+                       slo_first_token_ms=a.slo_first_token_ms, slo_token_ms=a.slo_token_ms)
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for r in rep.recommendations:
+        print(f"{r.group}: {r.sku or 'NONE'} — {r.note}")
+    print(f"wrote {rep.markdown_path}, {rep.html_path} and {len(rep.plot_paths)} plot(s)")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register the ``bench``, ``skus`` and ``report`` subcommands on an argparse subparsers object."""
+    b = subparsers.add_parser("bench", help="measure a model folder (and PyTorch/Optimum baselines) on this machine")
+    b.add_argument("model_dir")
+    b.add_argument("--sku", help="the Azure VM size this machine is (default: $GPT2ONNX_SKU; never guessed)")
+    b.add_argument("--batch-sizes", default="1,8", metavar="N[,M]", help="default 1,8")
+    b.add_argument("--prompt-tokens", default="32,128", metavar="N[,M]",
+                   help="prompt lengths in tokens; default 32,128")
+    b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, EOS ignored; default 128")
+    b.add_argument("--threads", metavar="N[,M]", help="intra-op thread counts (default: physical cores)")
+    b.add_argument("--baselines", default="pytorch,optimum",
+                   help="comma list of pytorch, optimum; or none (default pytorch,optimum)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; default 3")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs before them; default 1")
+    b.add_argument("--out", default="results", help="folder for the result JSON (default results/)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_bench_cmd)
+
+    s = subparsers.add_parser("skus", help="list the Azure CPU VM sizes of the catalog")
+    s.add_argument("--model-dir", help="flag which sizes have the memory for this model folder")
+    s.set_defaults(func=_skus_cmd)
+
+    r = subparsers.add_parser("report", help="merge bench results into report.md/report.html with plots")
+    r.add_argument("results", nargs="+", help="result JSON files or folders of them")
+    r.add_argument("--out", default="bench/report", help="report folder (default bench/report)")
+    r.add_argument("--prices", metavar="TOML", help="VM prices per hour (see bench/prices.example.toml)")
+    r.add_argument("--slo-first-token-ms", type=float, help="batch-1 first-token p50 limit for recommendations")
+    r.add_argument("--slo-token-ms", type=float, help="batch-1 per-token p50 limit for recommendations")
+    r.set_defaults(func=_report_cmd)

@@ -1,0 +1,366 @@
+"""Package a model folder as an MLflow pyfunc model with the Azure ML gpt2 signature.
+
+    gpt2onnx mlflow out/gpt2-int8 out/gpt2-int8-mlflow
+    az ml model create -f out/gpt2-int8-mlflow/model.yml -g RG -w WORKSPACE
+
+The MLflow model answers the requests of the Azure ML registry's gpt2 model
+(``{"input_data": ["..."], "params": {"top_p": 1.0, "temperature": 0.8, ...}}`` -> a list
+of strings) with onnxruntime instead of torch:
+
+    OUT/
+      MLmodel              signature (one string column in and out, params with the card's
+                           defaults), metadata (model-card tags, gpt2onnx facts)
+      MODEL_CARD.md        the datasheet, also under artifacts/
+      model.yml            `az ml model create -f` spec (type mlflow_model, tags)
+      requirements.txt     onnxruntime, numpy, tokenizers, tqdm (+ mlflow); no torch
+      code/gpt2onnx/       this package, so the model loads where gpt2onnx is not installed
+      gpt2onnx_pyfunc.py   the models-from-code entry: set_model(python_model())
+      artifacts/NAME/      the model folder (artifact "model_dir"), verified at load
+
+Why ``code_paths`` and not ``gpt2onnx`` in the requirements: gpt2onnx is not on a package
+index the serving environment can reach, and its runtime is pure Python (1-2 MB), so the
+model carries it. Why models-from-code and not a pickled `PythonModel`: MLflow 3 is
+deprecating pickle deserialization, and a script does not tie the model to the
+cloudpickle and Python versions of the machine that packaged it.
+
+>>> package_mlflow("out/gpt2-int8", "out/gpt2-int8-mlflow")         # doctest: +SKIP
+'out/gpt2-int8-mlflow'
+>>> import mlflow                                                   # doctest: +SKIP
+>>> model = mlflow.pyfunc.load_model("out/gpt2-int8-mlflow")        # doctest: +SKIP
+>>> model.predict(["Hello,"], params={"max_new_tokens": 20, "seed": 1})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from .. import __version__, artifact, modelcard
+from ..errors import ExportError, Gpt2OnnxError, InvalidRequestError
+from . import threads_from_env
+
+# The params of the Azure ML registry's gpt2 MLflow model (azureml-assets
+# assets/models/system/gpt2/MLmodel): name, MLflow type, default. Its pipeline samples by
+# default, at temperature 0.8; these defaults apply when a request leaves a param out.
+CARD_PARAMS: tuple[tuple[str, str, Any], ...] = (
+    ("top_p", "float", 1.0),
+    ("temperature", "float", 0.8),
+    ("max_new_tokens", "integer", 50),
+    ("do_sample", "boolean", True),
+    ("return_full_text", "boolean", True),
+)
+# The rest of GenerationParams, with its (Hugging Face) defaults; MLflow drops params the
+# signature does not list, so every one a request may set must be here.
+EXTRA_PARAMS: tuple[tuple[str, str, Any], ...] = (
+    ("top_k", "long", 50),
+    ("repetition_penalty", "float", 1.0),
+    ("seed", "long", None),
+    ("stop", "string[]", []),
+    ("ignore_eos", "boolean", False),
+    ("truncation", "boolean", False),
+)
+PARAM_DEFAULTS = {name: default for name, _, default in CARD_PARAMS + EXTRA_PARAMS}
+RUNTIME_REQUIREMENTS = ("onnxruntime", "numpy", "tokenizers", "tqdm")  # never torch
+MODEL_CODE = "gpt2onnx_pyfunc.py"
+BATCH_SIZE = 8  # prompts per generate call in predict(); bounds padding and memory
+
+_MODEL_CODE_TEXT = '''"""MLflow models-from-code entry written by gpt2onnx: the pyfunc model of this folder."""
+import mlflow
+
+from gpt2onnx.integrations.mlflow import python_model
+
+mlflow.models.set_model(python_model())
+'''
+
+
+def _require_mlflow():
+    try:
+        import mlflow  # noqa: F401
+        import mlflow.pyfunc  # noqa: F401
+    except ImportError:
+        raise Gpt2OnnxError("MLflow is not installed; pip install 'gpt2onnx[mlflow]' "
+                            "(mlflow-skinny and pandas)") from None
+    return sys.modules["mlflow"]
+
+
+# -- the pyfunc model -------------------------------------------------------------------
+
+
+class _Pyfunc:
+    """The methods of the pyfunc model; `python_model()` mixes them into an mlflow PythonModel.
+
+    Kept apart from mlflow so importing this module (the CLI does) costs nothing.
+    """
+
+    def load_context(self, context) -> None:
+        from ..runtime import load
+
+        config = dict(getattr(context, "model_config", None) or {})
+        threads = config.get("threads") or threads_from_env()
+        self.batch_size = int(config.get("batch_size") or BATCH_SIZE)
+        self.generator = load(context.artifacts["model_dir"], threads=threads)
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        """One completion per input row, as strings, in order (the Azure ML gpt2 response)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            prompts = _prompts(model_input)
+            gp = generation_params(params)
+            texts: list[str] = []
+            for i in range(0, len(prompts), self.batch_size):
+                texts += [r.text for r in self.generator.generate(prompts[i:i + self.batch_size], gp)]
+            return texts
+        except InvalidRequestError as e:  # the scoring server answers 400 instead of 500
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+
+
+def python_model():
+    """A new pyfunc model object (an `mlflow.pyfunc.PythonModel`); used by the model's code file."""
+    mlflow = _require_mlflow()
+
+    cls = type("Gpt2OnnxPythonModel", (_Pyfunc, mlflow.pyfunc.PythonModel),
+               {"__module__": __name__, "__doc__": "gpt2onnx text generation as an MLflow pyfunc model."})
+    return cls()
+
+
+def generation_params(params: Mapping[str, Any] | None):
+    """MLflow request params -> GenerationParams; a missing param takes the signature default.
+
+    >>> generation_params({"max_new_tokens": 5}).temperature
+    0.8
+    """
+    from ..params import GenerationParams
+
+    if params is not None and not isinstance(params, Mapping):
+        raise InvalidRequestError(f"params must be a JSON object, got {type(params).__name__}")
+    merged = {**PARAM_DEFAULTS, **(params or {})}
+    if merged.get("stop") is not None and not isinstance(merged["stop"], str):
+        merged["stop"] = list(merged["stop"])  # MLflow may hand over a numpy array
+    return GenerationParams.from_dict(merged)
+
+
+def _prompts(model_input) -> list[str]:
+    """The prompts of a pyfunc input: a one-column DataFrame, a Series, a list or a string."""
+    import numpy as np
+
+    if isinstance(model_input, str):
+        values = [model_input]
+    elif hasattr(model_input, "columns"):  # pandas.DataFrame
+        cols = list(model_input.columns)
+        if len(cols) != 1:
+            raise InvalidRequestError(f"the input must have one string column of prompts, got columns {cols}")
+        values = model_input[cols[0]].tolist()
+    elif hasattr(model_input, "tolist"):  # pandas.Series, numpy array
+        values = np.asarray(model_input, dtype=object).reshape(-1).tolist()
+    elif isinstance(model_input, (list, tuple)):
+        values = list(model_input)
+    else:
+        raise InvalidRequestError(f"the input must be a list of strings, got {type(model_input).__name__}")
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise InvalidRequestError(f"input row {i} must be a string (the prompt), got {type(v).__name__} {v!r:.40}")
+    return values
+
+
+# -- packaging -------------------------------------------------------------------------
+
+
+def signature():
+    """The MLflow signature: one string column in, one string column out, CARD_PARAMS + EXTRA_PARAMS."""
+    _require_mlflow()
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    specs = []
+    for name, kind, default in CARD_PARAMS + EXTRA_PARAMS:
+        if kind.endswith("[]"):
+            specs.append(ParamSpec(name, kind[:-2], default, (-1,)))
+        else:
+            specs.append(ParamSpec(name, kind, default))
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema(specs))
+
+
+def requirements() -> list[str]:
+    """pip requirements of the served model: the runtime's, pinned to this environment's versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in RUNTIME_REQUIREMENTS:
+        try:
+            out.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            out.append(dist)
+    return out
+
+
+def default_name(manifest: dict) -> str:
+    """An Azure ML model name for a folder: ``{name}-onnx-{precision}``, letters, digits, ``-_.`` only.
+
+    >>> default_name({"name": "gpt2", "precision": "int8"})
+    'gpt2-onnx-int8'
+    """
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{manifest.get('name') or 'gpt2'}-onnx-{manifest['precision']}")
+    return name.strip("-_.")[:255] or "gpt2-onnx"
+
+
+def _description(manifest: dict) -> str:
+    src = manifest.get("source") or {}
+    text = (f"{manifest.get('name', 'gpt2')} ({src.get('id', '?')}) exported to ONNX ({manifest['precision']}) by "
+            f"gpt2onnx {__version__}: text generation on CPU with onnxruntime, no torch. See MODEL_CARD.md.")
+    if src.get("random_weights"):
+        text = "RANDOM WEIGHTS (benchmarking only; the text is meaningless). " + text
+    return text
+
+
+def _model_yml(name: str, version: int | str, description: str, tags: dict) -> str:
+    import yaml
+
+    spec = {
+        "$schema": "https://azuremlschemas.azureedge.net/latest/model.schema.json",
+        "name": name,
+        "version": str(version),
+        "type": "mlflow_model",
+        "path": ".",  # relative to this file: the MLflow model folder itself
+        "description": description,
+        "tags": tags,
+        "properties": {k: tags[k] for k in ("inference-min-sku-spec", "languages") if k in tags},
+    }
+    return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=120)
+
+
+def package_mlflow(model_dir: str, out: str, *, name: str | None = None, version: int | str = 1,
+                   description: str | None = None, batch_size: int = BATCH_SIZE, force: bool = False) -> str:
+    """Write an MLflow pyfunc model (and its Azure ML ``model.yml``) for a model folder.
+
+    Args:
+        model_dir: a folder written by ``gpt2onnx export``; verified (sizes and sha256).
+        out: the MLflow model folder to create.
+        name: the Azure ML model name in ``model.yml``; default ``{name}-onnx-{precision}``.
+        version: the Azure ML model version in ``model.yml``.
+        description: the model description; default: what the folder is, from its manifest.
+        batch_size: prompts per generate call when the model predicts many rows.
+        force: replace ``out`` if it exists.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ArtifactError: ``model_dir`` is missing or damaged.
+        ExportError: ``out`` exists (pass force=True) or cannot be written.
+
+    >>> package_mlflow("out/gpt2-int8", "out/gpt2-int8-mlflow", version=2)   # doctest: +SKIP
+    'out/gpt2-int8-mlflow'
+    """
+    mlflow = _require_mlflow()
+    model_dir, out = os.fspath(model_dir), os.fspath(out)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")
+    manifest = artifact.verify(model_dir)
+    if os.path.exists(out) and not force:
+        raise ExportError(f"output {out!r} exists; pass --force (force=True) to replace it")
+    tags = {str(k): str(v) for k, v in (manifest.get("tags") or modelcard.tags(manifest)).items()}
+    name = name or default_name(manifest)
+    description = description or _description(manifest)
+    card = os.path.join(model_dir, "MODEL_CARD.md")
+    artifacts = {"model_dir": os.path.abspath(model_dir)}
+    if os.path.isfile(card):
+        artifacts["model_card"] = os.path.abspath(card)
+
+    dest = os.path.abspath(out)  # also drops a trailing slash
+    parent = os.path.dirname(dest)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=parent)
+    except OSError as e:
+        raise ExportError(f"cannot write {out!r} ({e.strerror}); choose a writable output folder") from None
+    try:
+        staging = os.path.join(tmp, "_staging")
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        shutil.copytree(package, os.path.join(staging, "gpt2onnx"),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        code_file = os.path.join(staging, MODEL_CODE)
+        with open(code_file, "w", encoding="utf-8") as f:
+            f.write(_MODEL_CODE_TEXT)
+        target = os.path.join(tmp, "model")
+        with _quiet_artifact_copies():
+            mlflow.pyfunc.save_model(
+                path=target,
+                python_model=code_file,
+                code_paths=[os.path.join(staging, "gpt2onnx")],
+                artifacts=artifacts,
+                signature=signature(),
+                input_example=(["Hello, I'm a language model,"], {"max_new_tokens": 4, "do_sample": False}),
+                pip_requirements=requirements(),
+                model_config={"batch_size": batch_size},
+                metadata={
+                    "base_model_name": manifest.get("name"),
+                    "base_model_task": "text-generation",
+                    "tags": tags,
+                    "model_card": "MODEL_CARD.md",
+                    "gpt2onnx": {"version": __version__, "precision": manifest["precision"],
+                                 "source": manifest.get("source"), "format_version": manifest.get("format_version")},
+                },
+            )
+        if os.path.isfile(card):
+            shutil.copyfile(card, os.path.join(target, "MODEL_CARD.md"))
+        with open(os.path.join(target, "model.yml"), "w", encoding="utf-8") as f:
+            f.write(_model_yml(name, version, description, tags))
+        if os.path.exists(dest):  # force: checked above
+            old = os.path.join(tmp, "old")
+            os.replace(dest, old)  # the old model goes away with tmp
+        os.replace(target, dest)
+    except OSError as e:
+        raise ExportError(f"cannot write {out!r} ({e.__class__.__name__}: {e}); "
+                          "check the output folder and free space") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_artifact_copies():
+    """MLflow draws a progress bar per artifact copy; a local save needs none."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+# -- CLI ---------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> None:
+    """Register ``gpt2onnx mlflow MODEL_DIR OUT`` on an argparse subparsers object."""
+    p = subparsers.add_parser("mlflow", help="package a model folder as an MLflow pyfunc model (+ Azure ML model.yml)")
+    p.add_argument("model_dir", help="model folder written by 'gpt2onnx export'")
+    p.add_argument("out", help="MLflow model folder to create")
+    p.add_argument("--name", help="Azure ML model name in model.yml (default: NAME-onnx-PRECISION)")
+    p.add_argument("--version", default="1", help="Azure ML model version in model.yml (default 1)")
+    p.add_argument("--description", help="model description (default: from the manifest)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=BATCH_SIZE,
+                   help=f"prompts per generate call in predict (default {BATCH_SIZE})")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=handler)
+
+
+def handler(args) -> int:
+    """Run ``gpt2onnx mlflow``; returns the exit code."""
+    out = package_mlflow(args.model_dir, args.out, name=args.name, version=args.version,
+                         description=args.description, batch_size=args.batch_size, force=args.force)
+    print(f"wrote MLflow model {out} (pyfunc; params {', '.join(PARAM_DEFAULTS)})")
+    print(f"register: az ml model create -f {os.path.join(out, 'model.yml')} -g RESOURCE_GROUP -w WORKSPACE")
+    return 0
