@@ -19,7 +19,8 @@ def _export(a) -> int:
     from .export import export
 
     m = export(a.source, a.outdir, precision=a.precision, force=a.force, random_weights=a.random_weights,
-               seed=a.seed, tokenizer=a.tokenizer, progress=not a.quiet)
+               seed=a.seed, tokenizer=a.tokenizer, progress=not a.quiet,
+               accept_fidelity_miss=a.accept_fidelity_miss)
     print(summary(m))
     print(f"wrote {a.outdir} in {m['export_seconds']:.1f} s")
     return 0
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeded random weights instead of loading them (benchmarks only: the text is meaningless)")
     e.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
     e.add_argument("--tokenizer", metavar="DIR", help="folder with vocab.json + merges.txt or tokenizer.json")
+    e.add_argument("--accept-fidelity-miss", action="store_true",
+                   help="keep an int8 export that misses the fidelity gate (recorded in the manifest and card)")
     e.add_argument("--quiet", action="store_true", help="no progress output")
     e.set_defaults(func=_export)
 

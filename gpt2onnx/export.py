@@ -40,6 +40,7 @@ class ExportConfig:
     seed: int = 0  # seed of the random weights
     tokenizer: str | None = None  # folder with tokenizer.json or vocab.json + merges.txt
     progress: bool = True  # show progress on stderr
+    accept_fidelity_miss: bool = False  # finish an int8 export that misses the gate (recorded as such)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -135,7 +136,7 @@ def _session(path: str):
 
 def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = False,
            random_weights: bool = False, seed: int = 0, tokenizer: str | None = None,
-           progress: bool = True) -> dict:
+           progress: bool = True, accept_fidelity_miss: bool = False) -> dict:
     """Export a GPT-2 to an ONNX model folder and verify it against PyTorch.
 
     Args:
@@ -151,6 +152,8 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         tokenizer: folder with ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``
             (default: the source's own, or GPT-2's shipped one for random weights).
         progress: show the steps on stderr.
+        accept_fidelity_miss: finish an int8 export that misses the fidelity gate;
+            the manifest and model card then say "gate missed, accepted".
 
     Returns:
         The manifest written to ``outdir/gpt2onnx.json``.
@@ -159,19 +162,22 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         UnsupportedModelError: the source is missing or not GPT-2.
         ExportError: the output cannot be written.
         ParityError: the fp32 graph does not reproduce PyTorch within 1e-3.
+        FidelityError: the int8 graph misses the gate of `gpt2onnx.fidelity` on real
+            text (unless `accept_fidelity_miss`).
 
     >>> m = export("gpt2", "out/gpt2", random_weights=True)   # doctest: +SKIP
     >>> m["parity"]["fp32_max_abs_diff"] < 1e-3                # doctest: +SKIP
     True
     """
     cfg = ExportConfig(source=os.fspath(source), outdir=os.fspath(outdir), precision=precision, force=force,
-                       random_weights=random_weights, seed=seed, tokenizer=tokenizer, progress=progress)
+                       random_weights=random_weights, seed=seed, tokenizer=tokenizer, progress=progress,
+                       accept_fidelity_miss=accept_fidelity_miss)
     from .artifact import remove_own_temps, remove_stale_temps, temp_prefix
 
     remove_stale_temps(cfg.outdir)  # folders of killed exports; moves a parked old folder back
     out = _check_outdir(cfg)
     parent = os.path.dirname(out)
-    bar = _Progress(7 if precision == "int8" else 6, progress)  # before mkdtemp: a Ctrl-C here leaves nothing
+    bar = _Progress(8 if precision == "int8" else 6, progress)  # before mkdtemp: a Ctrl-C here leaves nothing
     ok = False
     try:
         tmp = tempfile.mkdtemp(prefix=temp_prefix(out), dir=parent)
@@ -207,9 +213,25 @@ def _publish(tmp: str, out: str) -> None:
         os.rename(tmp, out)
 
 
+def _fidelity_gate(cfg: ExportConfig, ref, session, ids, window: int, vocab_size: int, random_weights: bool) -> dict:
+    """Measure int8 against fp32 on the gate text; raise FidelityError if it misses the gate."""
+    from . import fidelity
+    from .errors import FidelityError
+
+    figures = fidelity.measure(ref, session, ids, window=window, stride=window // 2, limit=fidelity.GATE_WINDOWS)
+    gate, why = fidelity.gate_for(figures, vocab_size, random_weights)
+    missed = fidelity.check(figures, gate)
+    status = "passed" if not missed else "missed, accepted with --accept-fidelity-miss"
+    if missed and not cfg.accept_fidelity_miss:
+        raise FidelityError(f"the int8 graph misses the fidelity gate on real text ({'; '.join(missed)}); "
+                            "export fp32 instead, or pass --accept-fidelity-miss to keep it (recorded in the manifest)")
+    return dict(figures, text="gpt2onnx/data/gate_text.txt (WikiText-2 test tail)", window=window,
+                stride=window // 2, gate={k: v for k, v in gate.items()}, gated=why, missed=missed, status=status)
+
+
 def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
-    from . import artifact, graph, modelcard, parity, sources
-    from .quantize import INT8, quantize_int8
+    from . import artifact, fidelity, graph, modelcard, parity, sources
+    from .quantize import INT8, calibrate, outlier_channels, quantize_int8
 
     t0 = time.perf_counter()
     bar.step("load model")
@@ -226,6 +248,11 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
 
     bar.step("record PyTorch reference")
     steps = parity.reference(src.model)
+    window = min(dims.n_positions, 1024)
+    gate_ids = outliers = None
+    if cfg.precision == "int8":  # which MatMul inputs have outlier channels (see quantize.py)
+        gate_ids = tok.encode(fidelity.gate_text()).ids
+        outliers = outlier_channels(calibrate(src.model, gate_ids[:fidelity.CALIBRATION_TOKENS], window=window), INT8)
     config_json = src.config.to_dict()
     eos = src.config.eos_token_id if src.config.eos_token_id is not None else tok.token_to_id("<|endoftext|>")
     bos = src.config.bos_token_id if src.config.bos_token_id is not None else eos
@@ -245,15 +272,18 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
     par = {"fp32_max_abs_diff": fp32["max_abs_diff"], "fp32_top1_agreement": fp32["top1_agreement"],
            "prompts": int(steps[0].feeds["input_ids"].shape[0]), "decode_steps": len(steps) - 1,
            "positions": fp32["positions"]}
-    quant = None
+    quant = fid = None
     if cfg.precision == "int8":
         bar.step("quantize int8")
-        path = quantize_int8(fp32_path, tmp, INT8)
-        shutil.rmtree(fp32_dir)
+        path = quantize_int8(fp32_path, tmp, INT8, outliers)
         q = parity.compare(steps, parity.run_onnx(_session(path), steps, dims))
         par["int8"] = {"max_abs_diff": q["max_abs_diff"], "top1_agreement": q["top1_agreement"],
                        "mean_kl": q["mean_kl"], "max_kl": q["max_kl"]}
-        quant = INT8.to_json()
+        quant = dict(INT8.to_json(), outlier_channels={k: v for k, v in sorted(outliers.items())})
+        bar.step("int8 fidelity gate on real text")
+        fid = _fidelity_gate(cfg, _session(fp32_path), _session(path), gate_ids, window, dims.vocab_size,
+                             source_info["random_weights"])
+        shutil.rmtree(fp32_dir)
 
     bar.step("write tokenizer, config, manifest")
     tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -272,6 +302,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
         "io": graph.io_names(dims.n_layer),
         "opset": graph.OPSET,
         "parity": par,
+        "fidelity": fid if cfg.precision == "int8" else None,
         "tools": _versions(),
         "export_seconds": None,
     }

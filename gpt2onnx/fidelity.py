@@ -234,6 +234,31 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
     }
 
 
+GATE_WINDOWS = 4  # windows of the gate text the exporter measures (4 x 1024/512 -> 2,559 positions)
+CALIBRATION_TOKENS = 512  # first tokens of the gate text that `quantize.calibrate` sees
+
+
+def gate_for(figures: dict, vocab_size: int, random_weights: bool) -> tuple[dict, str]:
+    """The thresholds that mean something for this model, and why.
+
+    Top-1 agreement and the perplexity ratio judge a model that predicts something. A
+    random or untrained GPT-2 predicts an almost uniform distribution (perplexity near
+    or above its vocabulary size): its argmax is noise that int8 flips at 5 % of
+    positions while the KL stays ~1e-4. Such models are gated on ``mean_kl`` alone.
+
+    >>> gate_for({"ppl_ref": 57800.0}, 50257, True)[1]
+    'random weights: mean_kl only'
+    >>> gate_for({"ppl_ref": 29.4}, 50257, False)[0] == GATE
+    True
+    """
+    if random_weights:
+        return {"mean_kl": GATE["mean_kl"]}, "random weights: mean_kl only"
+    if figures["ppl_ref"] > vocab_size / 4:
+        return ({"mean_kl": GATE["mean_kl"]},
+                f"untrained-looking reference (perplexity {figures['ppl_ref']:.0f} > vocabulary / 4): mean_kl only")
+    return dict(GATE), "full gate"
+
+
 def check(figures: dict, gate: dict | None = None) -> list[str]:
     """What in `figures` missed the gate, one readable line each ([] = passed).
 

@@ -110,6 +110,15 @@ def render(manifest: dict) -> str:
                   "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in fid.items() if not isinstance(v, (dict, list))]
+        gate = ", ".join(f"{k} {'>=' if k == 'top1_agreement' else '<='} {v}" for k, v in fid.get("gate", {}).items())
+        lines += ["", f"Gate ({fid.get('gated', '')}): {gate}."]
+        if fid.get("missed"):
+            lines.append(f"**WARNING: this int8 export MISSED the gate ({'; '.join(fid['missed'])}) and was kept "
+                         "with --accept-fidelity-miss. Prefer the fp32 export where output quality matters.**")
+        split = (manifest.get("quantization") or {}).get("outlier_channels") or {}
+        lines.append(f"Outlier input channels kept in fp32 (calibrated at export): {sum(map(len, split.values()))} "
+                     f"channels in {len(split)} MatMuls." if split else
+                     "No outlier activation channels were found at calibration; every MatMul is fully int8.")
         lines.append("")
     zs = ZERO_SHOT.get(name)
     if zs:

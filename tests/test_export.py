@@ -252,3 +252,43 @@ def test_manifest_format_checks(tiny_fp32, tmp_path):
     (copy / "gpt2onnx.json").unlink()
     with pytest.raises(ArtifactError, match="not a gpt2onnx export"):
         artifact.verify(str(copy))
+
+
+def test_int8_fidelity_is_recorded(tiny_int8):
+    from gpt2onnx.artifact import read_manifest
+
+    m = read_manifest(tiny_int8)
+    f = m["fidelity"]
+    assert f["status"] == "passed" and f["missed"] == [] and f["positions"] > 100
+    assert f["mean_kl"] <= f["gate"]["mean_kl"]
+    assert m["quantization"]["outlier_channels"] == {}  # a random model has none: no extra nodes
+    card = open(os.path.join(tiny_int8, "MODEL_CARD.md"), encoding="utf-8").read()
+    assert "int8 fidelity against fp32" in card and "MISSED" not in card
+
+
+def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypatch):
+    """A model with outlier channels: the shipped recipe (calibrated fp32 split) passes;
+    with the split turned off the gate fires, and --accept-fidelity-miss keeps it, marked."""
+    import dataclasses
+
+    import gpt2onnx
+    from conftest import save_tiny_gpt2
+    from gpt2onnx import fidelity, quantize, sources
+    from gpt2onnx.artifact import read_manifest
+    from gpt2onnx.errors import FidelityError
+
+    src_dir = save_tiny_gpt2(str(tmp_path / "src"), initializer_range=0.2)
+    src = sources.load(src_dir)
+    fidelity.inject_outliers(src.model, channels=(3, 17), scale=300.0)
+    src.model.save_pretrained(src_dir)
+    m = gpt2onnx.export(src_dir, str(tmp_path / "ok"), precision="int8", progress=False)
+    assert m["fidelity"]["status"] == "passed" and len(m["quantization"]["outlier_channels"]) == 4
+
+    monkeypatch.setattr(quantize, "INT8", dataclasses.replace(quantize.INT8, outlier_ratio=float("inf")))
+    with pytest.raises(FidelityError, match="misses the fidelity gate.*mean_kl.*--accept-fidelity-miss"):
+        gpt2onnx.export(src_dir, str(tmp_path / "bad"), precision="int8", progress=False)
+    assert not (tmp_path / "bad").exists() and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+    m = gpt2onnx.export(src_dir, str(tmp_path / "kept"), precision="int8", progress=False, accept_fidelity_miss=True)
+    assert m["fidelity"]["missed"] and m["fidelity"]["status"].startswith("missed")
+    assert read_manifest(str(tmp_path / "kept"))["fidelity"]["missed"]
+    assert "WARNING: this int8 export MISSED the gate" in (tmp_path / "kept" / "MODEL_CARD.md").read_text()

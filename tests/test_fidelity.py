@@ -124,23 +124,26 @@ def sensitive_src(tmp_path_factory) -> str:
     return save_tiny_gpt2(str(tmp_path_factory.mktemp("src") / "sensitive"), initializer_range=0.2)
 
 
-def _int8_figures(src_folder: str, work, recipes: dict, *, outliers: bool) -> dict:
+def _int8_figures(src_folder: str, work, recipes: dict, *, outliers: bool, mode: str = "scale",
+                  split: bool = False) -> dict:
+    """fp32 vs each int8 recipe on the gate text; `split`: keep calibrated outlier channels in fp32."""
     from gpt2onnx import graph, sources, tokenizer
-    from gpt2onnx.quantize import quantize_int8
+    from gpt2onnx.quantize import calibrate, outlier_channels, quantize_int8
 
     src = sources.load(src_folder)
     if outliers:
-        fidelity.inject_outliers(src.model, channels=(3, 17), scale=300.0)
+        fidelity.inject_outliers(src.model, channels=(3, 17), scale=300.0 if mode == "scale" else 100.0, mode=mode)
     fp32_dir = work / "fp32"
     fp32_dir.mkdir(parents=True)
     fp32_path = graph.build(sources.numpy_weights(src.model), graph.Dims.from_config(src.config), str(fp32_dir),
                             untied_lm_head=True)  # as the exporter's int8 path
     ref = _session(fp32_path)
     ids = np.asarray(tokenizer.from_files(src_folder).encode(gate_text()).ids)
-    out = {}
+    found = outlier_channels(calibrate(src.model, ids[:512], window=64)) if split else None
+    out = {"outlier_channels": found}
     for name, recipe in recipes.items():
         (work / name).mkdir()
-        q = _session(quantize_int8(fp32_path, str(work / name), recipe))
+        q = _session(quantize_int8(fp32_path, str(work / name), recipe, found))
         out[name] = measure(ref, q, ids, window=64, stride=32, limit=40)
     return out
 
@@ -160,3 +163,39 @@ def test_outliers_make_the_shipped_int8_recipe_miss_the_gate(sensitive_src, tmp_
                         {"shipped": INT8, "weight_only": Int8Recipe(accuracy_level=0)}, outliers=True)
     assert check(hit["shipped"], gate), hit
     assert hit["weight_only"]["mean_kl"] < hit["shipped"]["mean_kl"] / 4, hit
+
+
+@pytest.mark.parametrize("mode", ["scale", "shift"])
+def test_calibrated_outlier_split_passes_the_gate(sensitive_src, tmp_path, mode):
+    """The shipped fix: calibration finds exactly the injected channels in every c_attn /
+    c_fc input, and keeping them in fp32 (LLM.int8()-style split) brings the shipped
+    recipe back to its no-outlier fidelity, for both kinds of injected outliers."""
+    from gpt2onnx.quantize import INT8
+
+    gate = {k: GATE[k] for k in ("top1_agreement", "mean_kl")}
+    hit = _int8_figures(sensitive_src, tmp_path / mode, {"shipped": INT8}, outliers=True, mode=mode, split=True)
+    assert hit["outlier_channels"] == {f"h.{i}.{m}.weight": [3, 17] for i in range(2)
+                                       for m in ("attn.c_attn", "mlp.c_fc")}
+    assert check(hit["shipped"], gate) == [], hit
+    assert hit["shipped"]["mean_kl"] < 1e-3, hit
+
+
+def test_outlier_split_is_exact_in_fp32(tiny_src, tmp_path):
+    """split_outliers rewrites MatMuls without changing what the fp32 graph computes."""
+    import onnx
+
+    from gpt2onnx import graph, sources
+    from gpt2onnx.quantize import split_outliers
+
+    src = sources.load(tiny_src)
+    dims = graph.Dims.from_config(src.config)
+    path = graph.build(sources.numpy_weights(src.model), dims, str(tmp_path), untied_lm_head=True)
+    model = onnx.load(path)
+    names = split_outliers(model, {"h.0.attn.c_attn.weight": [1, 5], "lm_head.weight_t": [0]})
+    assert names == ["h.0.qkv_matmul/outlier_matmul", "lm_head/outlier_matmul"]
+    split_path = str(tmp_path / "split.onnx")
+    onnx.save_model(model, split_path, save_as_external_data=True, location="split.onnx.data")
+    ids = np.arange(1, 30)
+    a = fidelity.logits_at_end(_session(path), ids, len(ids))
+    b = fidelity.logits_at_end(_session(split_path), ids, len(ids))
+    np.testing.assert_allclose(a, b, atol=1e-5)
