@@ -1,8 +1,8 @@
 """Build the GPT-2 decoder graph (with KV cache) straight from the weights.
 
 Why build the graph by hand instead of tracing PyTorch: the fused onnxruntime ops we
-want (MultiHeadAttention with past/present, LayerNormalization, FastGelu) come out
-deterministically, with no tracer or pattern-matching optimizer in between; weights are
+want (GroupQueryAttention with a shared past/present buffer, LayerNormalization,
+FastGelu) come out deterministically, with no tracer or pattern-matching optimizer in between; weights are
 streamed to the external-data file one tensor at a time, so gpt2-xl exports in a few GB
 of RAM; and the I/O names are exactly Hugging Face / Optimum's. onnxruntime-genai's
 model builder takes the same approach (it has no GPT-2 builder). The result is checked
@@ -10,7 +10,7 @@ against PyTorch after writing (see `parity.py`), so a mistake here cannot ship.
 
 One layer (B = batch, S = new tokens, P = past tokens, T = P + S, E = n_embd)::
 
-    x (B,S,E) ──LayerNorm──MatMul c_attn──Split──q,k,v──MultiHeadAttention──MatMul c_proj──(+)── x'
+    x (B,S,E) ──LayerNorm──MatMul c_attn──Split──q,k,v──GroupQueryAttention──MatMul c_proj──(+)── x'
      │                                              past k,v ─┘   │ present k,v      │
      └────────────────────────────────────────────────────────────┼─────────────────┘
     x' ──LayerNorm──MatMul c_fc──FastGelu(+bias)──MatMul c_proj──(+)── next layer
