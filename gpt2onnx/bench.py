@@ -22,39 +22,37 @@ p50 / floor, each runtime with its own weight bytes (fp32 or int8); at batch > 1
 still reads the weights once.
 
 The record (schema `gpt2onnx.results`) goes to ``<out>/<date>-<sku or host>-<model>-<precision>.json``.
+
+Where the parts are: this module checks the arguments, runs the grid and writes the
+record, and holds the ``bench``, ``skus`` and ``report`` commands; `gpt2onnx.benchenv`
+captures the machine and measures the bandwidth; `gpt2onnx.benchruns` decides which
+baselines can run, starts the worker for each run and turns its timings into a result
+row; `gpt2onnx.benchtable` prints a record as a table.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import importlib.metadata
-import importlib.util
-import json
 import os
-import platform
 import re
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-from . import __version__, artifact, cpu
+from . import artifact, cpu
 from . import results as _results
 from . import skus as _skus
+from .benchenv import BANDWIDTH_MIB, environment, measure_bandwidth
+from .benchenv import git_revision  # noqa: F401  (re-exported: gpt2onnx.bench.git_revision)
+from .benchruns import (_call_worker, _missing, _model_bytes, _model_weight_bytes, _optimum_isa, _row,
+                        _source_fingerprint, _source_spec)
+from .benchruns import onnx_weight_bytes  # noqa: F401  (re-exported: gpt2onnx.bench.onnx_weight_bytes)
+from .benchtable import format_table
 from .errors import InvalidRequestError
 
 BASELINES = ("pytorch", "optimum")
-BANDWIDTH_MIB = 1024  # the array summed to measure memory bandwidth (far beyond any cache)
 _EXTRA_HINT = "pip install 'gpt2onnx[export]'"
-_NEEDS = {"pytorch": ("torch", "transformers"), "optimum": ("torch", "transformers", "onnx", "optimum.onnxruntime")}
-_FIGURES = ("load_s", "tokenize_ms", "first_token_ms", "token_ms", "tokens_per_s", "peak_rss_mb", "floor_ratio")
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 # -- inputs ---------------------------------------------------------------------------
@@ -119,245 +117,7 @@ def _check_out_dir(out_dir: str) -> str:
     return out_dir
 
 
-# -- the machine ----------------------------------------------------------------------
-
-
-def git_revision() -> str | None:
-    """The commit of the gpt2onnx checkout this package runs from, or None (installed wheel).
-
-    Reads ``.git`` beside the package directly (what ``git rev-parse HEAD`` prints),
-    so it needs no git binary.
-    """
-    git = os.path.join(os.path.dirname(_PACKAGE_DIR), ".git")
-    try:
-        if os.path.isfile(git):  # a worktree: "gitdir: <path>"
-            with open(git, encoding="utf-8") as f:
-                git = os.path.join(os.path.dirname(git), f.read().strip().removeprefix("gitdir:").strip())
-        with open(os.path.join(git, "HEAD"), encoding="utf-8") as f:
-            head = f.read().strip()
-        if re.fullmatch(r"[0-9a-f]{40,64}", head):
-            return head
-        ref = head.removeprefix("ref:").strip()
-        common = git
-        if os.path.isfile(os.path.join(git, "commondir")):
-            with open(os.path.join(git, "commondir"), encoding="utf-8") as f:
-                common = os.path.join(git, f.read().strip())
-        for root in (git, common):
-            path = os.path.join(root, ref)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    return f.read().strip()
-        with open(os.path.join(common, "packed-refs"), encoding="utf-8") as f:
-            for line in f:
-                sha, _, name = line.strip().partition(" ")
-                if name == ref:
-                    return sha
-    except OSError:
-        return None
-    return None
-
-
-def _memory_gib() -> float:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 1024**2
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    except (ValueError, OSError, AttributeError):
-        return 0.0
-
-
-def _versions() -> dict[str, str]:
-    out = {"gpt2onnx": __version__}
-    for name in ("onnxruntime", "numpy", "tokenizers", "onnx", "torch", "transformers", "optimum", "optimum-onnx"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def environment(*, memory_bandwidth_gbs: float | None = None) -> dict:
-    """This machine as a bench record's `environment` (see `gpt2onnx.results`)."""
-    return {
-        "cpu_model": cpu.cpu_model(), "physical_cores": cpu.physical_cores(), "logical_cores": os.cpu_count() or 1,
-        "isa": cpu.isa_flags(), "cgroup_cpu_quota": cpu.cgroup_cpu_quota(), "affinity": cpu.allowed_cpus(),
-        "memory_gib": round(_memory_gib(), 2), "os": platform.platform(), "python": platform.python_version(),
-        "versions": _versions(), "git_revision": git_revision(),
-        "memory_bandwidth_gbs": None if memory_bandwidth_gbs is None else round(memory_bandwidth_gbs, 2),
-    }
-
-
-def measure_bandwidth(*, threads: int, mib: int = BANDWIDTH_MIB, rounds: int = 5) -> float:
-    """Memory read bandwidth in GB/s: numpy sums `mib` MiB of float32 split over `threads` threads.
-
-    numpy releases the GIL in `sum`, so the chunks are read in parallel. Best of `rounds`.
-    """
-    import numpy as np
-
-    a = np.ones(mib * 2**20 // 4, np.float32)  # ones, not empty: every page is really mapped
-    chunks = np.array_split(a, threads)
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(rounds):
-            t = time.perf_counter()
-            list(pool.map(np.sum, chunks))
-            best = min(best, time.perf_counter() - t)
-    return a.nbytes / best / 1e9
-
-
-# -- weights read per step -----------------------------------------------------------
-
-
-def onnx_weight_bytes(path: str) -> int:
-    """Bytes of initializers a decode step reads: all but those used only as a Gather table.
-
-    That leaves out ``wpe`` and, when the LM head has its own weight, ``wte``; a tied
-    head reads ``wte`` in full, so it counts. Needs the `onnx` package.
-    """
-    import numpy as np
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(path, load_external_data=False)
-    sizes: dict[str, int] = {}
-    read: set[str] = set()
-
-    def walk(graph) -> None:
-        for init in graph.initializer:
-            try:
-                item = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-            except (KeyError, TypeError, ValueError):
-                item = 4
-            sizes[init.name] = int(np.prod(init.dims, dtype=np.int64)) * item
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if not (node.op_type == "Gather" and i == 0):
-                    read.add(name)
-            for attr in node.attribute:
-                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(g)
-
-    walk(model.graph)
-    return sum(size for name, size in sizes.items() if name in read)
-
-
-def _model_weight_bytes(model_dir: str, manifest: dict) -> int:
-    try:
-        return onnx_weight_bytes(os.path.join(model_dir, "model.onnx"))
-    except ImportError:  # runtime-only install: estimate from the data file and dims
-        d = manifest["dims"]
-        data = manifest["files"].get("model.onnx.data", {}).get("bytes", 0)
-        tables = d["n_positions"] * d["n_embd"] * 4
-        if manifest["precision"] == "int8":  # int8 exports carry an untied LM head: wte is only gathered
-            tables += d["vocab_size"] * d["n_embd"] * 4
-        return max(0, data - tables)
-
-
-def _model_bytes(manifest: dict) -> int:
-    return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.onnx"))
-
-
-# -- baselines ------------------------------------------------------------------------
-
-
-def _missing(baseline: str) -> list[str]:
-    out = []
-    for mod in _NEEDS[baseline]:
-        try:
-            if importlib.util.find_spec(mod) is None:
-                out.append(mod)
-        except (ImportError, ValueError):
-            out.append(mod)
-    return out
-
-
-def _source_spec(manifest: dict) -> tuple[dict | None, str | None]:
-    """The source the PyTorch baseline is rebuilt from, or why it cannot be."""
-    from .sources import hub_name
-
-    src = manifest.get("source") or {}
-    sid = src.get("id")
-    if not sid:
-        return None, "the manifest names no source model to rebuild it from"
-    if os.path.isdir(sid) or hub_name(sid) is None:
-        if not os.path.isdir(sid):
-            return None, (f"the source folder {sid!r} of this model no longer exists (relative to "
-                          f"{os.getcwd()}); run from where it was exported, or pass --baselines none")
-        sid = os.path.abspath(sid)
-    return {"id": sid, "random_weights": bool(src.get("random_weights")), "seed": src.get("seed")}, None
-
-
-def _source_fingerprint(spec: dict, manifest: dict) -> str:
-    """What the Optimum export depends on; a changed source or tool gives a new cache entry."""
-    files = []
-    if os.path.isdir(spec["id"]):
-        for name in sorted(os.listdir(spec["id"])):
-            if name.endswith((".json", ".safetensors", ".bin")):
-                st = os.stat(os.path.join(spec["id"], name))
-                files.append([name, st.st_size, st.st_mtime_ns])
-    v = _versions()
-    key = {"source": spec, "revision": (manifest.get("source") or {}).get("revision"), "files": files,
-           "dims": manifest["dims"], "tools": [v.get(k) for k in ("optimum", "optimum-onnx", "transformers", "torch",
-                                                                    "onnxruntime")]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _optimum_isa() -> str:
-    """Optimum's dynamic-quantization preset for this CPU."""
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return "arm64"
-    isa = cpu.isa_flags()
-    return "avx512_vnni" if isa["avx512_vnni"] else ("avx512" if isa["avx512f"] else "avx2")
-
-
-def _call_worker(job: dict, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(_PACKAGE_DIR), os.environ.get("PYTHONPATH"))
-                                          if p))
-    p = subprocess.run([sys.executable, "-m", "gpt2onnx.benchworker"], input=json.dumps(job),
-                       capture_output=True, text=True, env=env)
-    lines = p.stdout.strip().splitlines()
-    try:
-        out = json.loads(lines[-1])
-        if isinstance(out, dict):
-            return out
-    except (IndexError, json.JSONDecodeError):
-        pass
-    err = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
-    return {"error": f"worker exited with code {p.returncode}" + (f": {err[-1][:300]}" if err else "")}
-
-
-# -- figures --------------------------------------------------------------------------
-
-
-def _pct(values: list[float], qs: Sequence[int]) -> dict[str, float]:
-    import numpy as np
-
-    return {f"p{q}": round(float(np.percentile(values, q)), 4) for q in qs}
-
-
-def _row(runtime: str, precision: str, cfg: tuple[int, int, int], new_tokens: int, out: dict,
-         bandwidth_gbs: float | None) -> dict:
-    threads, batch, prompt = cfg
-    row = {"runtime": runtime, "precision": precision, "batch_size": batch, "prompt_tokens": prompt,
-           "new_tokens": new_tokens, "threads": threads}
-    if "error" in out:
-        return {**row, **dict.fromkeys(_FIGURES), "error": out["error"]}
-    token = {**_pct(out["step_ms"], (50, 90, 99)), "mean": round(statistics.fmean(out["step_ms"]), 4)}
-    floor = None
-    if bandwidth_gbs and out.get("weight_bytes_per_token"):
-        floor_ms = out["weight_bytes_per_token"] / (bandwidth_gbs * 1e9) * 1e3
-        floor = round(token["p50"] / floor_ms, 3)
-    return {**row, "load_s": round(out["load_s"], 3), "tokenize_ms": round(statistics.median(out["tokenize_ms"]), 4),
-            "first_token_ms": _pct(out["first_token_ms"], (50, 90)), "token_ms": token,
-            "tokens_per_s": round(batch * new_tokens / statistics.median(out["total_s"]), 3),
-            "peak_rss_mb": round(out["peak_rss_mb"], 1), "floor_ratio": floor, "error": None}
+# -- the run --------------------------------------------------------------------------
 
 
 def record_path(record: dict, out_dir: str) -> str:
@@ -365,9 +125,6 @@ def record_path(record: dict, out_dir: str) -> str:
     date = re.sub(r"[-:]", "", record["created"])  # 20240501T120000Z
     parts = [date, record["sku"] or socket.gethostname(), record["model"]["name"], record["model"]["precision"]]
     return os.path.join(out_dir, "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", p) for p in parts) + ".json")
-
-
-# -- the run --------------------------------------------------------------------------
 
 
 def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[int] = (1, 8),
@@ -508,82 +265,6 @@ def _run(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, bas
     else:
         _results.validate(record, source="bench record")
     return record, path
-
-
-# -- the table ------------------------------------------------------------------------
-
-
-def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
-    return "-" if x is None else f"{x:{fmt}}{suffix}"
-
-
-def format_table(record: dict) -> str:
-    """A bench record as a plain-text table (plus the machine it is valid on, and warnings).
-
-    Speed-up columns are baseline decode p50 / gpt2onnx decode p50 and, after the
-    slash, gpt2onnx tokens/s / baseline tokens/s (> 1: gpt2onnx is faster).
-    """
-    env, model = record["environment"], record["model"]
-    isa = " ".join(k for k, v in env["isa"].items() if v) or "no AVX2"
-    bw = env.get("memory_bandwidth_gbs")
-    lines = [
-        f"{model['name']} {model['precision']}" + (" (RANDOM WEIGHTS)" if model["random_weights"] else "")
-        + f", {model['n_params'] / 1e6:.1f}M params, "
-        f"{model['weight_bytes_per_token'] / 1e6:.1f} MB weights read per step",
-        f"valid on: {env['cpu_model']}, {env['logical_cores']} logical / {env['physical_cores']} physical cores, "
-        f"{isa}, {env['memory_gib']:.1f} GiB, SKU {record['sku'] or 'not given (--sku)'}",
-        f"memory bandwidth {_f(bw, '.1f', ' GB/s')}; new tokens {record['settings']['new_tokens']}, "
-        f"repeats {record['settings']['repeats']}, warmup {record['settings']['warmup']}; "
-        f"gpt2onnx {env['versions']['gpt2onnx']} (git {(env['git_revision'] or 'n/a')[:12]}), "
-        f"onnxruntime {env['versions']['onnxruntime']}",
-        "",
-    ]
-    bases = []
-    for r in record["results"]:
-        if r["runtime"] != "gpt2onnx" and (r["runtime"], r["precision"]) not in bases:
-            bases.append((r["runtime"], r["precision"]))
-    ratios = {}
-    for q in _results.ratios(record):
-        ratios[(q["batch_size"], q["prompt_tokens"], q["threads"], q["baseline"], q["baseline_precision"])] = q
-    head = ["runtime", "batch", "prompt", "threads", "first ms p50", "token ms p50", "p90", "p99", "tok/s",
-            "RSS MB", "floor x"] + [f"vs {b} {p}" for b, p in bases]
-    body = []
-    for r in record["results"]:
-        cells = [f"{r['runtime']} {r['precision']}", str(r["batch_size"]), str(r["prompt_tokens"]), str(r["threads"])]
-        if r.get("error"):
-            body.append(cells + ["failed, see below"])
-            continue
-        cells += [_f(r["first_token_ms"]["p50"], ".2f"), *(_f(r["token_ms"][q], ".2f") for q in ("p50", "p90", "p99")),
-                  _f(r["tokens_per_s"]), _f(r["peak_rss_mb"], ".0f"), _f(r["floor_ratio"], ".2f")]
-        for b, p in bases:
-            q = ratios.get((r["batch_size"], r["prompt_tokens"], r["threads"], b, p)) if r["runtime"] == "gpt2onnx" \
-                else None
-            if q is None:
-                cells.append("")
-            elif q["baseline_error"]:
-                cells.append("n/a")
-            else:
-                cells.append(f"{_f(q['decode_speedup'], '.2f', 'x')} / {_f(q['tokens_per_s_ratio'], '.2f', 'x')}")
-        body.append(cells)
-    widths = [max([len(head[i])] + [len(c[i]) for c in body if len(c) == len(head)]) for i in range(len(head))]
-    for cells in [head] + body:  # a failed row's note spans the figure columns
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-                     + ("  " + cells[-1] if len(cells) < len(head) else ""))
-    if bases:
-        lines.append("vs X: decode p50 speed-up / tokens/s ratio of gpt2onnx over baseline X (> 1: gpt2onnx faster)")
-    lines.append("floor x: decode p50 / (weight bytes read per step / memory bandwidth)")
-    failed = {}
-    for r in record["results"]:
-        if r.get("error"):
-            failed.setdefault(f"{r['runtime']} {r['precision']}", []).append(r["error"])
-    for name, errs in failed.items():
-        lines.append(f"{name}: {'; '.join(sorted(set(errs)))}")
-    if record["sku"]:
-        try:
-            lines += [f"warning: {w}" for w in _skus.check_cpu(record["sku"], env)]
-        except InvalidRequestError as e:
-            lines.append(f"warning: {e}")
-    return "\n".join(lines)
 
 
 # -- command line ---------------------------------------------------------------------

@@ -226,7 +226,7 @@ def _run_optimum(job: dict) -> dict:
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from .bench import onnx_weight_bytes
+    from .benchruns import onnx_weight_bytes
 
     _torch_threads(job["threads"])
     so = ort.SessionOptions()

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -18,13 +13,7 @@ import pytest
 from gpt2onnx import azureml
 from gpt2onnx.errors import ArtifactError, Gpt2OnnxError
 
-
-def deployment_root(tmp_path, model_dir) -> str:
-    """The layout of a managed online deployment: the registered folder one level below AZUREML_MODEL_DIR."""
-    root = tmp_path / "azureml-models" / "gpt2onnx-tiny" / "1"
-    root.mkdir(parents=True)
-    os.symlink(model_dir, root / "tiny-int8")
-    return str(root)
+from conftest import azmlinfsrv, deployment_root
 
 
 @pytest.fixture
@@ -207,18 +196,6 @@ def test_write_kit(tmp_path, tiny_int8):
 
 # -- the real server ------------------------------------------------------------------
 
-# azmlinfsrv always binds 0.0.0.0 (DEFAULT_HOST; no option). Its own entry point is
-# started with that constant set to 127.0.0.1 so the test server is loopback-only.
-SERVER = ("import sys, azureml_inference_server_http.constants as c; c.DEFAULT_HOST = '127.0.0.1'; "
-          "from azureml_inference_server_http.amlserver import run; sys.exit(run())")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(port: int, body: bytes, timeout: float = 30) -> tuple[int, bytes]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=body,
                                  headers={"Content-Type": "application/json"}, method="POST")
@@ -231,26 +208,7 @@ def post(port: int, body: bytes, timeout: float = 30) -> tuple[int, bytes]:
 
 def test_azmlinfsrv_scores_good_and_bad_requests(tmp_path, tiny_int8):
     kit = azureml.write_kit(tiny_int8, str(tmp_path / "kit"))
-    port = free_port()
-    env = dict(os.environ, AZUREML_MODEL_DIR=deployment_root(tmp_path, tiny_int8), GPT2ONNX_THREADS="1",
-               HOME=str(tmp_path), GUNICORN_CMD_ARGS="--no-control-socket", PYTHONUNBUFFERED="1")
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, "--entry_script", os.path.join(kit, "code", "score.py"),
-                             "--port", str(port)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 45
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server not ready: " + (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.2)
-
+    with azmlinfsrv(kit, deployment_root(tmp_path, tiny_int8), tmp_path, ready_s=45) as port:
         request = json.loads(json.dumps(azureml.CARD_REQUEST))
         request["input_data"] = ["I believe the meaning of life is", "Hello"]
         request["params"]["max_new_tokens"] = 10
@@ -268,17 +226,6 @@ def test_azmlinfsrv_scores_good_and_bad_requests(tmp_path, tiny_int8):
             message = json.loads(body)
             text = message.get("error") or message.get("message")  # non-UTF-8 bodies are refused by the server
             assert text and "\n" not in text and "Traceback" not in text, message
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its gunicorn worker
-            proc.wait(10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-        log.close()
 
 
 def test_cli_kit(tmp_path, tiny_int8, capsys):

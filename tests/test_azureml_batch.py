@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -11,15 +12,15 @@ import gpt2onnx
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
 from gpt2onnx.integrations import azureml_batch as ab
 
+from conftest import deployment_root
+
 PARAMS = {"max_new_tokens": 6}
 
 
 @pytest.fixture
 def azureml_env(tiny_int8, tmp_path, monkeypatch):
     """AZUREML_MODEL_DIR as Azure mounts a model registered from a folder: $AZUREML_MODEL_DIR/<folder>/."""
-    root = tmp_path / "azureml-models" / "gpt2-int8" / "1"
-    root.mkdir(parents=True)
-    os.symlink(tiny_int8, root / "tiny-int8")
+    root = Path(deployment_root(tmp_path, tiny_int8))
     monkeypatch.setenv("AZUREML_MODEL_DIR", str(root))
     monkeypatch.setenv("GPT2ONNX_THREADS", "1")
     monkeypatch.setenv("GPT2ONNX_PARAMS", json.dumps(PARAMS))

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import gpt2onnx
-from gpt2onnx import batch, cli
+from gpt2onnx import batchoutput, cli
 from gpt2onnx.batch import BatchError, BatchSummary, run_batch
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
@@ -305,12 +305,12 @@ def test_disk_full_keeps_rows_written_and_resumes(job, gen, tmp_path, monkeypatc
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    monkeypatch.setattr(batch.os, "fsync", fsync)
+    monkeypatch.setattr(batchoutput.os, "fsync", fsync)
     with pytest.raises(BatchError, match="No space left on device.*rerun the same command"):
         run_batch(gen, d / "in.jsonl", out, batch_size=4, progress=False)
     kept = read_rows(out)
     assert len(kept) >= 3 and without_timing(kept) == without_timing(ref[: len(kept)])
-    monkeypatch.setattr(batch.os, "fsync", real_fsync)
+    monkeypatch.setattr(batchoutput.os, "fsync", real_fsync)
     run_batch(gen, d / "in.jsonl", out, batch_size=4, progress=False)
     assert without_timing(read_rows(out)) == without_timing(ref)
 

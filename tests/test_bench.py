@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from gpt2onnx import bench, cli, cpu, results
+from gpt2onnx import bench, benchruns, cli, cpu, results
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
 
 SMALL = dict(batch_sizes=[1], prompt_tokens=[4], new_tokens=4, repeats=1, warmup=0, progress=False, bandwidth_mib=32)
@@ -94,13 +94,13 @@ def test_row_summary_counts_exact_tokens():
     out = {"load_s": 1.0, "tokenize_ms": [0.2, 0.4, 0.3], "first_token_ms": [10.0, 12.0, 11.0],
            "step_ms": [float(x) for x in range(1, 101)], "total_s": [2.0, 4.0, 3.0], "peak_rss_mb": 100.0,
            "weight_bytes_per_token": 10**9}
-    row = bench._row("gpt2onnx", "int8", (4, 8, 32), 128, out, bandwidth_gbs=10.0)
+    row = benchruns._row("gpt2onnx", "int8", (4, 8, 32), 128, out, bandwidth_gbs=10.0)
     assert row["tokens_per_s"] == pytest.approx(8 * 128 / 3.0, abs=1e-3)  # median wall time: 3 s
     assert row["token_ms"]["p50"] == 50.5 and row["token_ms"]["mean"] == 50.5
     assert row["first_token_ms"] == {"p50": 11.0, "p90": 11.8}
     assert row["floor_ratio"] == round(50.5 / 100.0, 3)  # floor: 1 GB / 10 GB/s = 100 ms
     assert row["tokenize_ms"] == 0.3 and row["threads"] == 4 and row["error"] is None
-    failed = bench._row("pytorch", "fp32", (4, 8, 32), 128, {"error": "boom"}, bandwidth_gbs=10.0)
+    failed = benchruns._row("pytorch", "fp32", (4, 8, 32), 128, {"error": "boom"}, bandwidth_gbs=10.0)
     assert failed["error"] == "boom" and failed["token_ms"] is None
 
 

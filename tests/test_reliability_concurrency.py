@@ -22,6 +22,8 @@ from gpt2onnx import GenerationParams, azureml, runtime
 from gpt2onnx.batch import BatchError, run_batch
 from gpt2onnx.errors import InvalidRequestError
 
+from conftest import deployment_root
+
 WAIT_S = 120
 PROMPTS = ["The tower is", "In 1998 the", "", "a b c d e f g h", "\U0001f642 unicode \u00e9t\u00e9"]
 
@@ -119,10 +121,7 @@ def test_processes_loading_one_folder_at_once(gen, tiny_int8):
 
 def test_first_requests_race_init_and_load_once(tiny_int8, tmp_path, monkeypatch):
     """Eight scoring threads arrive before init(): the model is loaded exactly once."""
-    root = tmp_path / "azureml-models" / "m" / "1"
-    root.mkdir(parents=True)
-    os.symlink(tiny_int8, root / "tiny")
-    monkeypatch.setenv("AZUREML_MODEL_DIR", str(root))
+    monkeypatch.setenv("AZUREML_MODEL_DIR", deployment_root(tmp_path, tiny_int8))
     monkeypatch.setenv("GPT2ONNX_THREADS", "1")
     monkeypatch.setattr(azureml, "_generator", None)
     loads, real_load = [], runtime.load

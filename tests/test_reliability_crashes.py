@@ -80,7 +80,7 @@ def job(tmp_path_factory, gen):
 # sleeps until the test kills it), or slows every batch down (HOOK=slow).
 HOOKED = r"""
 import os, sys, time
-from gpt2onnx import batch, cli, runtime
+from gpt2onnx import batch, batchoutput, cli, runtime
 
 hook, marker = os.environ.get("HOOK", ""), os.environ.get("MARKER", "")
 
@@ -96,7 +96,7 @@ elif hook == "state":                       # OUTPUT.state.tmp written and fsync
     def fsync(fd):
         real_fsync(fd)
         park()
-    batch.os.fsync = fsync
+    batchoutput.os.fsync = fsync
 elif hook.startswith("after-fsync-"):       # right after the Nth fsync of this run
     n = int(hook.rsplit("-", 1)[1])
     def fsync(fd):
@@ -104,19 +104,19 @@ elif hook.startswith("after-fsync-"):       # right after the Nth fsync of this 
         calls[0] += 1
         if calls[0] == n:
             park()
-    batch.os.fsync = fsync
+    batchoutput.os.fsync = fsync
 elif hook == "mid-line":                    # the 3rd batch written up to the middle of a row
-    real_write, writes = batch._Writer.write, [0]
+    real_write, writes = batchoutput._Writer.write, [0]
     def write(self, rows):
         writes[0] += 1
         if writes[0] < 3:
             return real_write(self, rows)
-        data = b"".join(batch._dump(r) for r in rows)
-        self.f.write(data[: len(data) - len(batch._dump(rows[-1])) // 2])
+        data = b"".join(batchoutput._dump(r) for r in rows)
+        self.f.write(data[: len(data) - len(batchoutput._dump(rows[-1])) // 2])
         self.f.flush()
         real_fsync(self.f.fileno())
         park()
-    batch._Writer.write = write
+    batchoutput._Writer.write = write
 elif hook == "slow":                        # 4 ms more per batch, so random kills land inside the job
     real_run = batch._run_one_batch
     def run_one(gen, rows):

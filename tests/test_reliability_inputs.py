@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,8 @@ import gpt2onnx
 from gpt2onnx import GenerationParams, azureml, cli
 from gpt2onnx.batch import run_batch
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
+
+from conftest import azmlinfsrv, deployment_root
 
 LONG = "the " * 100  # > 64 tokens: the tiny model's whole context
 MB = 1 << 20
@@ -328,17 +328,6 @@ def test_azureml_body_quirks(scoring):
 
 # -- Azure ML scoring: the real server over HTTP ----------------------------------------
 
-# azmlinfsrv binds 0.0.0.0 unless its constant is changed: keep the test server on loopback.
-SERVER = ("import sys, azureml_inference_server_http.constants as c; c.DEFAULT_HOST = '127.0.0.1'; "
-          "from azureml_inference_server_http.amlserver import run; sys.exit(run())")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, body: bytes, content_type: str | None = "application/json") -> tuple[int, bytes, float]:
     headers = {"Content-Type": content_type} if content_type else {}
     req = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=body, headers=headers, method="POST")
@@ -354,41 +343,9 @@ def _post(port: int, body: bytes, content_type: str | None = "application/json")
 def server(tmp_path_factory, tiny_int8):
     """azmlinfsrv with the tiny int8 model, started once for this module and always killed."""
     d = tmp_path_factory.mktemp("azmlinfsrv")
-    root = d / "azureml-models" / "tiny" / "1"
-    root.mkdir(parents=True)
-    os.symlink(tiny_int8, root / "tiny-int8")
     kit = azureml.write_kit(tiny_int8, str(d / "kit"))
-    port = _free_port()
-    env = dict(os.environ, AZUREML_MODEL_DIR=str(root), GPT2ONNX_THREADS="1", HOME=str(d),
-               GUNICORN_CMD_ARGS="--no-control-socket", PYTHONUNBUFFERED="1")
-    log = open(d / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, "--entry_script", os.path.join(kit, "code", "score.py"),
-                             "--port", str(port)], cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (d / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server not ready: " + (d / "server.log").read_text()[-3000:]
-            time.sleep(0.2)
+    with azmlinfsrv(kit, deployment_root(d, tiny_int8), d, ready_s=60) as port:
         yield port
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)  # the server and its gunicorn worker
-                proc.wait(10)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
 
 
 @pytest.mark.parametrize("cid,prompt,params,err", CASES, ids=IDS)

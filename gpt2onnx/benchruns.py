@@ -1,0 +1,183 @@
+"""The bench's runs: which runtimes can run, one run in a `gpt2onnx.benchworker` process, its result row.
+
+>>> from gpt2onnx.benchruns import _call_worker, _row
+>>> job = {"mode": "run", "runtime": "gpt2onnx", "model_dir": "models/gpt2-int8", "threads": 4, "batch_size": 1,
+...        "prompt_tokens": 32, "new_tokens": 128, "warmup": 1, "repeats": 3, "source": None}
+>>> out = _call_worker(job, threads=4)                                      # doctest: +SKIP
+>>> _row("gpt2onnx", "int8", (4, 1, 32), 128, out, bandwidth_gbs=20.0)      # doctest: +SKIP
+{'runtime': 'gpt2onnx', 'precision': 'int8', 'batch_size': 1, ..., 'floor_ratio': 1.8, 'error': None}
+
+Baselines (PyTorch, Optimum) are rebuilt from the source model the manifest names
+(`_source_spec`) and need the export extra (`_missing` names what is not installed);
+Optimum's export + int8 is cached under a fingerprint of its inputs. A result row holds
+percentiles of the worker's timings and the bandwidth floor ratio, for which
+`onnx_weight_bytes` counts the weight bytes a decode step reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from . import cpu
+from .benchenv import _PACKAGE_DIR, _versions
+
+_NEEDS = {"pytorch": ("torch", "transformers"), "optimum": ("torch", "transformers", "onnx", "optimum.onnxruntime")}
+_FIGURES = ("load_s", "tokenize_ms", "first_token_ms", "token_ms", "tokens_per_s", "peak_rss_mb", "floor_ratio")
+
+
+# -- weights read per step -----------------------------------------------------------
+
+
+def onnx_weight_bytes(path: str) -> int:
+    """Bytes of initializers a decode step reads: all but those used only as a Gather table.
+
+    That leaves out ``wpe`` and, when the LM head has its own weight, ``wte``; a tied
+    head reads ``wte`` in full, so it counts. Needs the `onnx` package.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(path, load_external_data=False)
+    sizes: dict[str, int] = {}
+    read: set[str] = set()
+
+    def walk(graph) -> None:
+        for init in graph.initializer:
+            try:
+                item = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                item = 4
+            sizes[init.name] = int(np.prod(init.dims, dtype=np.int64)) * item
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if not (node.op_type == "Gather" and i == 0):
+                    read.add(name)
+            for attr in node.attribute:
+                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(g)
+
+    walk(model.graph)
+    return sum(size for name, size in sizes.items() if name in read)
+
+
+def _model_weight_bytes(model_dir: str, manifest: dict) -> int:
+    try:
+        return onnx_weight_bytes(os.path.join(model_dir, "model.onnx"))
+    except ImportError:  # runtime-only install: estimate from the data file and dims
+        d = manifest["dims"]
+        data = manifest["files"].get("model.onnx.data", {}).get("bytes", 0)
+        tables = d["n_positions"] * d["n_embd"] * 4
+        if manifest["precision"] == "int8":  # int8 exports carry an untied LM head: wte is only gathered
+            tables += d["vocab_size"] * d["n_embd"] * 4
+        return max(0, data - tables)
+
+
+def _model_bytes(manifest: dict) -> int:
+    return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.onnx"))
+
+
+# -- baselines ------------------------------------------------------------------------
+
+
+def _missing(baseline: str) -> list[str]:
+    out = []
+    for mod in _NEEDS[baseline]:
+        try:
+            if importlib.util.find_spec(mod) is None:
+                out.append(mod)
+        except (ImportError, ValueError):
+            out.append(mod)
+    return out
+
+
+def _source_spec(manifest: dict) -> tuple[dict | None, str | None]:
+    """The source the PyTorch baseline is rebuilt from, or why it cannot be."""
+    from .sources import hub_name
+
+    src = manifest.get("source") or {}
+    sid = src.get("id")
+    if not sid:
+        return None, "the manifest names no source model to rebuild it from"
+    if os.path.isdir(sid) or hub_name(sid) is None:
+        if not os.path.isdir(sid):
+            return None, (f"the source folder {sid!r} of this model no longer exists (relative to "
+                          f"{os.getcwd()}); run from where it was exported, or pass --baselines none")
+        sid = os.path.abspath(sid)
+    return {"id": sid, "random_weights": bool(src.get("random_weights")), "seed": src.get("seed")}, None
+
+
+def _source_fingerprint(spec: dict, manifest: dict) -> str:
+    """What the Optimum export depends on; a changed source or tool gives a new cache entry."""
+    files = []
+    if os.path.isdir(spec["id"]):
+        for name in sorted(os.listdir(spec["id"])):
+            if name.endswith((".json", ".safetensors", ".bin")):
+                st = os.stat(os.path.join(spec["id"], name))
+                files.append([name, st.st_size, st.st_mtime_ns])
+    v = _versions()
+    key = {"source": spec, "revision": (manifest.get("source") or {}).get("revision"), "files": files,
+           "dims": manifest["dims"], "tools": [v.get(k) for k in ("optimum", "optimum-onnx", "transformers", "torch",
+                                                                    "onnxruntime")]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _optimum_isa() -> str:
+    """Optimum's dynamic-quantization preset for this CPU."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "arm64"
+    isa = cpu.isa_flags()
+    return "avx512_vnni" if isa["avx512_vnni"] else ("avx512" if isa["avx512f"] else "avx2")
+
+
+def _call_worker(job: dict, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(_PACKAGE_DIR), os.environ.get("PYTHONPATH"))
+                                          if p))
+    p = subprocess.run([sys.executable, "-m", "gpt2onnx.benchworker"], input=json.dumps(job),
+                       capture_output=True, text=True, env=env)
+    lines = p.stdout.strip().splitlines()
+    try:
+        out = json.loads(lines[-1])
+        if isinstance(out, dict):
+            return out
+    except (IndexError, json.JSONDecodeError):
+        pass
+    err = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    return {"error": f"worker exited with code {p.returncode}" + (f": {err[-1][:300]}" if err else "")}
+
+
+# -- figures --------------------------------------------------------------------------
+
+
+def _pct(values: list[float], qs: Sequence[int]) -> dict[str, float]:
+    import numpy as np
+
+    return {f"p{q}": round(float(np.percentile(values, q)), 4) for q in qs}
+
+
+def _row(runtime: str, precision: str, cfg: tuple[int, int, int], new_tokens: int, out: dict,
+         bandwidth_gbs: float | None) -> dict:
+    threads, batch, prompt = cfg
+    row = {"runtime": runtime, "precision": precision, "batch_size": batch, "prompt_tokens": prompt,
+           "new_tokens": new_tokens, "threads": threads}
+    if "error" in out:
+        return {**row, **dict.fromkeys(_FIGURES), "error": out["error"]}
+    token = {**_pct(out["step_ms"], (50, 90, 99)), "mean": round(statistics.fmean(out["step_ms"]), 4)}
+    floor = None
+    if bandwidth_gbs and out.get("weight_bytes_per_token"):
+        floor_ms = out["weight_bytes_per_token"] / (bandwidth_gbs * 1e9) * 1e3
+        floor = round(token["p50"] / floor_ms, 3)
+    return {**row, "load_s": round(out["load_s"], 3), "tokenize_ms": round(statistics.median(out["tokenize_ms"]), 4),
+            "first_token_ms": _pct(out["first_token_ms"], (50, 90)), "token_ms": token,
+            "tokens_per_s": round(batch * new_tokens / statistics.median(out["total_s"]), 3),
+            "peak_rss_mb": round(out["peak_rss_mb"], 1), "floor_ratio": floor, "error": None}

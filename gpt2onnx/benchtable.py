@@ -1,0 +1,89 @@
+"""A bench record as a plain-text table for the terminal (what ``gpt2onnx bench`` prints).
+
+>>> from gpt2onnx import results
+>>> from gpt2onnx.benchtable import format_table
+>>> print(format_table(results.load("results/20240501T120000Z-Standard_F4s_v2-gpt2-int8.json")))  # doctest: +SKIP
+
+One row per runtime and configuration, plus the machine the figures are valid on, the
+``vs X`` speed-ups of gpt2onnx over each baseline, why any run failed, and warnings when
+the machine does not match the record's SKU.
+"""
+
+from __future__ import annotations
+
+from . import results as _results
+from . import skus as _skus
+from .errors import InvalidRequestError
+
+
+def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def format_table(record: dict) -> str:
+    """A bench record as a plain-text table (plus the machine it is valid on, and warnings).
+
+    Speed-up columns are baseline decode p50 / gpt2onnx decode p50 and, after the
+    slash, gpt2onnx tokens/s / baseline tokens/s (> 1: gpt2onnx is faster).
+    """
+    env, model = record["environment"], record["model"]
+    isa = " ".join(k for k, v in env["isa"].items() if v) or "no AVX2"
+    bw = env.get("memory_bandwidth_gbs")
+    lines = [
+        f"{model['name']} {model['precision']}" + (" (RANDOM WEIGHTS)" if model["random_weights"] else "")
+        + f", {model['n_params'] / 1e6:.1f}M params, "
+        f"{model['weight_bytes_per_token'] / 1e6:.1f} MB weights read per step",
+        f"valid on: {env['cpu_model']}, {env['logical_cores']} logical / {env['physical_cores']} physical cores, "
+        f"{isa}, {env['memory_gib']:.1f} GiB, SKU {record['sku'] or 'not given (--sku)'}",
+        f"memory bandwidth {_f(bw, '.1f', ' GB/s')}; new tokens {record['settings']['new_tokens']}, "
+        f"repeats {record['settings']['repeats']}, warmup {record['settings']['warmup']}; "
+        f"gpt2onnx {env['versions']['gpt2onnx']} (git {(env['git_revision'] or 'n/a')[:12]}), "
+        f"onnxruntime {env['versions']['onnxruntime']}",
+        "",
+    ]
+    bases = []
+    for r in record["results"]:
+        if r["runtime"] != "gpt2onnx" and (r["runtime"], r["precision"]) not in bases:
+            bases.append((r["runtime"], r["precision"]))
+    ratios = {}
+    for q in _results.ratios(record):
+        ratios[(q["batch_size"], q["prompt_tokens"], q["threads"], q["baseline"], q["baseline_precision"])] = q
+    head = ["runtime", "batch", "prompt", "threads", "first ms p50", "token ms p50", "p90", "p99", "tok/s",
+            "RSS MB", "floor x"] + [f"vs {b} {p}" for b, p in bases]
+    body = []
+    for r in record["results"]:
+        cells = [f"{r['runtime']} {r['precision']}", str(r["batch_size"]), str(r["prompt_tokens"]), str(r["threads"])]
+        if r.get("error"):
+            body.append(cells + ["failed, see below"])
+            continue
+        cells += [_f(r["first_token_ms"]["p50"], ".2f"), *(_f(r["token_ms"][q], ".2f") for q in ("p50", "p90", "p99")),
+                  _f(r["tokens_per_s"]), _f(r["peak_rss_mb"], ".0f"), _f(r["floor_ratio"], ".2f")]
+        for b, p in bases:
+            q = ratios.get((r["batch_size"], r["prompt_tokens"], r["threads"], b, p)) if r["runtime"] == "gpt2onnx" \
+                else None
+            if q is None:
+                cells.append("")
+            elif q["baseline_error"]:
+                cells.append("n/a")
+            else:
+                cells.append(f"{_f(q['decode_speedup'], '.2f', 'x')} / {_f(q['tokens_per_s_ratio'], '.2f', 'x')}")
+        body.append(cells)
+    widths = [max([len(head[i])] + [len(c[i]) for c in body if len(c) == len(head)]) for i in range(len(head))]
+    for cells in [head] + body:  # a failed row's note spans the figure columns
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+                     + ("  " + cells[-1] if len(cells) < len(head) else ""))
+    if bases:
+        lines.append("vs X: decode p50 speed-up / tokens/s ratio of gpt2onnx over baseline X (> 1: gpt2onnx faster)")
+    lines.append("floor x: decode p50 / (weight bytes read per step / memory bandwidth)")
+    failed = {}
+    for r in record["results"]:
+        if r.get("error"):
+            failed.setdefault(f"{r['runtime']} {r['precision']}", []).append(r["error"])
+    for name, errs in failed.items():
+        lines.append(f"{name}: {'; '.join(sorted(set(errs)))}")
+    if record["sku"]:
+        try:
+            lines += [f"warning: {w}" for w in _skus.check_cpu(record["sku"], env)]
+        except InvalidRequestError as e:
+            lines.append(f"warning: {e}")
+    return "\n".join(lines)
