@@ -63,6 +63,10 @@ class _Progress:
         self.bar.set_description_str(desc, refresh=False)
         self.bar.update(1)
 
+    def note(self, desc: str) -> None:
+        """Change the current step's description (no new step)."""
+        self.bar.set_description_str(desc, refresh=True)
+
     def close(self, ok: bool) -> None:
         if ok:
             self.bar.set_description_str("done", refresh=False)
@@ -213,25 +217,52 @@ def _publish(tmp: str, out: str) -> None:
         os.rename(tmp, out)
 
 
-def _fidelity_gate(cfg: ExportConfig, ref, session, ids, window: int, vocab_size: int, random_weights: bool) -> dict:
-    """Measure int8 against fp32 on the gate text; raise FidelityError if it misses the gate."""
-    from . import fidelity
-    from .errors import FidelityError
+def _quantize(cfg: ExportConfig, tmp: str, fp32_path: str, steps, dims, outliers: dict, gate_ids, window: int,
+              random_weights: bool, bar: _Progress) -> tuple[dict, dict, dict]:
+    """Quantize, then gate on real text; a miss retries with the finer fallback recipe.
 
-    figures = fidelity.measure(ref, session, ids, window=window, stride=window // 2, limit=fidelity.GATE_WINDOWS)
-    gate, why = fidelity.gate_for(figures, vocab_size, random_weights)
-    missed = fidelity.check(figures, gate)
-    status = "passed" if not missed else "missed, accepted with --accept-fidelity-miss"
+    Returns the quantization record, the int8 parity figures and the fidelity record;
+    raises FidelityError when the last recipe misses too (unless accepted).
+    """
+    from . import fidelity, parity
+    from .errors import FidelityError
+    from .quantize import INT8, quantize_int8, recipes_to_try
+
+    ref = _session(fp32_path)
+    stride = window // 2
+    tried = []
+    for i, recipe in enumerate(recipes_to_try(INT8, dims.n_embd)):
+        if i == 0:
+            bar.step("quantize int8")
+        else:
+            bar.note(f"quantize int8 again with block {recipe.block_size} (block {tried[-1]['block_size']} "
+                     "missed the fidelity gate)")
+        session = _session(quantize_int8(fp32_path, tmp, recipe, outliers))
+        if i == 0:
+            bar.step("int8 fidelity gate on real text")
+        figures = fidelity.measure(ref, session, gate_ids, window=window, stride=stride, limit=fidelity.GATE_WINDOWS)
+        gate, why = fidelity.gate_for(figures, dims.vocab_size, random_weights)
+        missed = fidelity.check(figures, gate)
+        tried.append({"block_size": recipe.block_size, "top1_agreement": figures["top1_agreement"],
+                      "mean_kl": figures["mean_kl"], "missed": missed})
+        if not missed:
+            break
     if missed and not cfg.accept_fidelity_miss:
         raise FidelityError(f"the int8 graph misses the fidelity gate on real text ({'; '.join(missed)}); "
                             "export fp32 instead, or pass --accept-fidelity-miss to keep it (recorded in the manifest)")
-    return dict(figures, text="gpt2onnx/data/gate_text.txt (WikiText-2 test tail)", window=window,
-                stride=window // 2, gate={k: v for k, v in gate.items()}, gated=why, missed=missed, status=status)
+    q = parity.compare(steps, parity.run_onnx(session, steps, dims))
+    par = {"max_abs_diff": q["max_abs_diff"], "top1_agreement": q["top1_agreement"],
+           "mean_kl": q["mean_kl"], "max_kl": q["max_kl"]}
+    quant = dict(recipe.to_json(), outlier_channels={k: v for k, v in sorted(outliers.items())}, tried=tried)
+    fid = dict(figures, text="gpt2onnx/data/gate_text.txt (WikiText-2 test tail)", window=window, stride=stride,
+               gate=gate, gated=why, missed=missed,
+               status="missed, accepted with --accept-fidelity-miss" if missed else "passed")
+    return quant, par, fid
 
 
 def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
     from . import artifact, fidelity, graph, modelcard, parity, sources
-    from .quantize import INT8, calibrate, outlier_channels, quantize_int8
+    from .quantize import INT8, calibrate, outlier_channels
 
     t0 = time.perf_counter()
     bar.step("load model")
@@ -274,15 +305,8 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
            "positions": fp32["positions"]}
     quant = fid = None
     if cfg.precision == "int8":
-        bar.step("quantize int8")
-        path = quantize_int8(fp32_path, tmp, INT8, outliers)
-        q = parity.compare(steps, parity.run_onnx(_session(path), steps, dims))
-        par["int8"] = {"max_abs_diff": q["max_abs_diff"], "top1_agreement": q["top1_agreement"],
-                       "mean_kl": q["mean_kl"], "max_kl": q["max_kl"]}
-        quant = dict(INT8.to_json(), outlier_channels={k: v for k, v in sorted(outliers.items())})
-        bar.step("int8 fidelity gate on real text")
-        fid = _fidelity_gate(cfg, _session(fp32_path), _session(path), gate_ids, window, dims.vocab_size,
-                             source_info["random_weights"])
+        quant, par["int8"], fid = _quantize(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
+                                            source_info["random_weights"], bar)
         shutil.rmtree(fp32_dir)
 
     bar.step("write tokenizer, config, manifest")

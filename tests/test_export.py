@@ -283,6 +283,7 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
     src.model.save_pretrained(src_dir)
     m = gpt2onnx.export(src_dir, str(tmp_path / "ok"), precision="int8", progress=False)
     assert m["fidelity"]["status"] == "passed" and len(m["quantization"]["outlier_channels"]) == 4
+    assert [t["block_size"] for t in m["quantization"]["tried"]] == [32]  # n_embd 32: 128 shrinks to 32
 
     monkeypatch.setattr(quantize, "INT8", dataclasses.replace(quantize.INT8, outlier_ratio=float("inf")))
     with pytest.raises(FidelityError, match="misses the fidelity gate.*mean_kl.*--accept-fidelity-miss"):
@@ -290,5 +291,34 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
     assert not (tmp_path / "bad").exists() and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
     m = gpt2onnx.export(src_dir, str(tmp_path / "kept"), precision="int8", progress=False, accept_fidelity_miss=True)
     assert m["fidelity"]["missed"] and m["fidelity"]["status"].startswith("missed")
+    assert [t["block_size"] for t in m["quantization"]["tried"]] == [32]
+    assert all(t["missed"] for t in m["quantization"]["tried"])
+    assert gpt2onnx.load(str(tmp_path / "kept")).generate("a", max_new_tokens=2)[0].generated_tokens == 2
     assert read_manifest(str(tmp_path / "kept"))["fidelity"]["missed"]
     assert "WARNING: this int8 export MISSED the gate" in (tmp_path / "kept" / "MODEL_CARD.md").read_text()
+
+
+def test_a_fidelity_miss_retries_with_the_finer_block(tmp_path, monkeypatch):
+    """n_embd 64: block 64 first; when it misses, block 32, written over (not appended to) the first."""
+    import gpt2onnx
+    from conftest import save_tiny_gpt2
+    from gpt2onnx import fidelity
+
+    src_dir = save_tiny_gpt2(str(tmp_path / "src"), n_embd=64, n_head=2)
+    first = []
+    real_check = fidelity.check
+
+    def check_missing_the_first(figures, gate=None):  # the first measurement misses, the retry passes
+        first.append(figures)
+        return ["top1_agreement 0 < 0.99 (forced)"] if len(first) == 1 else real_check(figures, gate)
+
+    monkeypatch.setattr(fidelity, "check", check_missing_the_first)
+    m = gpt2onnx.export(src_dir, str(tmp_path / "m"), precision="int8", progress=False)
+    assert [(t["block_size"], bool(t["missed"])) for t in m["quantization"]["tried"]] == [(64, True), (32, False)]
+    assert m["quantization"]["block_size"] == 32 and m["fidelity"]["status"] == "passed"
+    monkeypatch.setattr(fidelity, "check", real_check)
+    once = gpt2onnx.export(src_dir, str(tmp_path / "once"), precision="int8", progress=False)["quantization"]["tried"]
+    assert [t["block_size"] for t in once] == [64]
+    data = {d: os.path.getsize(tmp_path / d / "model.onnx.data") for d in ("m", "once")}
+    assert data["m"] < 1.5 * data["once"], data  # the retry rewrote the data file, did not append to it
+    assert gpt2onnx.load(str(tmp_path / "m")).generate("a", max_new_tokens=2)[0].generated_tokens == 2
