@@ -39,8 +39,9 @@ _FIGURES = ("load_s", "tokenize_ms", "first_token_ms", "token_ms", "tokens_per_s
 def onnx_weight_bytes(path: str) -> int:
     """Bytes of initializers a decode step reads: all but those used only as a Gather table.
 
-    That leaves out ``wpe`` and, when the LM head has its own weight, ``wte``; a tied
-    head reads ``wte`` in full, so it counts. Needs the `onnx` package.
+    That leaves out ``wpe`` and, when the LM head has its own weight, ``wte`` (also as
+    int8 ``GatherBlockQuantized``, with its scales); a tied head reads ``wte`` in full,
+    so it counts. Needs the `onnx` package.
     """
     import numpy as np
     import onnx
@@ -59,7 +60,9 @@ def onnx_weight_bytes(path: str) -> int:
             sizes[init.name] = int(np.prod(init.dims, dtype=np.int64)) * item
         for node in graph.node:
             for i, name in enumerate(node.input):
-                if not (node.op_type == "Gather" and i == 0):
+                gathered = (node.op_type == "Gather" and i == 0) or (
+                    node.op_type == "GatherBlockQuantized" and i in (0, 2, 3))  # table, scales, zero points
+                if not gathered:
                     read.add(name)
             for attr in node.attribute:
                 for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
