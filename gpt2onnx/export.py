@@ -228,7 +228,7 @@ def _quantize(cfg: ExportConfig, tmp: str, fp32_path: str, steps, dims, outliers
     from .errors import FidelityError
     from .quantize import INT8, quantize_int8, recipes_to_try
 
-    ref = _session(fp32_path)
+    ref = None  # made after the first quantization: the quantizer and an fp32 session at once would double the peak
     stride = window // 2
     tried = []
     for i, recipe in enumerate(recipes_to_try(INT8, dims.n_embd)):
@@ -238,6 +238,7 @@ def _quantize(cfg: ExportConfig, tmp: str, fp32_path: str, steps, dims, outliers
             bar.note(f"quantize int8 again with block {recipe.block_size} (block {tried[-1]['block_size']} "
                      "missed the fidelity gate)")
         session = _session(quantize_int8(fp32_path, tmp, recipe, outliers))
+        ref = ref or _session(fp32_path)
         if i == 0:
             bar.step("int8 fidelity gate on real text")
         figures = fidelity.measure(ref, session, gate_ids, window=window, stride=stride, limit=fidelity.GATE_WINDOWS)
