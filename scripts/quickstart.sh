@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The main job in one go: set up, export GPT-2 124M to int8, generate, print latency.
 # Where the real weights cannot be downloaded it uses the 124M architecture with seeded
-# random weights, and says so: that text is then meaningless.
+# random weights, and says so: that text is then meaningless. GPT2ONNX_MODELS sets where the
+# model folder goes (default models/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-prompt="${1:-Hello, I'm a language model,}"
-out="models/gpt2-int8"
+default_prompt="Hello, I'm a language model,"
+prompt="${1:-$default_prompt}"
+out="${GPT2ONNX_MODELS:-models}/gpt2-int8"
 g=.venv/bin/gpt2onnx
 if [ ! -f "$out/gpt2onnx.json" ]; then
   if ! $g export gpt2 "$out" --precision int8; then
