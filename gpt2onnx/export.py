@@ -238,7 +238,8 @@ def _quantize(cfg: ExportConfig, tmp: str, fp32_path: str, steps, dims, outliers
             bar.note(f"quantize int8 again with block {recipe.block_size} (block {tried[-1]['block_size']} "
                      "missed the fidelity gate)")
         session = _session(quantize_int8(fp32_path, tmp, recipe, outliers))
-        ref = ref or _session(fp32_path)
+        if ref is None:
+            ref = _session(fp32_path)
         if i == 0:
             bar.step("int8 fidelity gate on real text")
         figures = fidelity.measure(ref, session, gate_ids, window=window, stride=stride, limit=fidelity.GATE_WINDOWS)
