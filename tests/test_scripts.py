@@ -23,7 +23,7 @@ def test_shell_scripts_parse(script):
                     reason="the quickstart runs in the repository's .venv (scripts/setup.sh makes it)")
 def test_quickstart_exports_generates_and_reports_latency(tmp_path):
     """No Hub here: the quickstart must fall back to the 124M architecture with random weights and say so."""
-    env = dict(os.environ, GPT2ONNX_MODELS=str(tmp_path), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, GPT2ONNX_MODELS=str(tmp_path), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "quickstart.sh"), "Hello, I'm a test,"],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
