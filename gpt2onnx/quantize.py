@@ -6,9 +6,10 @@ the LM head included, into ``MatMulNBits`` with 8-bit, block-wise symmetric weig
 (VNNI / AMX where the CPU has them); it is ~30x faster here than the float path
 (``accuracy_level`` unset dequantizes each weight matrix on every call).
 
-``accuracy_level=4`` also quantizes the *activations* to int8, per block of 32 along K.
-Trained GPT-2 has a few activation channels hundreds of times larger than the rest;
-sharing a block's int8 grid with one of them rounds its 31 neighbours to a few levels.
+``accuracy_level=4`` also quantizes the *activations* to int8, per block along K (the
+weight block: 128 values). Trained GPT-2 has a few activation channels hundreds of times
+larger than the rest; sharing a block's int8 grid with one of them rounds its 127
+neighbours to a few levels.
 So before quantizing, the exporter measures every MatMul input on real text
 (`calibrate`) and splits each MatMul whose input has such channels (LLM.int8()'s
 decomposition, Dettmers et al. 2022)::
