@@ -70,14 +70,24 @@ def recipes_to_try(recipe: Int8Recipe | None = None, n_embd: int = 768) -> list[
     recipe = recipe or INT8
 
     def fit(block: int) -> int:
-        b = block
-        while b > 16 and n_embd % b:
-            b //= 2
-        return b if n_embd % b == 0 else block
+        return fit_block(block, n_embd) or block
 
     out = [replace(recipe, block_size=fit(recipe.block_size))]
     finer = fit(min(FALLBACK_BLOCK, recipe.block_size))
     return out if finer == out[0].block_size else out + [replace(recipe, block_size=finer)]
+
+
+def fit_block(block: int, n: int) -> int | None:
+    """The largest of block, block/2, ... (down to 16) that divides `n`; None if none does.
+
+    >>> fit_block(128, 768), fit_block(128, 1600), fit_block(32, 100)
+    (128, 64, None)
+    """
+    while block >= 16:
+        if n % block == 0:
+            return block
+        block //= 2
+    return None
 
 
 def quantize_int8(fp32_path: str, out_folder: str, recipe: Int8Recipe = INT8,
@@ -235,10 +245,8 @@ def _quantize_embedding(model: onnx.ModelProto, block_size: int) -> None:
     node = next(n for n in g.node if n.op_type == "Gather" and n.input[0] == "wte.weight")
     init = next(i for i in g.initializer if i.name == "wte.weight")
     wte = numpy_helper.to_array(init)  # (V,E)
-    bs = block_size
-    while bs >= 16 and wte.shape[1] % bs:
-        bs //= 2
-    if bs < 16:
+    bs = fit_block(block_size, wte.shape[1])
+    if bs is None:
         return  # n_embd not a multiple of 16: keep the fp32 table
     q, scales = blockwise_int8(wte, bs)
     g.initializer.remove(init)
