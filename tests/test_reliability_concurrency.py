@@ -25,6 +25,25 @@ from gpt2onnx.errors import InvalidRequestError
 from conftest import deployment_root
 
 WAIT_S = 120
+
+
+def _in_threads(fn, n: int) -> None:
+    """Run fn(0) ... fn(n - 1) in n threads; fail if one hangs or raises."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert not any(t.is_alive() for t in threads), "a thread hangs"
+    assert not errors, errors
 PROMPTS = ["The tower is", "In 1998 the", "", "a b c d e f g h", "\U0001f642 unicode \u00e9t\u00e9"]
 
 
@@ -64,24 +83,14 @@ def test_one_generator_eight_threads_mixed_calls(gen):
     calls = _calls(gen)
     expected = {name: call() for name, call in calls}  # sequential reference
     got: dict[int, list] = {}
-    errors: list[BaseException] = []
     barrier = threading.Barrier(8)
 
     def worker(i: int) -> None:
-        try:
-            barrier.wait(WAIT_S)
-            order = calls[i:] + calls[:i]  # each thread starts with a different kind of call
-            got[i] = [(name, call()) for _ in range(3) for name, call in order]
-        except BaseException as e:  # noqa: BLE001  (reported below)
-            errors.append(e)
+        barrier.wait(WAIT_S)
+        order = calls[i:] + calls[:i]  # each thread starts with a different kind of call
+        got[i] = [(name, call()) for _ in range(3) for name, call in order]
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT_S)
-    assert not any(t.is_alive() for t in threads), "a thread hangs"
-    assert not errors, errors
+    _in_threads(worker, 8)
     assert len(got) == 8
     for results in got.values():
         assert len(results) == 3 * len(calls)
@@ -133,22 +142,14 @@ def test_first_requests_race_init_and_load_once(tiny_int8, tmp_path, monkeypatch
 
     monkeypatch.setattr(runtime, "load", counting_load)
     body = json.dumps({"input_data": PROMPTS[:3], "params": {"max_new_tokens": 6, "do_sample": True, "seed": 2}})
-    results, errors = [], []
+    results = []
     barrier = threading.Barrier(8)
 
-    def worker():
-        try:
-            barrier.wait(WAIT_S)
-            results.append(azureml.run(body))
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+    def worker(_):
+        barrier.wait(WAIT_S)
+        results.append(azureml.run(body))
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT_S)
-    assert not any(t.is_alive() for t in threads) and not errors, errors
+    _in_threads(worker, 8)
     assert len(loads) == 1
     assert len(results) == 8 and all(r == results[0] for r in results) and len(results[0]) == 3
 
@@ -220,20 +221,8 @@ def test_jobs_in_threads_with_one_generator(gen, tmp_path):
     """Several outputs from one input at once, over one shared Generator: identical to a lone run."""
     _input(tmp_path / "in.jsonl", 60)
     run_batch(gen, tmp_path / "in.jsonl", tmp_path / "ref.jsonl", batch_size=5, progress=False)
-    errors = []
-
-    def job(i):
-        try:
-            run_batch(gen, tmp_path / "in.jsonl", tmp_path / f"out{i}.jsonl", batch_size=1 + i, progress=False)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=job, args=(i,), daemon=True) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT_S)
-    assert not any(t.is_alive() for t in threads) and not errors, errors
+    _in_threads(lambda i: run_batch(gen, tmp_path / "in.jsonl", tmp_path / f"out{i}.jsonl", batch_size=1 + i,
+                                    progress=False), 4)
     ref = _rows(tmp_path / "ref.jsonl")
     for i in range(4):
         assert _rows(tmp_path / f"out{i}.jsonl") == ref
