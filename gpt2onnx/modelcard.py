@@ -110,7 +110,8 @@ def render(manifest: dict) -> str:
                   "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in fid.items() if not isinstance(v, (dict, list))]
-        gate = ", ".join(f"{k} {'>=' if k == 'top1_agreement' else '<='} {v}" for k, v in fid.get("gate", {}).items())
+        rule = {"top1_agreement": ">= {}", "mean_kl": "<= {}", "ppl_ratio": "within [1/{0}, {0}]"}  # as fidelity.check
+        gate = ", ".join(f"{k} {rule.get(k, '{}').format(v)}" for k, v in fid.get("gate", {}).items())
         lines += ["", f"Gate ({fid.get('gated', '')}): {gate}."]
         if fid.get("missed"):
             lines.append(f"**WARNING: this int8 export MISSED the gate ({'; '.join(fid['missed'])}) and was kept "
