@@ -20,7 +20,7 @@ import os
 import ray
 
 from gpt2onnx.cpu import physical_cores
-from gpt2onnx.ray import generate_dataset
+from gpt2onnx.integrations.ray import generate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,13 +4,17 @@
 >>> gpt2onnx.export("gpt2", "out/gpt2-int8", precision="int8")         # doctest: +SKIP
 >>> gen = gpt2onnx.load("out/gpt2-int8")                                # doctest: +SKIP
 >>> gen.generate("Hello, I'm a language model,", max_new_tokens=20)    # doctest: +SKIP
+
+`import gpt2onnx` loads the torch-free runtime only: `export` (the exporter, torch),
+`run_batch` and `BatchSummary` (batch jobs) are resolved on first use.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public API
-from .errors import (  # noqa: E402
+from .errors import (
     ArtifactError,
+    BatchError,
     ExportError,
     FidelityError,
     Gpt2OnnxError,
@@ -18,13 +22,29 @@ from .errors import (  # noqa: E402
     ParityError,
     UnsupportedModelError,
 )
-from .batch import BatchSummary, run_batch  # noqa: E402
-from .export import export  # noqa: E402
-from .params import GenerationParams  # noqa: E402
-from .runtime import GenerationResult, Generator, StepResult, load  # noqa: E402
+from .params import GenerationParams
+from .runtime import GenerationResult, Generator, Request, StepResult, load
+
+_LAZY = {"export": "gpt2onnx.exporter", "run_batch": "gpt2onnx.batch", "BatchSummary": "gpt2onnx.batch"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # resolved once
+        return value
+    raise AttributeError(f"module 'gpt2onnx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ArtifactError",
+    "BatchError",
     "BatchSummary",
     "ExportError",
     "FidelityError",
@@ -35,7 +55,9 @@ __all__ = [
     "GenerationParams",
     "GenerationResult",
     "Generator",
+    "Request",
     "StepResult",
+    "__version__",
     "export",
     "load",
     "run_batch",

@@ -8,8 +8,12 @@ sha256 of every file, so a damaged folder is refused at load instead of producin
 wrong text.
 
 >>> m = read_manifest("out/gpt2-int8")            # doctest: +SKIP
->>> m["precision"], m["dims"]["n_layer"]          # doctest: +SKIP
-('int8', 12)
+>>> m.precision, m.dims.n_layer, m.source.random_weights   # doctest: +SKIP
+('int8', 12, False)
+
+`read_manifest` and `verify` return a typed, frozen `Manifest`; every field a caller
+reads is checked once, here, so callers never guess (`m.source.random_weights`, not
+``m.get("source", {}).get(...)``). ``Manifest.to_dict()`` gives the JSON as written.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
-import socket
+import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ArtifactError
+from .fsutil import atomic_write_text
 
 MANIFEST = "gpt2onnx.json"
 FORMAT = "gpt2onnx"
@@ -30,6 +34,101 @@ FORMAT_VERSION = 1
 REQUIRED_FILES = ("model.onnx", "tokenizer.json", "config.json")
 DIMS = ("n_layer", "n_head", "n_embd", "head_dim", "vocab_size", "n_positions")  # what the runtime reads
 CONFIG_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")  # also in config.json
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The architecture numbers the runtime needs."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    head_dim: int
+    vocab_size: int
+    n_positions: int  # context length
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights came from."""
+
+    id: str | None  # hub id or folder given to the exporter
+    kind: str | None  # "hub", "folder" or "random"
+    revision: str | None
+    random_weights: bool  # seeded random weights: the text is meaningless
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A model folder's ``gpt2onnx.json``, checked and typed. Make with `read_manifest` or `verify`."""
+
+    name: str
+    precision: str  # "fp32" or "int8"
+    dims: Dims
+    source: Source
+    eos_token_id: int
+    bos_token_id: int
+    inputs: tuple[str, ...]  # graph input names, in order
+    outputs: tuple[str, ...]
+    files: dict  # name -> {"bytes", "sha256"}
+    n_params: int
+    format_version: int
+    quantization: dict | None = None  # the int8 recipe, outlier channels, recipes tried
+    parity: dict = field(default_factory=dict)  # fp32 (and int8) figures against PyTorch
+    fidelity: dict | None = None  # the int8 gate's figures and verdict
+    tags: dict = field(default_factory=dict)
+    tools: dict = field(default_factory=dict)  # versions of the tools that made the folder
+    opset: int | None = None
+    created: str | None = None
+    export_seconds: float | None = None
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def past_names(self) -> list[str]:
+        """The KV-cache inputs, ``past_key_values.{i}.key|value`` in layer order."""
+        return [n for n in self.inputs if n.startswith("past_key_values.")]
+
+    @property
+    def present_names(self) -> list[str]:
+        """The KV-cache outputs, ``present.{i}.key|value`` in layer order."""
+        return [n for n in self.outputs if n.startswith("present.")]
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of every file of the folder."""
+        return sum(int(f.get("bytes", 0)) for f in self.files.values())
+
+    def to_dict(self) -> dict:
+        """The manifest as JSON-ready data (a copy of what the folder holds)."""
+        return copy.deepcopy(self.raw)
+
+
+def _typed(manifest: dict, path: str) -> Manifest:
+    dims = Dims(**{k: manifest["dims"][k] for k in DIMS})
+    src = manifest.get("source")
+    src = src if isinstance(src, dict) else {}
+    io = manifest["io"]
+    inputs, outputs = io.get("inputs"), io.get("outputs")
+    if not (isinstance(inputs, list) and isinstance(outputs, list) and all(isinstance(n, str) for n in inputs + outputs)):
+        raise ArtifactError(f"{path}: io.inputs / io.outputs must be lists of names; the folder is damaged, re-export it")
+    m = Manifest(
+        name=str(manifest.get("name") or "gpt2"), precision=manifest["precision"], dims=dims,
+        source=Source(id=src.get("id"), kind=src.get("kind"), revision=src.get("revision"),
+                      random_weights=bool(src.get("random_weights")), seed=src.get("seed")),
+        eos_token_id=manifest.get("eos_token_id", dims.vocab_size - 1),
+        bos_token_id=manifest.get("bos_token_id", manifest.get("eos_token_id", dims.vocab_size - 1)),
+        inputs=tuple(inputs), outputs=tuple(outputs), files=manifest["files"],
+        n_params=int(manifest.get("n_params") or 0), format_version=manifest["format_version"],
+        quantization=manifest.get("quantization"), parity=manifest.get("parity") or {},
+        fidelity=manifest.get("fidelity"), tags=manifest.get("tags") or {}, tools=manifest.get("tools") or {},
+        opset=manifest.get("opset"), created=manifest.get("created"), export_seconds=manifest.get("export_seconds"),
+        raw=manifest,
+    )
+    if len(m.past_names) != 2 * dims.n_layer or len(m.present_names) != 2 * dims.n_layer:
+        raise ArtifactError(f"{path}: io names {2 * dims.n_layer} past/present per cache expected for "
+                            f"{dims.n_layer} layers; the folder is damaged, re-export it")
+    return m
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -54,11 +153,7 @@ def describe_files(folder: str) -> dict[str, dict[str, Any]]:
 def write_manifest(folder: str, manifest: dict) -> None:
     """Write the manifest, adding the file table (call after every other file is written)."""
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, files=describe_files(folder))
-    tmp = os.path.join(folder, MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, os.path.join(folder, MANIFEST))
+    atomic_write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def fspath(folder: Any) -> str:
@@ -70,7 +165,7 @@ def fspath(folder: Any) -> str:
                             "pass the folder written by 'gpt2onnx export'") from None
 
 
-def read_manifest(folder: str) -> dict:
+def read_manifest(folder: str) -> Manifest:
     """Read and check the manifest of a model folder (no hashing; see `verify`).
 
     Every field the runtime reads is type-checked here (dims are positive integers, the
@@ -123,7 +218,7 @@ def read_manifest(folder: str) -> dict:
         if key in manifest and not (type(value) is int and 0 <= value < dims["vocab_size"]):
             raise ArtifactError(f"{path}: {key} must be a token id in [0, {dims['vocab_size']}), got {_show(value)}; "
                                 "the folder is damaged, re-export it")
-    return manifest
+    return _typed(manifest, path)
 
 
 def _positive_int(value: Any) -> bool:
@@ -152,7 +247,7 @@ def _check_config(folder: str, dims: dict) -> None:
                                 f"{_show(config[key])}; the folder is damaged, re-export it")
 
 
-def verify(folder: str, *, check_hashes: bool = True) -> dict:
+def verify(folder: str, *, check_hashes: bool = True) -> Manifest:
     """Check that every file of the manifest is present, complete and (optionally) unchanged.
 
     Args:
@@ -165,12 +260,12 @@ def verify(folder: str, *, check_hashes: bool = True) -> dict:
     Raises:
         ArtifactError: with one line naming the first problem found.
 
-    >>> verify("out/gpt2-int8")["precision"]   # doctest: +SKIP
+    >>> verify("out/gpt2-int8").precision   # doctest: +SKIP
     'int8'
     """
     folder = fspath(folder)
     manifest = read_manifest(folder)
-    files = manifest["files"]
+    files = manifest.files
     for name in REQUIRED_FILES:
         if name not in files:
             raise ArtifactError(f"the manifest of {folder!r} lists no {name}; the folder is damaged, re-export it")
@@ -191,114 +286,30 @@ def verify(folder: str, *, check_hashes: bool = True) -> dict:
                 f"{path} does not match its sha256 in the manifest (damaged or modified); "
                 "copy the model folder again or re-export it"
             )
-    _check_config(folder, manifest["dims"])
+    _check_config(folder, manifest.raw["dims"])
     return manifest
 
 
-# -- temporary folders of an export ----------------------------------------------------
-
-
-def temp_prefix(out: str, kind: str = "tmp") -> str:
-    """Name prefix of a temporary folder that an export of `out` makes beside it.
-
-    ``.NAME.tmp-HOST-PID-`` is the folder being written, ``.NAME.old-HOST-PID-`` holds the
-    previous folder while ``--force`` swaps it. Host and pid let a later export tell a
-    folder left behind by a killed process from one that is still being written.
-
-    >>> temp_prefix("out/gpt2-int8").startswith(".gpt2-int8.tmp-")
-    True
-    """
-    return f".{os.path.basename(os.path.abspath(out))}.{kind}-{_host()}-{os.getpid()}-"
-
-
-def remove_stale_temps(out: str) -> list[str]:
-    """Remove the temporary folders that killed exports of `out` left beside it; returns their names.
-
-    A SIGKILL (or SIGTERM, or a power cut) gives an export no chance to clean up. Only
-    folders made on this host by a process that no longer exists are touched. A previous
-    model folder parked by an interrupted ``--force`` swap is moved back to `out` when
-    `out` is missing, so an export killed at that moment loses nothing.
-    """
-    return _remove_temps(out, lambda pid: not _alive(pid))
-
-
-def remove_own_temps(out: str) -> list[str]:
-    """Remove the temporary folders of `out` that this process made (after a failure or Ctrl-C).
-
-    By name rather than by a variable, so a Ctrl-C that lands inside `mkdtemp` is covered;
-    a previous folder parked by an interrupted ``--force`` swap is moved back first.
-    """
-    return _remove_temps(out, lambda pid: pid == os.getpid())
-
-
-def _remove_temps(out: str, remove) -> list[str]:
-    out = os.path.abspath(out)
-    parent, name = os.path.dirname(out), os.path.basename(out)
-    removed: list[str] = []
-    try:
-        entries = sorted(os.listdir(parent))
-    except OSError:
-        return removed
-    host = _host()
-    for entry in entries:  # ".NAME.old-*" sorts before ".NAME.tmp-*": a parked folder is restored first
-        kind = next((k for k in ("old", "tmp") if entry.startswith(f".{name}.{k}-{host}-")), None)
-        if kind is None:
-            continue
-        pid = entry[len(f".{name}.{kind}-{host}-"):].split("-", 1)[0]
-        if not pid.isdigit() or not remove(int(pid)):
-            continue
-        path = os.path.join(parent, entry)
-        parked = os.path.join(path, "x")
-        try:
-            if kind == "old" and os.path.isdir(parked) and not os.path.lexists(out):
-                os.rename(parked, out)
-        except OSError:
-            continue  # keep it: it may hold the only copy of the previous folder
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(entry)
-    return removed
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
-
-
-def _alive(pid: int) -> bool:
-    """True unless process `pid` surely does not exist (then its temporary folders are stale)."""
-    if pid == os.getpid() or os.name == "nt":  # on Windows, os.kill(pid, 0) would send CTRL_C_EVENT
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's live process
-        return True
-    return True
-
-
-def summary(manifest: dict) -> str:
+def summary(m: Manifest) -> str:
     """A few human-readable lines describing a model folder."""
-    d = manifest["dims"]
-    src = manifest.get("source", {})
-    weights = "RANDOM WEIGHTS (seed %s; text is meaningless)" % src.get("seed") if src.get("random_weights") else "pretrained"
-    total = sum(f["bytes"] for f in manifest["files"].values())
+    d, src = m.dims, m.source
+    weights = f"RANDOM WEIGHTS (seed {src.seed}; text is meaningless)" if src.random_weights else "pretrained"
     lines = [
-        f"model      {manifest.get('name', '?')} from {src.get('id', '?')} ({weights})",
-        f"precision  {manifest['precision']}" + (
-            f" ({manifest['quantization'].get('scheme')})" if manifest.get("quantization") else ""),
-        f"dims       {d['n_layer']} layers, {d['n_head']} heads, {d['n_embd']} dims, vocab {d['vocab_size']}, "
-        f"context {d['n_positions']}, {manifest.get('n_params', 0) / 1e6:.1f} M parameters",
-        f"files      {len(manifest['files'])} files, {total / 1e6:.1f} MB",
+        f"model      {m.name} from {src.id or '?'} ({weights})",
+        f"precision  {m.precision}" + (f" ({m.quantization.get('scheme')})" if m.quantization else ""),
+        f"dims       {d.n_layer} layers, {d.n_head} heads, {d.n_embd} dims, vocab {d.vocab_size}, "
+        f"context {d.n_positions}, {m.n_params / 1e6:.1f} M parameters",
+        f"files      {len(m.files)} files, {m.size_bytes / 1e6:.1f} MB",
     ]
-    parity = manifest.get("parity") or {}
-    if parity:
-        lines.append("parity     " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in parity.items() if not isinstance(v, dict)))
-    fid = manifest.get("fidelity") or {}
-    if fid:
-        lines.append("fidelity   " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in fid.items() if not isinstance(v, (dict, list))))
-    tools = manifest.get("tools", {})
-    lines.append("made with  " + ", ".join(f"{k} {v}" for k, v in tools.items()))
-    lines.append(f"created    {manifest.get('created', '?')}")
+
+    def figures(d: dict) -> str:
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in d.items() if not isinstance(v, (dict, list)))
+
+    if m.parity:
+        lines.append("parity     " + figures(m.parity))
+    if m.fidelity:
+        lines.append("fidelity   " + figures(m.fidelity))
+    lines.append("made with  " + ", ".join(f"{k} {v}" for k, v in m.tools.items()))
+    lines.append(f"created    {m.created or '?'}")
     return "\n".join(lines)

@@ -78,3 +78,48 @@ def isa_flags() -> dict[str, bool]:
     out = {f: f in flags for f in ISA_FLAGS}
     out["amx"] = out.pop("amx_int8")
     return out
+
+
+THREADS_ENV = "GPT2ONNX_THREADS"  # intra-op threads of a Generator built by a deployment or integration
+
+
+def threads_from_env(environ=None) -> int | None:
+    """Intra-op threads from ``GPT2ONNX_THREADS``; None (unset or empty) means physical cores.
+
+    The one parser of that variable (Azure ML entries, MLflow, Ray).
+
+    >>> threads_from_env({"GPT2ONNX_THREADS": "4"})
+    4
+    >>> threads_from_env({}) is None
+    True
+    """
+    from .errors import InvalidRequestError
+
+    value = (os.environ if environ is None else environ).get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidRequestError(f"{THREADS_ENV}={value!r} is not a positive integer; set it to the number of "
+                                  "intra-op threads per process (e.g. 4) or unset it for the physical cores")
+    return int(value)
+
+
+_warned: set[int] = set()
+
+
+def warn_oversubscribed(threads: int) -> bool:
+    """Log a warning (once per thread count) when `threads` exceeds the cores this process may use.
+
+    More intra-op threads than cores makes onnxruntime's spinning workers fight for the
+    cores: measured 17x slower at 16 threads on 2 cores. Returns whether it warned.
+    """
+    import logging
+
+    cores = physical_cores()
+    if threads <= max(cores, len(allowed_cpus())) or threads in _warned:
+        return False
+    _warned.add(threads)
+    logging.getLogger("gpt2onnx").warning(
+        "%d threads on %d physical cores (%d logical CPUs) this process may use: expect a large slow-down; "
+        "use --threads %d or fewer", threads, cores, len(allowed_cpus()), cores)
+    return True

@@ -31,3 +31,11 @@ class ArtifactError(Gpt2OnnxError):
 
 class InvalidRequestError(Gpt2OnnxError, ValueError):
     """A generation request or parameter is invalid."""
+
+
+class DataError(Gpt2OnnxError):
+    """An evaluation data file is missing or malformed."""
+
+
+class BatchError(Gpt2OnnxError):
+    """A batch job cannot start or go on (input missing, output unwritable, output of another job)."""

@@ -19,6 +19,11 @@ from collections.abc import Iterator
 import pytest
 
 HERE = os.path.dirname(__file__)
+REPO = os.path.dirname(os.path.abspath(HERE))
+sys.path.insert(0, os.path.join(REPO, "export"))  # the export recipes (outliers.py) tests build variants with
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+if os.path.isdir(SHARED_DATA):  # eval finds its data sets through $GPT2ONNX_DATA only
+    os.environ.setdefault("GPT2ONNX_DATA", os.path.normpath(SHARED_DATA))
 WIKI_SLICE = os.path.join(HERE, "data", "wiki_slice.txt")
 TOKENIZER_VOCAB = 900  # below both tiny models' vocab sizes
 

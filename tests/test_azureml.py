@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from gpt2onnx import azureml
+from gpt2onnx.integrations import azureml, azureml_kit
 from gpt2onnx.errors import ArtifactError, Gpt2OnnxError
 
 from conftest import azmlinfsrv, deployment_root
@@ -72,7 +72,7 @@ def test_init_errors(tmp_path, tiny_int8, monkeypatch):
         azureml.init()
     monkeypatch.setenv("AZUREML_MODEL_DIR", deployment_root(tmp_path, tiny_int8))
     monkeypatch.setenv("GPT2ONNX_THREADS", "two")
-    with pytest.raises(Gpt2OnnxError, match="GPT2ONNX_THREADS must be a positive integer"):
+    with pytest.raises(Gpt2OnnxError, match="GPT2ONNX_THREADS=.two. is not a positive integer"):
         azureml.init()
     assert azureml._generator is None
 
@@ -175,7 +175,7 @@ def test_concurrent_requests(scoring):
 
 def test_write_kit(tmp_path, tiny_int8):
     out = str(tmp_path / "kit")
-    assert azureml.write_kit(tiny_int8, out, instance_type="standard_f8s_v2") == out
+    assert azureml_kit.write_kit(tiny_int8, out, instance_type="standard_f8s_v2") == out
     dep = open(os.path.join(out, "deployment.yml")).read()
     assert "instance_type: Standard_F8s_v2\n" in dep and 'GPT2ONNX_THREADS: "4"' in dep
     assert "scoring_script: score.py" in dep and "model: azureml:" in dep
@@ -185,12 +185,12 @@ def test_write_kit(tmp_path, tiny_int8):
     assert "type: custom_model" in model
     path = model.split("path: ")[1].splitlines()[0]
     assert os.path.samefile(os.path.join(out, path), tiny_int8)  # relative to the YAML, as az ml resolves it
-    assert os.path.isfile(os.path.join(out, "code", "gpt2onnx", "azureml.py"))
+    assert os.path.isfile(os.path.join(out, "code", "gpt2onnx", "integrations", "azureml.py"))
     assert json.load(open(os.path.join(out, "sample-request.json"))) == azureml.CARD_REQUEST
     with pytest.raises(Gpt2OnnxError, match="exists; pass --force"):
-        azureml.write_kit(tiny_int8, out)
+        azureml_kit.write_kit(tiny_int8, out)
     with pytest.raises(Gpt2OnnxError, match="Standard_F4s_v2|unknown|not"):
-        azureml.write_kit(tiny_int8, str(tmp_path / "k2"), instance_type="Standard_Q9")
+        azureml_kit.write_kit(tiny_int8, str(tmp_path / "k2"), instance_type="Standard_Q9")
     assert not (tmp_path / "k2").exists()
 
 
@@ -207,7 +207,7 @@ def post(port: int, body: bytes, timeout: float = 30) -> tuple[int, bytes]:
 
 
 def test_azmlinfsrv_scores_good_and_bad_requests(tmp_path, tiny_int8):
-    kit = azureml.write_kit(tiny_int8, str(tmp_path / "kit"))
+    kit = azureml_kit.write_kit(tiny_int8, str(tmp_path / "kit"))
     with azmlinfsrv(kit, deployment_root(tmp_path, tiny_int8), tmp_path, ready_s=45) as port:
         request = json.loads(json.dumps(azureml.CARD_REQUEST))
         request["input_data"] = ["I believe the meaning of life is", "Hello"]

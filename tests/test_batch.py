@@ -14,7 +14,8 @@ import time
 import pytest
 
 import gpt2onnx
-from gpt2onnx import batchoutput, cli
+from gpt2onnx import cli
+from gpt2onnx.batch import state as batchoutput
 from gpt2onnx.batch import BatchError, BatchSummary, run_batch
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
@@ -206,12 +207,9 @@ def test_interrupted_in_process_then_resumed(job, gen, tmp_path, monkeypatch):
 
 
 KILLER = """
-import argparse, sys
-from gpt2onnx import batch
-p = argparse.ArgumentParser()
-batch.add_parser(p.add_subparsers())
-a = p.parse_args(sys.argv[1:])
-sys.exit(a.func(a))
+import sys
+from gpt2onnx.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 

@@ -10,7 +10,8 @@ import socket
 
 import pytest
 
-from gpt2onnx import bench, benchruns, cli, cpu, results
+from gpt2onnx import bench, cli, cpu
+from gpt2onnx.bench import record as results, runs as benchruns
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
 
 SMALL = dict(batch_sizes=[1], prompt_tokens=[4], new_tokens=4, repeats=1, warmup=0, progress=False, bandwidth_mib=32)
@@ -94,34 +95,34 @@ def test_row_summary_counts_exact_tokens():
     out = {"load_s": 1.0, "tokenize_ms": [0.2, 0.4, 0.3], "first_token_ms": [10.0, 12.0, 11.0],
            "step_ms": [float(x) for x in range(1, 101)], "total_s": [2.0, 4.0, 3.0], "peak_rss_mb": 100.0,
            "weight_bytes_per_token": 10**9}
-    row = benchruns._row("gpt2onnx", "int8", (4, 8, 32), 128, out, bandwidth_gbs=10.0)
+    row = benchruns.result_row("gpt2onnx", "int8", (4, 8, 32), 128, out, bandwidth_gbs=10.0)
     assert row["tokens_per_s"] == pytest.approx(8 * 128 / 3.0, abs=1e-3)  # median wall time: 3 s
     assert row["token_ms"]["p50"] == 50.5 and row["token_ms"]["mean"] == 50.5
     assert row["first_token_ms"] == {"p50": 11.0, "p90": 11.8}
     assert row["floor_ratio"] == round(50.5 / 100.0, 3)  # floor: 1 GB / 10 GB/s = 100 ms
     assert row["tokenize_ms"] == 0.3 and row["threads"] == 4 and row["error"] is None
-    failed = benchruns._row("pytorch", "fp32", (4, 8, 32), 128, {"error": "boom"}, bandwidth_gbs=10.0)
+    failed = benchruns.result_row("pytorch", "fp32", (4, 8, 32), 128, {"error": "boom"}, bandwidth_gbs=10.0)
     assert failed["error"] == "boom" and failed["token_ms"] is None
 
 
 def test_weight_bytes_leave_out_gathered_tables(tiny_fp32, tiny_int8):
     from gpt2onnx import artifact
 
-    d = artifact.read_manifest(tiny_fp32)["dims"]
-    n_params = artifact.read_manifest(tiny_fp32)["n_params"]
+    d = artifact.read_manifest(tiny_fp32).to_dict()["dims"]
+    n_params = artifact.read_manifest(tiny_fp32).to_dict()["n_params"]
     fp32 = bench.onnx_weight_bytes(os.path.join(tiny_fp32, "model.onnx"))
     int8 = bench.onnx_weight_bytes(os.path.join(tiny_int8, "model.onnx"))
     # fp32 ties the LM head to wte, so only wpe is left out.
     assert fp32 == pytest.approx((n_params - d["n_positions"] * d["n_embd"]) * 4, rel=0.02)
     # int8: every MatMul (LM head included) at 1 byte + a 4-byte scale per block; the int8
     # token table (GatherBlockQuantized) and wpe are only gathered, so they do not count.
-    q = artifact.read_manifest(tiny_int8)["quantization"]
+    q = artifact.read_manifest(tiny_int8).to_dict()["quantization"]
     e, layers, v = d["n_embd"], d["n_layer"], d["vocab_size"]
     assert int8 == pytest.approx((12 * e * e * layers + e * v) * (1 + 4 / q["block_size"]), rel=0.1)
 
 
 def test_baselines_without_the_export_extra_are_reported_not_run(tiny_int8, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "_missing", lambda b: ["torch", "transformers"])
+    monkeypatch.setattr(bench.run, "missing_packages", lambda b: ["torch", "transformers"])
     rec = bench.run_bench(tiny_int8, baselines=["pytorch", "optimum"], out_dir=str(tmp_path),
                           **{**SMALL, "new_tokens": 2})
     rows = {(r["runtime"], r["precision"]): r for r in rec["results"]}

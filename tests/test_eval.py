@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -13,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2onnx import fidelity
+from gpt2onnx.eval import fidelity
 from gpt2onnx.errors import Gpt2OnnxError, InvalidRequestError
 from gpt2onnx.eval import DataError, evaluate, lambada, read_lambada, read_text, wikitext2_text
 
@@ -204,16 +203,15 @@ def test_evaluate_errors(tiny_fp32, tmp_path):
 def test_missing_default_data_says_where_to_get_it(tiny_fp32, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GPT2ONNX_DATA", str(tmp_path))
-    monkeypatch.setattr("gpt2onnx.eval._candidates", lambda name: [str(tmp_path / name)])
+    monkeypatch.setattr("gpt2onnx.eval.data.candidates", lambda name: [str(tmp_path / name)])
     with pytest.raises(DataError, match="lambada_test.jsonl not found.*openaipublic"):
         evaluate(tiny_fp32, "lambada", progress=False)
 
 
 def test_cli_parser_prints_json(tiny_fp32, wiki_small, capsys):
-    from gpt2onnx.eval import add_parser
+    from gpt2onnx.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["eval", tiny_fp32, "--task", "wikitext2", "--data", wiki_small, "--limit", "2",
                               "--json", "--threads", "1"])
     assert args.func(args) == 0

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import onnx
 import pytest
+from outliers import inject_outliers
 
 import gpt2onnx
 from gpt2onnx import artifact
@@ -22,7 +23,7 @@ def _ops(folder):
 
 
 def test_fp32_folder_contract(tiny_fp32):
-    m = artifact.verify(tiny_fp32)
+    m = artifact.verify(tiny_fp32).to_dict()
     assert m["precision"] == "fp32" and m["quantization"] is None
     assert m["parity"]["fp32_max_abs_diff"] <= 1e-3
     assert m["parity"]["fp32_top1_agreement"] == 1.0
@@ -92,7 +93,7 @@ def test_graph_reproduces_torch_with_padding_and_cache(tiny_fp32, tiny_torch):
 
 
 def test_int8_folder(tiny_int8):
-    m = artifact.verify(tiny_int8)
+    m = artifact.verify(tiny_int8).to_dict()
     assert m["precision"] == "int8"
     q = m["quantization"]
     assert q["scheme"] == "MatMulNBits" and q["bits"] == 8 and q["lm_head"] == "int8"
@@ -120,7 +121,7 @@ def test_bin_weights_and_random_weights(tmp_path):
     r = gpt2onnx.export(src, str(tmp_path / "o2"), random_weights=True, seed=7, progress=False)
     assert r["source"]["random_weights"] is True and r["source"]["seed"] == 7 and r["tags"]["weights"] == "random"
     assert "RANDOM WEIGHTS" in open(tmp_path / "o2" / "MODEL_CARD.md", encoding="utf-8").read()
-    assert "RANDOM WEIGHTS" in artifact.summary(r)
+    assert "RANDOM WEIGHTS" in artifact.summary(artifact.read_manifest(str(tmp_path / "o2")))
     # random weights really differ from the saved ones
     assert r["files"]["model.onnx.data"]["sha256"] != m["files"]["model.onnx.data"]["sha256"]
 
@@ -139,7 +140,7 @@ def test_existing_outdir_refused_then_force(tiny_src, tmp_path):
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_export_leaves_nothing(tiny_src, tmp_path, monkeypatch, exc):
-    import gpt2onnx.quantize as q
+    import gpt2onnx.exporter.quantize as q
 
     def boom(*a, **k):
         raise exc("stop")
@@ -151,7 +152,7 @@ def test_interrupted_export_leaves_nothing(tiny_src, tmp_path, monkeypatch, exc)
 
 
 def test_parity_failure_is_an_error(tiny_src, tmp_path, monkeypatch):
-    import gpt2onnx.sources as sources
+    import gpt2onnx.exporter.sources as sources
 
     real = sources.numpy_weights
 
@@ -257,7 +258,7 @@ def test_manifest_format_checks(tiny_fp32, tmp_path):
 def test_int8_fidelity_is_recorded(tiny_int8):
     from gpt2onnx.artifact import read_manifest
 
-    m = read_manifest(tiny_int8)
+    m = read_manifest(tiny_int8).to_dict()
     f = m["fidelity"]
     assert f["status"] == "passed" and f["missed"] == [] and f["positions"] > 100
     assert f["mean_kl"] <= f["gate"]["mean_kl"]
@@ -273,13 +274,13 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
 
     import gpt2onnx
     from conftest import save_tiny_gpt2
-    from gpt2onnx import fidelity, quantize, sources
+    from gpt2onnx.exporter import quantize, sources
     from gpt2onnx.artifact import read_manifest
     from gpt2onnx.errors import FidelityError
 
     src_dir = save_tiny_gpt2(str(tmp_path / "src"), initializer_range=0.2)
     src = sources.load(src_dir)
-    fidelity.inject_outliers(src.model, channels=(3, 17), scale=300.0)
+    inject_outliers(src.model, channels=(3, 17), scale=300.0)
     src.model.save_pretrained(src_dir)
     m = gpt2onnx.export(src_dir, str(tmp_path / "ok"), precision="int8", progress=False)
     assert m["fidelity"]["status"] == "passed" and len(m["quantization"]["outlier_channels"]) == 4
@@ -294,7 +295,7 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
     assert [t["block_size"] for t in m["quantization"]["tried"]] == [32]
     assert all(t["missed"] for t in m["quantization"]["tried"])
     assert gpt2onnx.load(str(tmp_path / "kept")).generate("a", max_new_tokens=2)[0].generated_tokens == 2
-    assert read_manifest(str(tmp_path / "kept"))["fidelity"]["missed"]
+    assert read_manifest(str(tmp_path / "kept")).to_dict()["fidelity"]["missed"]
     assert "WARNING: this int8 export MISSED the gate" in (tmp_path / "kept" / "MODEL_CARD.md").read_text()
 
 
@@ -302,21 +303,21 @@ def test_a_fidelity_miss_retries_with_the_finer_block(tmp_path, monkeypatch):
     """n_embd 64: block 64 first; when it misses, block 32, written over (not appended to) the first."""
     import gpt2onnx
     from conftest import save_tiny_gpt2
-    from gpt2onnx import fidelity
+    from gpt2onnx.exporter import policy
 
     src_dir = save_tiny_gpt2(str(tmp_path / "src"), n_embd=64, n_head=2)
     first = []
-    real_check = fidelity.check
+    real_check = policy.check
 
     def check_missing_the_first(figures, gate=None):  # the first measurement misses, the retry passes
         first.append(figures)
         return ["top1_agreement 0 < 0.99 (forced)"] if len(first) == 1 else real_check(figures, gate)
 
-    monkeypatch.setattr(fidelity, "check", check_missing_the_first)
+    monkeypatch.setattr(policy, "check", check_missing_the_first)
     m = gpt2onnx.export(src_dir, str(tmp_path / "m"), precision="int8", progress=False)
     assert [(t["block_size"], bool(t["missed"])) for t in m["quantization"]["tried"]] == [(64, True), (32, False)]
     assert m["quantization"]["block_size"] == 32 and m["fidelity"]["status"] == "passed"
-    monkeypatch.setattr(fidelity, "check", real_check)
+    monkeypatch.setattr(policy, "check", real_check)
     once = gpt2onnx.export(src_dir, str(tmp_path / "once"), precision="int8", progress=False)["quantization"]["tried"]
     assert [t["block_size"] for t in once] == [64]
     data = {d: os.path.getsize(tmp_path / d / "model.onnx.data") for d in ("m", "once")}

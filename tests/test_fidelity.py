@@ -6,9 +6,11 @@ import os
 
 import numpy as np
 import pytest
+from outliers import inject_outliers
 
-from gpt2onnx import fidelity
-from gpt2onnx.fidelity import GATE, check, gate_text, measure
+from gpt2onnx.eval import fidelity
+from gpt2onnx.eval.fidelity import measure
+from gpt2onnx.exporter.policy import GATE, check, gate_text
 
 
 def _session(path: str):
@@ -106,7 +108,7 @@ def test_outlier_injection_keeps_the_fp32_function(tiny_src):
     with torch.no_grad():
         before = model(x).logits
         plain = seen["x"].amax((0, 1))  # (E,) largest |input| of c_attn per channel
-        channels = fidelity.inject_outliers(model, channels=(3, 17), scale=300.0)
+        channels = inject_outliers(model, channels=(3, 17), scale=300.0)
         after = model(x).logits
         outl = seen["x"].amax((0, 1))
     assert float((before - after).abs().max()) < 1e-4
@@ -127,12 +129,13 @@ def sensitive_src(tmp_path_factory) -> str:
 def _int8_figures(src_folder: str, work, recipes: dict, *, outliers: bool, mode: str = "scale",
                   split: bool = False) -> dict:
     """fp32 vs each int8 recipe on the gate text; `split`: keep calibrated outlier channels in fp32."""
-    from gpt2onnx import graph, sources, tokenizer
-    from gpt2onnx.quantize import calibrate, outlier_channels, quantize_int8
+    from gpt2onnx import tokenizer
+    from gpt2onnx.exporter import graph, sources
+    from gpt2onnx.exporter.quantize import calibrate, outlier_channels, quantize_int8
 
     src = sources.load(src_folder)
     if outliers:
-        fidelity.inject_outliers(src.model, channels=(3, 17), scale=300.0 if mode == "scale" else 100.0, mode=mode)
+        inject_outliers(src.model, channels=(3, 17), scale=300.0 if mode == "scale" else 100.0, mode=mode)
     fp32_dir = work / "fp32"
     fp32_dir.mkdir(parents=True)
     fp32_path = graph.build(sources.numpy_weights(src.model), graph.Dims.from_config(src.config), str(fp32_dir),
@@ -154,7 +157,7 @@ def test_outliers_make_the_shipped_int8_recipe_miss_the_gate(sensitive_src, tmp_
     (accuracy_level=4); float activations (accuracy_level=0, weight-only) do far better.
     Random weights make perplexity meaningless (ppl ~1e17), so only agreement and KL
     are gated here."""
-    from gpt2onnx.quantize import INT8, Int8Recipe
+    from gpt2onnx.exporter.quantize import INT8, Int8Recipe
 
     gate = {k: GATE[k] for k in ("top1_agreement", "mean_kl")}
     plain = _int8_figures(sensitive_src, tmp_path / "plain", {"shipped": INT8}, outliers=False)
@@ -170,7 +173,7 @@ def test_calibrated_outlier_split_passes_the_gate(sensitive_src, tmp_path, mode)
     """The shipped fix: calibration finds exactly the injected channels in every c_attn /
     c_fc input, and keeping them in fp32 (LLM.int8()-style split) brings the shipped
     recipe back to its no-outlier fidelity, for both kinds of injected outliers."""
-    from gpt2onnx.quantize import INT8
+    from gpt2onnx.exporter.quantize import INT8
 
     gate = {k: GATE[k] for k in ("top1_agreement", "mean_kl")}
     hit = _int8_figures(sensitive_src, tmp_path / mode, {"shipped": INT8}, outliers=True, mode=mode, split=True)
@@ -184,8 +187,8 @@ def test_outlier_split_is_exact_in_fp32(tiny_src, tmp_path):
     """split_outliers rewrites MatMuls without changing what the fp32 graph computes."""
     import onnx
 
-    from gpt2onnx import graph, sources
-    from gpt2onnx.quantize import split_outliers
+    from gpt2onnx.exporter import graph, sources
+    from gpt2onnx.exporter.quantize import split_outliers
 
     src = sources.load(tiny_src)
     dims = graph.Dims.from_config(src.config)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -90,7 +89,7 @@ def test_requirements_metadata_tags_and_card(packaged, tiny_int8):
 
     manifest = gpt2onnx.artifact.read_manifest(tiny_int8)
     model = mlflow.models.Model.load(packaged)
-    assert model.metadata["tags"] == {k: str(v) for k, v in manifest["tags"].items()}
+    assert model.metadata["tags"] == {k: str(v) for k, v in manifest.tags.items()}
     assert model.metadata["base_model_task"] == "text-generation"
     assert model.metadata["gpt2onnx"]["precision"] == "int8"
     card = open(os.path.join(tiny_int8, "MODEL_CARD.md"), encoding="utf-8").read()
@@ -108,7 +107,7 @@ def test_model_yml_registers_the_folder(packaged, tiny_int8):
     assert spec["path"] == "."
     assert spec["name"] == g2m.default_name(manifest)
     assert spec["version"] == "1"
-    assert spec["tags"] == {k: str(v) for k, v in manifest["tags"].items()}
+    assert spec["tags"] == {k: str(v) for k, v in manifest.tags.items()}
     assert spec["tags"]["task"] == "text-generation"
     assert spec["description"]
 
@@ -158,8 +157,9 @@ def test_bad_model_folder_and_existing_output(tmp_path, packaged, tiny_int8):
 
 
 def test_cli_writes_the_model_and_force_replaces_it(tiny_int8, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="gpt2onnx")
-    g2m.add_parser(parser.add_subparsers())
+    from gpt2onnx.cli import build_parser
+
+    parser = build_parser()
     out = str(tmp_path / "m")
     args = parser.parse_args(["mlflow", tiny_int8, out, "--name", "gpt2-test", "--version", "3"])
     assert args.func(args) == 0

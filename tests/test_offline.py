@@ -38,7 +38,8 @@ RUN = GUARD + r"""
 import contextlib, io, os, tempfile
 model_dir = sys.argv[1]
 import gpt2onnx
-from gpt2onnx import azureml, batch, cli
+from gpt2onnx import batch, cli
+from gpt2onnx.integrations import azureml
 
 g = gpt2onnx.load(model_dir, threads=1)
 g.generate(["Hello", ""], max_new_tokens=4, do_sample=True, seed=1)
@@ -79,4 +80,4 @@ def test_export_from_a_local_folder_opens_no_connection(tiny_src, tmp_path):
     from gpt2onnx import artifact
 
     assert _run(EXPORT, tiny_src, str(tmp_path / "m")) == []
-    assert artifact.verify(str(tmp_path / "m"))["precision"] == "int8"
+    assert artifact.verify(str(tmp_path / "m")).precision == "int8"

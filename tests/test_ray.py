@@ -13,7 +13,7 @@ import gpt2onnx
 from gpt2onnx.batch import run_batch
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
 from gpt2onnx.integrations import read_jsonl
-from gpt2onnx.ray import Gpt2OnnxPredictor, generate_dataset
+from gpt2onnx.integrations.ray import Gpt2OnnxPredictor, generate_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 

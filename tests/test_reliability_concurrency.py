@@ -18,7 +18,8 @@ import time
 import pytest
 
 import gpt2onnx
-from gpt2onnx import GenerationParams, azureml, runtime
+from gpt2onnx import GenerationParams, runtime
+from gpt2onnx.integrations import azureml
 from gpt2onnx.batch import BatchError, run_batch
 from gpt2onnx.errors import InvalidRequestError
 
@@ -159,14 +160,14 @@ def test_first_requests_race_init_and_load_once(tiny_int8, tmp_path, monkeypatch
 HELD_JOB = r"""
 import os, sys, time
 from gpt2onnx import batch, cli
-real, calls = batch._run_one_batch, [0]
+real, calls = batch.job._run_one_batch, [0]
 def held(gen, rows):  # after 2 batches, wait (bounded) until the test creates RELEASE
     calls[0] += 1
     deadline = time.monotonic() + 120
     while calls[0] == 3 and not os.path.exists(os.environ["RELEASE"]) and time.monotonic() < deadline:
         time.sleep(0.005)
     return real(gen, rows)
-batch._run_one_batch = held
+batch.job._run_one_batch = held
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -23,7 +23,7 @@ import time
 import pytest
 
 import gpt2onnx
-from gpt2onnx import artifact, cli
+from gpt2onnx import artifact, cli, fsutil
 from gpt2onnx.batch import BatchError, run_batch
 from gpt2onnx.errors import ExportError
 
@@ -80,7 +80,8 @@ def job(tmp_path_factory, gen):
 # sleeps until the test kills it), or slows every batch down (HOOK=slow).
 HOOKED = r"""
 import os, sys, time
-from gpt2onnx import batch, batchoutput, cli, runtime
+from gpt2onnx import batch, cli, runtime
+from gpt2onnx.batch import state as batchoutput
 
 hook, marker = os.environ.get("HOOK", ""), os.environ.get("MARKER", "")
 
@@ -92,7 +93,7 @@ def park():
 real_fsync, calls = os.fsync, [0]
 if hook == "load":                          # the state file is written, the output opened, the model loading
     runtime.load = lambda *a, **k: park()
-elif hook == "state":                       # OUTPUT.state.tmp written and fsynced, not yet renamed
+elif hook == "state":                       # the state's temp file written and fsynced, not yet renamed
     def fsync(fd):
         real_fsync(fd)
         park()
@@ -106,7 +107,7 @@ elif hook.startswith("after-fsync-"):       # right after the Nth fsync of this 
             park()
     batchoutput.os.fsync = fsync
 elif hook == "mid-line":                    # the 3rd batch written up to the middle of a row
-    real_write, writes = batchoutput._Writer.write, [0]
+    real_write, writes = batchoutput.Writer.write, [0]
     def write(self, rows):
         writes[0] += 1
         if writes[0] < 3:
@@ -116,13 +117,13 @@ elif hook == "mid-line":                    # the 3rd batch written up to the mi
         self.f.flush()
         real_fsync(self.f.fileno())
         park()
-    batchoutput._Writer.write = write
+    batchoutput.Writer.write = write
 elif hook == "slow":                        # 4 ms more per batch, so random kills land inside the job
-    real_run = batch._run_one_batch
+    real_run = batch.job._run_one_batch
     def run_one(gen, rows):
         time.sleep(0.004)
         return real_run(gen, rows)
-    batch._run_one_batch = run_one
+    batch.job._run_one_batch = run_one
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -186,7 +187,7 @@ def test_batch_sigkill_at_exact_moments_then_rerun(job, tiny_int8, tmp_path, hoo
         if hook == "load":
             assert after == b"" and (tmp_path / "out.jsonl.state").exists()
         if hook == "state":
-            assert not (tmp_path / "out.jsonl.state").exists() and (tmp_path / "out.jsonl.state.tmp").exists()
+            assert not (tmp_path / "out.jsonl.state").exists() and list(tmp_path.glob(".tmp-*"))
         if hook == "mid-line":
             assert not after.endswith(b"\n"), "the hook should leave a torn row"
         if hook == "after-fsync-1" and before:  # the resume's first fsync is its repair of the torn tail
@@ -357,7 +358,7 @@ def test_stale_temp_cleanup_spares_live_exports_and_restores_a_parked_folder(tin
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(WAIT_S)
     try:
-        host = artifact.temp_prefix(out).split(".tmp-")[1].rsplit("-", 2)[0]
+        host = fsutil.temp_prefix(out).split(".tmp-")[1].rsplit("-", 2)[0]
         running = tmp_path / f".out.tmp-{host}-{live.pid}-abc"
         stale = tmp_path / f".out.tmp-{host}-{dead.pid}-def"
         other_host = tmp_path / f".out.tmp-elsewhere-{dead.pid}-ghi"
@@ -366,7 +367,7 @@ def test_stale_temp_cleanup_spares_live_exports_and_restores_a_parked_folder(tin
         for p in (running, stale, other_host, legacy, parked):
             p.mkdir()
         shutil.copytree(tiny_int8, parked / "x")
-        assert sorted(artifact.remove_stale_temps(out)) == sorted([stale.name, parked.name])
+        assert sorted(fsutil.remove_stale_temps(out)) == sorted([stale.name, parked.name])
         assert sorted(os.listdir(tmp_path)) == sorted([running.name, other_host.name, legacy.name, "out"])
         artifact.verify(out)  # the previous model folder is back where it was
     finally:
@@ -379,7 +380,7 @@ def test_ctrl_c_inside_the_force_swap_puts_the_old_folder_back(tiny_src, tiny_in
     the old one comes back (nothing lost) and no temporary folder stays."""
     out = str(tmp_path / "out")
     shutil.copytree(tiny_int8, out)
-    before = artifact.read_manifest(out)["created"]
+    before = artifact.read_manifest(out).to_dict()["created"]
     real_rename = os.rename
 
     def rename(src, dst):
@@ -392,4 +393,4 @@ def test_ctrl_c_inside_the_force_swap_puts_the_old_folder_back(tiny_src, tiny_in
         gpt2onnx.export(tiny_src, out, force=True, progress=False)
     monkeypatch.setattr(os, "rename", real_rename)
     assert os.listdir(tmp_path) == ["out"]
-    assert artifact.verify(out)["created"] == before
+    assert artifact.verify(out).to_dict()["created"] == before

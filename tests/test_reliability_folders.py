@@ -17,7 +17,8 @@ import sys
 import pytest
 
 import gpt2onnx
-from gpt2onnx import artifact, azureml
+from gpt2onnx import artifact
+from gpt2onnx.integrations import azureml
 from gpt2onnx.batch import run_batch
 from gpt2onnx.errors import ArtifactError
 

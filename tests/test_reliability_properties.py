@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpt2onnx
-from gpt2onnx import GenerationParams, azureml
+from gpt2onnx import GenerationParams
+from gpt2onnx.integrations import azureml
 from gpt2onnx.batch import MAX_PROMPTS_PER_LINE, run_batch
 from gpt2onnx.errors import InvalidRequestError
 from gpt2onnx.params import FIELDS

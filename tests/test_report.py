@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gpt2onnx import report, results
+from gpt2onnx.bench import record as results, report
 from gpt2onnx.errors import ArtifactError, Gpt2OnnxError, InvalidRequestError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "bench")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2onnx import results
+from gpt2onnx.bench import record as results
 from gpt2onnx.errors import ArtifactError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "bench")

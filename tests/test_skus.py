@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from gpt2onnx import skus
+from gpt2onnx.bench import skus
 from gpt2onnx.errors import Gpt2OnnxError, InvalidRequestError
 
 CARD = "/work/shared/seeds/002_c6dbc762f0944603.txt"

@@ -44,6 +44,7 @@ import os
 
 from .. import artifact
 from ..errors import ArtifactError, Gpt2OnnxError, InvalidRequestError
+from ..fsutil import atomic_write_text
 from ..params import FIELDS
 from . import generate_rows, read_jsonl, threads_from_env
 
@@ -72,7 +73,7 @@ def init() -> None:
     gen = load(model_dir, threads=threads_from_env())
     _state.update(generator=gen, params=params, batch_size=batch_size, output_dir=output_dir)
     # stdout is what the job's user logs show
-    print(f"gpt2onnx: loaded {model_dir} ({gen.manifest['precision']}, {gen.threads} threads), batch size "
+    print(f"gpt2onnx: loaded {model_dir} ({gen.manifest.precision}, {gen.threads} threads), batch size "
           f"{batch_size}, params {json.dumps(params)}, output {'files' if output_dir else 'rows'}", flush=True)
 
 
@@ -98,10 +99,7 @@ def run(mini_batch: list[str]) -> list[str]:
 
 def _write_lines(path: str, lines: list[str]) -> None:
     """Write a JSONL file atomically: a retried mini-batch replaces it, never appends twice."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def score_file(path: str) -> list[dict]:
@@ -202,7 +200,7 @@ def find_model_dir(root: str | None = None) -> str:
     found (`gpt2onnx.azureml.find_model_dir`); for any other layout, e.g. an MLflow model
     made by ``gpt2onnx mlflow`` (``<folder>/artifacts/<model>/``), set GPT2ONNX_MODEL_DIR.
     """
-    from ..azureml import find_model_dir as find_below
+    from .azureml import find_model_dir as find_below
 
     base = root if root is not None else os.environ.get("AZUREML_MODEL_DIR")
     explicit = os.environ.get("GPT2ONNX_MODEL_DIR")

@@ -41,7 +41,9 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from .. import __version__, artifact, modelcard
+from .. import artifact
+from .._version import __version__
+from ..exporter import modelcard
 from ..errors import ExportError, Gpt2OnnxError, InvalidRequestError
 from . import threads_from_env
 
@@ -201,21 +203,21 @@ def requirements() -> list[str]:
     return out
 
 
-def default_name(manifest: dict) -> str:
+def default_name(manifest) -> str:
     """An Azure ML model name for a folder: ``{name}-onnx-{precision}``, letters, digits, ``-_.`` only.
 
-    >>> default_name({"name": "gpt2", "precision": "int8"})
+    >>> default_name(artifact.read_manifest("out/gpt2-int8"))   # doctest: +SKIP
     'gpt2-onnx-int8'
     """
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{manifest.get('name') or 'gpt2'}-onnx-{manifest['precision']}")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{manifest.name}-onnx-{manifest.precision}")
     return name.strip("-_.")[:255] or "gpt2-onnx"
 
 
-def _description(manifest: dict) -> str:
-    src = manifest.get("source") or {}
-    text = (f"{manifest.get('name', 'gpt2')} ({src.get('id', '?')}) exported to ONNX ({manifest['precision']}) by "
+def _description(manifest) -> str:
+    src = manifest.source
+    text = (f"{manifest.name} ({src.id or '?'}) exported to ONNX ({manifest.precision}) by "
             f"gpt2onnx {__version__}: text generation on CPU with onnxruntime, no torch. See MODEL_CARD.md.")
-    if src.get("random_weights"):
+    if src.random_weights:
         text = "RANDOM WEIGHTS (benchmarking only; the text is meaningless). " + text
     return text
 
@@ -266,7 +268,7 @@ def package_mlflow(model_dir: str, out: str, *, name: str | None = None, version
     manifest = artifact.verify(model_dir)
     if os.path.exists(out) and not force:
         raise ExportError(f"output {out!r} exists; pass --force (force=True) to replace it")
-    tags = {str(k): str(v) for k, v in (manifest.get("tags") or modelcard.tags(manifest)).items()}
+    tags = {str(k): str(v) for k, v in (manifest.tags or modelcard.tags(manifest.to_dict())).items()}
     name = name or default_name(manifest)
     description = description or _description(manifest)
     card = os.path.join(model_dir, "MODEL_CARD.md")
@@ -301,12 +303,12 @@ def package_mlflow(model_dir: str, out: str, *, name: str | None = None, version
                 pip_requirements=requirements(),
                 model_config={"batch_size": batch_size},
                 metadata={
-                    "base_model_name": manifest.get("name"),
+                    "base_model_name": manifest.name,
                     "base_model_task": "text-generation",
                     "tags": tags,
                     "model_card": "MODEL_CARD.md",
-                    "gpt2onnx": {"version": __version__, "precision": manifest["precision"],
-                                 "source": manifest.get("source"), "format_version": manifest.get("format_version")},
+                    "gpt2onnx": {"version": __version__, "precision": manifest.precision,
+                                 "source": manifest.raw.get("source"), "format_version": manifest.format_version},
                 },
             )
         if os.path.isfile(card):
@@ -338,29 +340,3 @@ def _quiet_artifact_copies():
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
-
-
-# -- CLI ---------------------------------------------------------------------------------
-
-
-def add_parser(subparsers) -> None:
-    """Register ``gpt2onnx mlflow MODEL_DIR OUT`` on an argparse subparsers object."""
-    p = subparsers.add_parser("mlflow", help="package a model folder as an MLflow pyfunc model (+ Azure ML model.yml)")
-    p.add_argument("model_dir", help="model folder written by 'gpt2onnx export'")
-    p.add_argument("out", help="MLflow model folder to create")
-    p.add_argument("--name", help="Azure ML model name in model.yml (default: NAME-onnx-PRECISION)")
-    p.add_argument("--version", default="1", help="Azure ML model version in model.yml (default 1)")
-    p.add_argument("--description", help="model description (default: from the manifest)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=BATCH_SIZE,
-                   help=f"prompts per generate call in predict (default {BATCH_SIZE})")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=handler)
-
-
-def handler(args) -> int:
-    """Run ``gpt2onnx mlflow``; returns the exit code."""
-    out = package_mlflow(args.model_dir, args.out, name=args.name, version=args.version,
-                         description=args.description, batch_size=args.batch_size, force=args.force)
-    print(f"wrote MLflow model {out} (pyfunc; params {', '.join(PARAM_DEFAULTS)})")
-    print(f"register: az ml model create -f {os.path.join(out, 'model.yml')} -g RESOURCE_GROUP -w WORKSPACE")
-    return 0

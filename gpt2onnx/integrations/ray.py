@@ -1,6 +1,6 @@
-"""Ray Data: generate over a Dataset with one model per actor (extra ``[ray]``; also `gpt2onnx.ray`).
+"""Ray Data: generate over a Dataset with one model per actor (extra ``[ray]``; also `gpt2onnx.integrations.ray`).
 
->>> import ray, gpt2onnx.ray as g2r                                                  # doctest: +SKIP
+>>> import ray, gpt2onnx.integrations.ray as g2r                                                  # doctest: +SKIP
 >>> ds = ray.data.read_json("prompts.jsonl")          # a "prompt" column, optional "id"  # doctest: +SKIP
 >>> out = ds.map_batches(g2r.Gpt2OnnxPredictor, fn_constructor_args=("models/gpt2-int8",),
 ...                      fn_constructor_kwargs={"threads": 2}, num_cpus=2, batch_size=64,

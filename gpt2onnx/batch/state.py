@@ -1,8 +1,8 @@
 """Batch output: the OUTPUT.jsonl of a batch job, its OUTPUT.state, resume and locked appends.
 
->>> from gpt2onnx.batchoutput import _Writer, _prepare_output
->>> done = _prepare_output("out.jsonl", state)   # doctest: +SKIP
->>> w = _Writer("out.jsonl")                     # doctest: +SKIP
+>>> from gpt2onnx.batch.state import Writer, prepare_output
+>>> done = prepare_output("out.jsonl", state)   # doctest: +SKIP
+>>> w = Writer("out.jsonl")                     # doctest: +SKIP
 >>> w.write([{"id": "a", "line": 1, "index": 0, "text": "..."}]); w.close()   # doctest: +SKIP
 
 How a job survives a crash::
@@ -13,8 +13,8 @@ How a job survives a crash::
     restart:  check OUTPUT.state  ->  cut a torn last line  ->  keys (line, index) of
               the rows present  ->  skip those rows  ->  append the rest
 
-`_prepare_output` does the restart half and returns the done keys, sorted, for
-`gpt2onnx.batchinput._read_rows` to skip; `_Writer` appends (flock-ed, fsynced).
+`prepare_output` does the restart half and returns the done keys, sorted, for
+`gpt2onnx.batch.rows._read_rows` to skip; `Writer` appends (flock-ed, fsynced).
 """
 
 from __future__ import annotations
@@ -29,19 +29,16 @@ try:
 except ImportError:  # Windows: no lock on the output
     fcntl = None
 
-from . import __version__
-from .batchinput import MAX_PROMPTS_PER_LINE, _key
-from .errors import Gpt2OnnxError
+from .._version import __version__
+from ..errors import BatchError
+from ..fsutil import atomic_write_text
+from .rows import MAX_PROMPTS_PER_LINE, row_key_of
 
 STATE_FORMAT = "gpt2onnx-batch-state"
 STATE_VERSION = 1
 
 
-class BatchError(Gpt2OnnxError):
-    """A batch job cannot start or go on (input missing, output unwritable, output of another job)."""
-
-
-def _check_input(input_path: str, output_path: str) -> None:
+def check_input(input_path: str, output_path: str) -> None:
     if not os.path.exists(input_path):
         raise BatchError(f"input file {input_path!r} does not exist")
     if not os.path.isfile(input_path):
@@ -52,7 +49,7 @@ def _check_input(input_path: str, output_path: str) -> None:
         raise BatchError(f"output {output_path!r} is a directory; pass a file path like {output_path}/out.jsonl")
 
 
-def _fingerprint(path: str) -> tuple[str, int]:
+def fingerprint(path: str) -> tuple[str, int]:
     """sha256 of the input and its number of non-blank lines (the progress bar's first total)."""
     h, lines = hashlib.sha256(), 0
     try:
@@ -65,9 +62,10 @@ def _fingerprint(path: str) -> tuple[str, int]:
     return h.hexdigest(), lines
 
 
-def _model_identity(manifest: dict) -> dict:
-    files = manifest.get("files", {})
-    return {"name": manifest.get("name"), "precision": manifest.get("precision"),
+def model_identity(manifest) -> dict:
+    """What the ``.state`` sidecar records of the model: a different model refuses to resume the job."""
+    files = manifest.files
+    return {"name": manifest.name, "precision": manifest.precision,
             "model_sha256": files.get("model.onnx", {}).get("sha256"),
             "data_sha256": files.get("model.onnx.data", {}).get("sha256")}
 
@@ -76,7 +74,7 @@ def _state_path(output_path: str) -> str:
     return output_path + ".state"
 
 
-def _prepare_output(output_path: str, state: dict) -> array.array:
+def prepare_output(output_path: str, state: dict) -> array.array:
     """Check that OUTPUT belongs to this job, cut a torn tail, and return the sorted done keys."""
     state_path = _state_path(output_path)
     has_rows = os.path.isfile(output_path) and os.path.getsize(output_path) > 0
@@ -106,14 +104,8 @@ def _prepare_output(output_path: str, state: dict) -> array.array:
 
 
 def _write_state(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({**state, "gpt2onnx_version": __version__}, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({**state, "gpt2onnx_version": __version__}, indent=1) + "\n")
     except OSError as e:
         raise BatchError(f"cannot write {path!r} ({e.strerror or e}); check the output folder exists "
                          "and is writable") from None
@@ -159,10 +151,10 @@ def _row_key(raw: bytes) -> int | None:
         return None
     if type(line) is not int or type(index) is not int or line < 1 or not 0 <= index < MAX_PROMPTS_PER_LINE:
         return None
-    return _key(line, index)
+    return row_key_of(line, index)
 
 
-class _Writer:
+class Writer:
     """Appends rows to OUTPUT; every `write` is flushed and fsynced before it returns.
 
     The file stays locked (flock) while the job runs: a second job started on the same

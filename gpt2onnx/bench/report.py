@@ -21,9 +21,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import results as _results
+from . import record as _results
 from . import skus as _skus
-from .errors import Gpt2OnnxError, InvalidRequestError
+from ..errors import Gpt2OnnxError, InvalidRequestError
 from .skus import Prices, load_prices
 
 PROJECTION_LABEL = "projection (not measured)"

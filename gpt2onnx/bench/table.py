@@ -1,7 +1,7 @@
 """A bench record as a plain-text table for the terminal (what ``gpt2onnx bench`` prints).
 
 >>> from gpt2onnx import results
->>> from gpt2onnx.benchtable import format_table
+>>> from gpt2onnx.bench.table import format_table
 >>> print(format_table(results.load("results/20240501T120000Z-Standard_F4s_v2-gpt2-int8.json")))  # doctest: +SKIP
 
 One row per runtime and configuration, plus the machine the figures are valid on, the
@@ -11,9 +11,9 @@ the machine does not match the record's SKU.
 
 from __future__ import annotations
 
-from . import results as _results
+from . import record as _results
 from . import skus as _skus
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 
 def _f(x, fmt: str = ".1f", suffix: str = "") -> str:

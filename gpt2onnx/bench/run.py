@@ -6,7 +6,7 @@
 
 For every threads x batch size x prompt length, each runtime runs in turn — gpt2onnx,
 then transformers `generate` on PyTorch fp32, then Optimum's `ORTModelForCausalLM` fp32
-and int8 — each in a fresh process (`gpt2onnx.benchworker`), so its load time and peak
+and int8 — each in a fresh process (`gpt2onnx.bench.worker`), so its load time and peak
 RSS (the worker's own VmHWM) are its own. Every runtime gets the same weights (the
 PyTorch model is rebuilt from the source the manifest names), the same prompt token
 ids, the same thread count, greedy decoding and exactly `new_tokens` tokens per row. Each process warms up, then times
@@ -21,13 +21,13 @@ model's initializers (parameters for PyTorch) minus the tables that are only gat
 p50 / floor, each runtime with its own weight bytes (fp32 or int8); at batch > 1 a step
 still reads the weights once.
 
-The record (schema `gpt2onnx.results`) goes to ``<out>/<date>-<sku or host>-<model>-<precision>.json``.
+The record (schema `gpt2onnx.bench.record`) goes to ``<out>/<date>-<sku or host>-<model>-<precision>.json``.
 
 Where the parts are: this module checks the arguments, runs the grid and writes the
-record, and holds the ``bench``, ``skus`` and ``report`` commands; `gpt2onnx.benchenv`
-captures the machine and measures the bandwidth; `gpt2onnx.benchruns` decides which
+record; `gpt2onnx.bench.env`
+captures the machine and measures the bandwidth; `gpt2onnx.bench.runs` decides which
 baselines can run, starts the worker for each run and turns its timings into a result
-row; `gpt2onnx.benchtable` prints a record as a table.
+row; `gpt2onnx.bench.table` prints a record as a table.
 """
 
 from __future__ import annotations
@@ -40,16 +40,13 @@ import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
-from . import artifact, cpu
-from . import results as _results
+from .. import artifact, cpu
+from . import record as _results
 from . import skus as _skus
-from .benchenv import BANDWIDTH_MIB, environment, measure_bandwidth
-from .benchenv import git_revision  # noqa: F401  (re-exported: gpt2onnx.bench.git_revision)
-from .benchruns import (_call_worker, _missing, _model_bytes, _model_weight_bytes, _optimum_isa, _row,
-                        _source_fingerprint, _source_spec)
-from .benchruns import onnx_weight_bytes  # noqa: F401  (re-exported: gpt2onnx.bench.onnx_weight_bytes)
-from .benchtable import format_table
-from .errors import InvalidRequestError
+from .env import BANDWIDTH_MIB, environment, measure_bandwidth
+from .runs import (call_worker, missing_packages, model_bytes, model_weight_bytes, optimum_isa, result_row,
+                        source_fingerprint, source_spec)
+from ..errors import InvalidRequestError
 
 BASELINES = ("pytorch", "optimum")
 _EXTRA_HINT = "pip install 'gpt2onnx[export]'"
@@ -155,12 +152,12 @@ def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[i
     >>> [r["runtime"] for r in rec["results"]]                                        # doctest: +SKIP
     ['gpt2onnx', 'pytorch']
     """
-    return _run(model_dir, sku=sku, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+    return run_with_path(model_dir, sku=sku, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                 threads=threads, baselines=baselines, repeats=repeats, warmup=warmup, out_dir=out_dir,
                 progress=progress, bandwidth_mib=bandwidth_mib)[0]
 
 
-def _run(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, baselines, repeats, warmup, out_dir,
+def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, baselines, repeats, warmup, out_dir,
          progress, bandwidth_mib) -> tuple[dict, str | None]:
     from tqdm import tqdm
 
@@ -174,7 +171,7 @@ def _run(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, bas
     repeats, warmup = _check_int(repeats, "repeats", 1), _check_int(warmup, "warmup", 0)
     bandwidth_mib = _check_int(bandwidth_mib, "bandwidth_mib", 1)
     baselines = _check_baselines(baselines)
-    context = manifest["dims"]["n_positions"]
+    context = manifest.dims.n_positions
     if max(prompt_tokens) + new_tokens > context:
         raise InvalidRequestError(f"prompt tokens {max(prompt_tokens)} + new tokens {new_tokens} exceed the model's "
                                   f"context of {context}; use shorter prompts or fewer new tokens")
@@ -184,14 +181,14 @@ def _run(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, bas
     if out_dir is not None:
         out_dir = _check_out_dir(out_dir)
 
-    precision = manifest["precision"]
+    precision = manifest.precision
     runtimes: list[tuple[str, str]] = [("gpt2onnx", precision)]
     runtimes += [("pytorch", "fp32")] * ("pytorch" in baselines)
     runtimes += [("optimum", "fp32"), ("optimum", "int8")] * ("optimum" in baselines)
     skip: dict[str, str] = {}  # baseline -> why it is not run
-    source, why = _source_spec(manifest) if baselines else (None, None)
+    source, why = source_spec(manifest) if baselines else (None, None)
     for b in baselines:
-        missing = _missing(b)
+        missing = missing_packages(b)
         if missing:
             skip[b] = f"not run: needs {', '.join(missing)} ({_EXTRA_HINT})"
         elif source is None:
@@ -213,16 +210,16 @@ def _run(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, bas
         optimum_dirs = {}
         if optimum_prep:
             bar.set_postfix_str("Optimum export + int8 (cached)")
-            cache = os.path.join(out_dir or scratch.name, ".cache", "optimum", _source_fingerprint(source, manifest))
-            prep = _call_worker({"mode": "prepare-optimum", "source": source, "cache_dir": cache,
-                                 "isa": _optimum_isa()}, max(threads))
+            cache = os.path.join(out_dir or scratch.name, ".cache", "optimum", source_fingerprint(source, manifest))
+            prep = call_worker({"mode": "prepare-optimum", "source": source, "cache_dir": cache,
+                                 "isa": optimum_isa()}, max(threads))
             if "error" in prep:
                 skip["optimum"] = f"Optimum export failed: {prep['error']}"
             else:
                 optimum_dirs = {"fp32": (prep["fp32_dir"], "model.onnx"),
                                 "int8": (prep["int8_dir"], "model_quantized.onnx")}
             bar.update()
-        ours_bytes = _model_weight_bytes(model_dir, manifest)
+        ours_bytes = model_weight_bytes(model_dir, manifest)
         rows = []
         for cfg in configs:
             t, b, p = cfg
@@ -236,10 +233,10 @@ def _run(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, bas
                            "warmup": warmup, "repeats": repeats, "source": source}
                     if runtime == "optimum":
                         job["optimum_dir"], job["optimum_file"] = optimum_dirs[prec]
-                    out = _call_worker(job, t)
+                    out = call_worker(job, t)
                     if runtime == "gpt2onnx" and "error" not in out:
                         out["weight_bytes_per_token"] = ours_bytes
-                rows.append(_row(runtime, prec, cfg, new_tokens, out, bandwidth))
+                rows.append(result_row(runtime, prec, cfg, new_tokens, out, bandwidth))
                 bar.update()
     finally:
         bar.close()
@@ -250,9 +247,8 @@ def _run(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, bas
         "schema": _results.SCHEMA,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "sku": sku, "projection": False, "environment": env,
-        "model": {"name": str(manifest.get("name", os.path.basename(model_dir))), "precision": precision,
-                  "random_weights": bool((manifest.get("source") or {}).get("random_weights")),
-                  "n_params": int(manifest.get("n_params", 0)), "size_bytes": _model_bytes(manifest),
+        "model": {"name": manifest.name, "precision": precision, "random_weights": manifest.source.random_weights,
+                  "n_params": manifest.n_params, "size_bytes": model_bytes(manifest),
                   "weight_bytes_per_token": int(ours_bytes)},
         "settings": {"threads": threads, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup,
                      "batch_sizes": batch_sizes, "prompt_tokens": prompt_tokens},
@@ -265,80 +261,3 @@ def _run(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, bas
     else:
         _results.validate(record, source="bench record")
     return record, path
-
-
-# -- command line ---------------------------------------------------------------------
-
-
-def _bench_cmd(a) -> int:
-    record, path = _run(
-        a.model_dir, sku=a.sku, batch_sizes=parse_int_list(a.batch_sizes, "--batch-sizes"),
-        prompt_tokens=parse_int_list(a.prompt_tokens, "--prompt-tokens"), new_tokens=a.new_tokens,
-        threads=parse_int_list(a.threads, "--threads") if a.threads else None, baselines=a.baselines,
-        repeats=a.repeats, warmup=a.warmup, out_dir=a.out, progress=not a.quiet, bandwidth_mib=BANDWIDTH_MIB)
-    print(format_table(record))
-    print(f"wrote {path}")
-    return 0
-
-
-def _skus_cmd(a) -> int:
-    model_bytes = _model_bytes(artifact.read_manifest(a.model_dir)) if a.model_dir else None
-    print(_skus.format_catalog(model_bytes=model_bytes))
-    return 0
-
-
-def _expand_records(paths: Sequence[str]) -> list[str]:
-    out = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(os.path.join(p, n) for n in os.listdir(p) if n.endswith(".json") and not n.startswith("."))
-            if not found:
-                raise InvalidRequestError(f"{p!r} holds no *.json bench records; run 'gpt2onnx bench' first")
-            out += found
-        else:
-            out.append(p)
-    return out
-
-
-def _report_cmd(a) -> int:
-    from .report import build_report
-
-    rep = build_report(_expand_records(a.results), a.out, prices_path=a.prices,
-                       slo_first_token_ms=a.slo_first_token_ms, slo_token_ms=a.slo_token_ms)
-    for w in rep.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    for r in rep.recommendations:
-        print(f"{r.group}: {r.sku or 'NONE'} — {r.note}")
-    print(f"wrote {rep.markdown_path}, {rep.html_path} and {len(rep.plot_paths)} plot(s)")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    """Register the ``bench``, ``skus`` and ``report`` subcommands on an argparse subparsers object."""
-    b = subparsers.add_parser("bench", help="measure a model folder (and PyTorch/Optimum baselines) on this machine")
-    b.add_argument("model_dir")
-    b.add_argument("--sku", help="the Azure VM size this machine is (default: $GPT2ONNX_SKU; never guessed)")
-    b.add_argument("--batch-sizes", default="1,8", metavar="N[,M]", help="default 1,8")
-    b.add_argument("--prompt-tokens", default="32,128", metavar="N[,M]",
-                   help="prompt lengths in tokens; default 32,128")
-    b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, EOS ignored; default 128")
-    b.add_argument("--threads", metavar="N[,M]", help="intra-op thread counts (default: physical cores)")
-    b.add_argument("--baselines", default="pytorch,optimum",
-                   help="comma list of pytorch, optimum; or none (default pytorch,optimum)")
-    b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; default 3")
-    b.add_argument("--warmup", type=int, default=1, help="untimed runs before them; default 1")
-    b.add_argument("--out", default="results", help="folder for the result JSON (default results/)")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
-    b.set_defaults(func=_bench_cmd)
-
-    s = subparsers.add_parser("skus", help="list the Azure CPU VM sizes of the catalog")
-    s.add_argument("--model-dir", help="flag which sizes have the memory for this model folder")
-    s.set_defaults(func=_skus_cmd)
-
-    r = subparsers.add_parser("report", help="merge bench results into report.md/report.html with plots")
-    r.add_argument("results", nargs="+", help="result JSON files or folders of them")
-    r.add_argument("--out", default="bench/report", help="report folder (default bench/report)")
-    r.add_argument("--prices", metavar="TOML", help="VM prices per hour (see bench/prices.example.toml)")
-    r.add_argument("--slo-first-token-ms", type=float, help="batch-1 first-token p50 limit for recommendations")
-    r.add_argument("--slo-token-ms", type=float, help="batch-1 per-token p50 limit for recommendations")
-    r.set_defaults(func=_report_cmd)

@@ -29,11 +29,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from datetime import datetime
 from typing import Any
 
-from .errors import ArtifactError
+from ..errors import ArtifactError
+from ..fsutil import atomic_write
 
 SCHEMA = "gpt2onnx.bench/1"
 SCHEMA_VERSION = 1
@@ -214,23 +214,6 @@ def dump(record: dict, path: str) -> None:
     path = os.fspath(path)
     validate(record, source=path)
     atomic_write(path, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        # mkstemp makes 0600 files; keep the mode of a file we replace, else rw-r--r--.
-        os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _div(a: float, b: float) -> float | None:

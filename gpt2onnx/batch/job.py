@@ -4,7 +4,7 @@
 >>> run_batch("out/gpt2-int8", "prompts.jsonl", "out.jsonl", batch_size=8)   # doctest: +SKIP
 BatchSummary(rows=1000, ok=998, errors=2, skipped_already_done=0, tokens=49900, seconds=...)
 
-or ``gpt2onnx batch MODEL_DIR INPUT.jsonl OUTPUT.jsonl`` (`add_parser`).
+or ``gpt2onnx batch MODEL_DIR INPUT.jsonl OUTPUT.jsonl``.
 
 Input lines are ``{"id": ..., "prompt": "...", <GenerationParams overrides>}`` or the
 Azure ML request form ``{"input_data": ["...", ...], "params": {...}}``. Every prompt
@@ -13,8 +13,8 @@ gives one output line, in input order; a bad line gives ``{"id", "line", "index"
 
 This module is the job loop: read ahead a window of rows, batch pending rows of similar
 length, write the finished head of the window in order. Parsing the input lines is
-`gpt2onnx.batchinput`; the output file, its ``.state``, resuming after a crash and the
-locked, fsynced appends are `gpt2onnx.batchoutput`. Rows are keyed by (input line, index
+`gpt2onnx.batch.rows`; the output file, its ``.state``, resuming after a crash and the
+locked, fsynced appends are `gpt2onnx.batch.state`. Rows are keyed by (input line, index
 within the line), not by position, so a row is never written twice even if rows had
 been written out of order.
 """
@@ -27,13 +27,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from . import artifact
-from .batchinput import MAX_PROMPTS_PER_LINE  # noqa: F401  (re-exported: gpt2onnx.batch.MAX_PROMPTS_PER_LINE)
-from .batchinput import _error_row, _read_rows, _Row
-from .batchoutput import STATE_FORMAT, STATE_VERSION, BatchError  # noqa: F401  (re-exported)
-from .batchoutput import _check_input, _fingerprint, _model_identity, _prepare_output, _Writer
-from .errors import InvalidRequestError
-from .params import GenerationParams
+from .. import artifact
+from ..errors import InvalidRequestError
+from ..params import GenerationParams
+from .rows import Row, error_row, read_rows
+from .state import STATE_FORMAT, STATE_VERSION, Writer, check_input, fingerprint, model_identity, prepare_output
 
 WINDOW_BATCHES = 8  # rows read ahead = 8 x batch size: room to group by length, memory stays flat
 MAX_BATCH_SIZE = 1024
@@ -85,15 +83,15 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
         raise InvalidRequestError(f"batch_size must be an integer in [1, {MAX_BATCH_SIZE}], got {batch_size!r}")
     base = _job_params(params)
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
-    _check_input(input_path, output_path)
+    check_input(input_path, output_path)
     loaded = hasattr(model_or_dir, "generate_batch")
     manifest = model_or_dir.manifest if loaded else artifact.read_manifest(model_or_dir)  # cheap: no onnxruntime
-    input_sha, input_lines = _fingerprint(input_path)
+    input_sha, input_lines = fingerprint(input_path)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "input_sha256": input_sha,
-             "params": GenerationParams.from_dict(base).to_dict(), "model": _model_identity(manifest)}
-    writer = _Writer(output_path)  # opened and locked first: unwritable or busy fails fast, before the model load
+             "params": GenerationParams.from_dict(base).to_dict(), "model": model_identity(manifest)}
+    writer = Writer(output_path)  # opened and locked first: unwritable or busy fails fast, before the model load
     try:
-        done = _prepare_output(output_path, state)
+        done = prepare_output(output_path, state)
         writer.size = os.fstat(writer.f.fileno()).st_size  # after a torn tail was cut
     except BaseException:
         writer.close()
@@ -103,14 +101,14 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
     try:
         gen = model_or_dir
         if not loaded:
-            from .runtime import load
+            from ..runtime import load
 
             gen = load(model_or_dir, threads=threads)
         t_run = time.perf_counter()
         # total starts at the non-blank lines; each extra prompt of an input_data line adds one
         bar = _progress_bar(progress, total=input_lines, initial=len(done))
-        rows = _read_rows(input_path, base, done, gen)
-        window: deque[_Row] = deque()
+        rows = read_rows(input_path, base, done, gen)
+        window: deque[Row] = deque()
         limit = WINDOW_BATCHES * batch_size
         exhausted = False
         while True:
@@ -159,7 +157,7 @@ def _job_params(params) -> dict:
     return dict(params)
 
 
-def _pick_batch(pending: list[_Row], size: int) -> list[_Row]:
+def _pick_batch(pending: list[Row], size: int) -> list[Row]:
     """The oldest pending row and the pending rows closest to it in length.
 
     Always taking the oldest row lets the in-order output advance after every batch;
@@ -171,7 +169,7 @@ def _pick_batch(pending: list[_Row], size: int) -> list[_Row]:
     return [head, *rest]
 
 
-def _run_one_batch(gen, batch: list[_Row]) -> int:
+def _run_one_batch(gen, batch: list[Row]) -> int:
     """Generate for `batch`, filling each row's output; returns tokens generated."""
     t0 = time.perf_counter()
     try:
@@ -187,7 +185,7 @@ def _run_one_batch(gen, batch: list[_Row]) -> int:
     tokens = 0
     for r, res in zip(batch, results):
         if isinstance(res, Exception):
-            r.out = _error_row(r, str(res))
+            r.out = error_row(r, str(res))
             continue
         tokens += res.generated_tokens
         r.out = {"id": r.id, "line": r.line, "index": r.index, "text": res.text, "prompt_tokens": res.prompt_tokens,
@@ -203,34 +201,3 @@ def _progress_bar(progress: bool | None, *, total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="row", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-
-
-# -- command line ---------------------------------------------------------------------
-
-
-def add_parser(subparsers) -> None:
-    """Register ``gpt2onnx batch`` on the CLI's subparsers."""
-    from .cli import _add_param_flags
-
-    b = subparsers.add_parser("batch", help="generate for a JSONL file of prompts: in order, resumable, error rows",
-                              description="Generate for every line of INPUT.jsonl into OUTPUT.jsonl. Rerun the same "
-                                          "command after a crash to finish the job.")
-    b.add_argument("model_dir")
-    b.add_argument("input", metavar="INPUT.jsonl")
-    b.add_argument("output", metavar="OUTPUT.jsonl")
-    b.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="prompts per model call (default 8)")
-    _add_param_flags(b)
-    b.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.set_defaults(func=_cli)
-
-
-def _cli(a) -> int:
-    from .cli import _param_overrides
-
-    s = run_batch(a.model_dir, a.input, a.output, batch_size=a.batch_size, params=_param_overrides(a),
-                  progress=False if a.no_progress else None, threads=a.threads)
-    done = f", {s.skipped_already_done} already done" if s.skipped_already_done else ""
-    print(f"{a.output}: {s.ok} ok, {s.errors} errors{done}; {s.tokens} tokens in {s.seconds:.1f} s "
-          f"({s.tokens / max(s.seconds, 1e-9):.1f} tokens/s)")
-    return 0

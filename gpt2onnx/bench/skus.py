@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
 
-from .errors import Gpt2OnnxError, InvalidRequestError
+from ..errors import Gpt2OnnxError, InvalidRequestError
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx")
 MIN_INFERENCE_VCPUS = 2  # model card: inference-min-sku-spec 2|0|8|28 (vCPU|GPU|GiB|disk GiB)

@@ -22,8 +22,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from . import __version__
-from .errors import ExportError, Gpt2OnnxError, ParityError, UnsupportedModelError
+from .._version import __version__
+from ..errors import ExportError, Gpt2OnnxError, ParityError, UnsupportedModelError
 
 PRECISIONS = ("fp32", "int8")
 
@@ -74,25 +74,8 @@ class _Progress:
         self.bar.close()
 
 
-def _check_outdir(cfg: ExportConfig) -> str:
-    out = os.path.abspath(cfg.outdir)
-    if os.path.exists(out):
-        if not cfg.force:
-            raise ExportError(f"output folder {cfg.outdir!r} exists; pass --force to replace it")
-        if not os.path.isdir(out):
-            raise ExportError(f"output path {cfg.outdir!r} exists and is not a folder; choose another path")
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create {parent!r} ({e.strerror}); choose a writable output path") from None
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"cannot write in {parent!r}; choose a writable output path")
-    return out
-
-
 def _tokenizer(cfg: ExportConfig, src, vocab_size: int):
-    from . import tokenizer as tok
+    from .. import tokenizer as tok
 
     if cfg.tokenizer:
         if not os.path.isdir(cfg.tokenizer):
@@ -130,14 +113,6 @@ def _versions() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__}
 
 
-def _session(path: str):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
 def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = False,
            random_weights: bool = False, seed: int = 0, tokenizer: str | None = None,
            progress: bool = True, accept_fidelity_miss: bool = False) -> dict:
@@ -166,7 +141,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         UnsupportedModelError: the source is missing or not GPT-2.
         ExportError: the output cannot be written.
         ParityError: the fp32 graph does not reproduce PyTorch within 1e-3.
-        FidelityError: the int8 graph misses the gate of `gpt2onnx.fidelity` on real
+        FidelityError: the int8 graph misses the gate of `gpt2onnx.exporter.policy` on real
             text (unless `accept_fidelity_miss`).
 
     >>> m = export("gpt2", "out/gpt2", random_weights=True)   # doctest: +SKIP
@@ -176,17 +151,18 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
     cfg = ExportConfig(source=os.fspath(source), outdir=os.fspath(outdir), precision=precision, force=force,
                        random_weights=random_weights, seed=seed, tokenizer=tokenizer, progress=progress,
                        accept_fidelity_miss=accept_fidelity_miss)
-    from .artifact import remove_own_temps, remove_stale_temps, temp_prefix
+    from ..fsutil import remove_own_temps, remove_stale_temps, temp_prefix
+    from .publish import check_outdir, publish
 
     remove_stale_temps(cfg.outdir)  # folders of killed exports; moves a parked old folder back
-    out = _check_outdir(cfg)
+    out = check_outdir(cfg)
     parent = os.path.dirname(out)
     bar = _Progress(8 if precision == "int8" else 6, progress)  # before mkdtemp: a Ctrl-C here leaves nothing
     ok = False
     try:
         tmp = tempfile.mkdtemp(prefix=temp_prefix(out), dir=parent)
         manifest = _export_into(cfg, tmp, bar)
-        _publish(tmp, out)
+        publish(tmp, out)
         ok = True
         return manifest
     except BaseException as e:
@@ -199,71 +175,9 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         bar.close(ok)
 
 
-def _publish(tmp: str, out: str) -> None:
-    """Move the finished folder into place; an old one is removed only after."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; give the usual permissions
-    for name in os.listdir(tmp):
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    if os.path.exists(out):
-        from .artifact import temp_prefix
-
-        old = tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=os.path.dirname(out))
-        os.rename(out, os.path.join(old, "x"))
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
-def _quantize(cfg: ExportConfig, tmp: str, fp32_path: str, steps, dims, outliers: dict, gate_ids, window: int,
-              random_weights: bool, bar: _Progress) -> tuple[dict, dict, dict]:
-    """Quantize, then gate on real text; a miss retries with the finer fallback recipe.
-
-    Returns the quantization record, the int8 parity figures and the fidelity record;
-    raises FidelityError when the last recipe misses too (unless accepted).
-    """
-    from . import fidelity, parity
-    from .errors import FidelityError
-    from .quantize import INT8, quantize_int8, recipes_to_try
-
-    ref = None  # made after the first quantization: the quantizer and an fp32 session at once would double the peak
-    stride = window // 2
-    tried = []
-    for i, recipe in enumerate(recipes_to_try(INT8, dims.n_embd)):
-        if i == 0:
-            bar.step("quantize int8")
-        else:
-            bar.note(f"quantize int8 again with block {recipe.block_size} (block {tried[-1]['block_size']} "
-                     "missed the fidelity gate)")
-        session = _session(quantize_int8(fp32_path, tmp, recipe, outliers))
-        if ref is None:
-            ref = _session(fp32_path)
-        if i == 0:
-            bar.step("int8 fidelity gate on real text")
-        figures = fidelity.measure(ref, session, gate_ids, window=window, stride=stride, limit=fidelity.GATE_WINDOWS)
-        gate, why = fidelity.gate_for(figures, dims.vocab_size, random_weights)
-        missed = fidelity.check(figures, gate)
-        tried.append({"block_size": recipe.block_size, "top1_agreement": figures["top1_agreement"],
-                      "mean_kl": figures["mean_kl"], "missed": missed})
-        if not missed:
-            break
-    if missed and not cfg.accept_fidelity_miss:
-        raise FidelityError(f"the int8 graph misses the fidelity gate on real text ({'; '.join(missed)}); "
-                            "export fp32 instead, or pass --accept-fidelity-miss to keep it (recorded in the manifest)")
-    q = parity.compare(steps, parity.run_onnx(session, steps, dims))
-    par = {"max_abs_diff": q["max_abs_diff"], "top1_agreement": q["top1_agreement"],
-           "mean_kl": q["mean_kl"], "max_kl": q["max_kl"]}
-    quant = dict(recipe.to_json(), outlier_channels={k: v for k, v in sorted(outliers.items())}, tried=tried)
-    fid = dict(figures, text="gpt2onnx/data/gate_text.txt (WikiText-2 test tail)", window=window, stride=stride,
-               gate=gate, gated=why, missed=missed,
-               status="missed, accepted with --accept-fidelity-miss" if missed else "passed")
-    return quant, par, fid
-
-
 def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
-    from . import artifact, fidelity, graph, modelcard, parity, sources
+    from .. import artifact
+    from . import graph, modelcard, parity, policy, sources
     from .quantize import INT8, calibrate, outlier_channels
 
     t0 = time.perf_counter()
@@ -284,8 +198,8 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
     window = min(dims.n_positions, 1024)
     gate_ids = outliers = None
     if cfg.precision == "int8":  # which MatMul inputs have outlier channels (see quantize.py)
-        gate_ids = tok.encode(fidelity.gate_text()).ids
-        outliers = outlier_channels(calibrate(src.model, gate_ids[:fidelity.CALIBRATION_TOKENS], window=window), INT8)
+        gate_ids = tok.encode(policy.gate_text()).ids
+        outliers = outlier_channels(calibrate(src.model, gate_ids[:policy.CALIBRATION_TOKENS], window=window), INT8)
     config_json = src.config.to_dict()
     eos = src.config.eos_token_id if src.config.eos_token_id is not None else tok.token_to_id("<|endoftext|>")
     bos = src.config.bos_token_id if src.config.bos_token_id is not None else eos
@@ -296,7 +210,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
     gc.collect()
 
     bar.step("verify fp32 parity")
-    fp32 = parity.compare(steps, parity.run_onnx(_session(fp32_path), steps, dims))
+    fp32 = parity.compare(steps, parity.run_onnx(policy.cpu_session(fp32_path), steps, dims))
     if fp32["max_abs_diff"] > parity.FP32_TOLERANCE:
         raise ParityError(
             f"the fp32 graph differs from PyTorch by {fp32['max_abs_diff']:.3g} (> {parity.FP32_TOLERANCE}); "
@@ -307,7 +221,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
            "positions": fp32["positions"]}
     quant = fid = None
     if cfg.precision == "int8":
-        quant, par["int8"], fid = _quantize(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
+        quant, par["int8"], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
                                             source_info["random_weights"], bar)
         shutil.rmtree(fp32_dir)
 
@@ -337,8 +251,8 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
     bar.step("write model card and hashes")
     # The card lists file sizes, so write a provisional manifest first to size the files.
     artifact.write_manifest(tmp, manifest)
-    manifest = artifact.read_manifest(tmp)
+    manifest = artifact.read_manifest(tmp).to_dict()
     with open(os.path.join(tmp, "MODEL_CARD.md"), "w", encoding="utf-8") as f:
         f.write(modelcard.render(manifest))
     artifact.write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
-    return artifact.read_manifest(tmp)
+    return artifact.read_manifest(tmp).to_dict()

@@ -1,4 +1,4 @@
-"""One benchmark measurement in a fresh process: ``python -m gpt2onnx.benchworker``.
+"""One benchmark measurement in a fresh process: ``python -m gpt2onnx.bench.worker``.
 
 `gpt2onnx.bench` starts one of these per runtime and configuration, so imports, load
 and peak RSS (VmHWM at the end) belong to that runtime alone. The job is one
@@ -114,8 +114,8 @@ def _measure(job: dict, tokenize: Callable[[], object], once: Callable[[], Timin
 
 
 def _run_gpt2onnx(job: dict) -> dict:
-    from . import load
-    from .params import GenerationParams
+    from .. import load
+    from ..params import GenerationParams
 
     t = time.perf_counter()
     gen = load(job["model_dir"], threads=job["threads"])
@@ -196,7 +196,7 @@ def _torch_threads(n: int) -> None:
 
 
 def _load_source(spec: dict):
-    from . import sources
+    from ..exporter import sources
 
     return sources.load(spec["id"], random_weights=spec["random_weights"], seed=spec["seed"] or 0)
 
@@ -226,7 +226,7 @@ def _run_optimum(job: dict) -> dict:
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from .benchruns import onnx_weight_bytes
+    from .runs import onnx_weight_bytes
 
     _torch_threads(job["threads"])
     so = ort.SessionOptions()

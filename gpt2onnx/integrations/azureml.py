@@ -2,7 +2,7 @@
 
 The entry script of a deployment is two lines (``gpt2onnx azureml-kit`` writes it)::
 
-    from gpt2onnx.azureml import init, run  # noqa: F401
+    from gpt2onnx.integrations.azureml import init, run  # noqa: F401
 
 A request is the one of the Azure ML gpt2 model card; the answer is one string per
 prompt:
@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 from typing import Any
 
-from .artifact import MANIFEST
-from .errors import ArtifactError, Gpt2OnnxError, InvalidRequestError
-from .params import GenerationParams
+from ..artifact import MANIFEST
+from ..cpu import threads_from_env
+from ..errors import ArtifactError, InvalidRequestError
+from ..params import GenerationParams
 
 MAX_PROMPTS = 64  # prompts per request; larger jobs belong in `gpt2onnx batch`
 MAX_BODY_BYTES = 1 << 20  # 1 MiB request body
 SEARCH_DEPTH = 2  # a registered folder is mounted one level below AZUREML_MODEL_DIR
 REQUEST_KEYS = ("input_data", "params")
-ENV_THREADS = "GPT2ONNX_THREADS"
 CARD_REQUEST = {  # the request of the Azure ML gpt2 model card
     "input_data": ["I believe the meaning of life is"],
     "params": {"top_p": 1.0, "temperature": 0.8, "max_new_tokens": 100, "do_sample": True, "return_full_text": True},
@@ -88,28 +86,19 @@ def init() -> None:
     with _lock:
         if _generator is not None:
             return
-        from .runtime import load
+        from ..runtime import load
 
         root = os.environ.get("AZUREML_MODEL_DIR")
         if not root:
             raise ArtifactError("AZUREML_MODEL_DIR is not set; it must point at the deployment's model folder")
-        threads = _env_threads()
+        threads = threads_from_env()
         model_dir = find_model_dir(root)
         _generator = load(model_dir, threads=threads)
         m = _generator.manifest
-        weights = "RANDOM weights" if m.get("source", {}).get("random_weights") else "trained weights"
+        weights = "RANDOM weights" if m.source.random_weights else "trained weights"
         # stdout is what 'az ml online-deployment get-logs' shows
-        print(f"gpt2onnx: loaded {m.get('name')} ({m.get('precision')}, {weights}) from {model_dir} "
+        print(f"gpt2onnx: loaded {m.name} ({m.precision}, {weights}) from {model_dir} "
               f"with {_generator.threads} threads", flush=True)
-
-
-def _env_threads() -> int | None:
-    value = os.environ.get(ENV_THREADS, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise Gpt2OnnxError(f"{ENV_THREADS} must be a positive integer (physical cores), got {value!r}")
-    return int(value)
 
 
 def run(raw_data):
@@ -213,124 +202,3 @@ def _bad_request(message: str):
         except ImportError:  # called outside a server without the package: a plain exception
             raise InvalidRequestError(message) from None
     return AMLResponse({"error": message}, 400, json_str=True)
-
-
-# -- deployment kit -------------------------------------------------------------------
-
-SCORE_PY = '''\
-"""Azure ML scoring entry: gpt2onnx's init() and run() (written by 'gpt2onnx azureml-kit')."""
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the gpt2onnx copy next to this file
-
-from gpt2onnx.azureml import init, run  # noqa: E402,F401
-'''
-RUNTIME_PACKAGES = ("onnxruntime", "numpy", "tokenizers", "tqdm", "azureml-inference-server-http")
-BASE_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
-
-
-def write_kit(model_dir: str, outdir: str, *, instance_type: str = "Standard_F4s_v2", endpoint: str = "gpt2onnx",
-              deployment: str = "blue", model_name: str | None = None, force: bool = False) -> str:
-    """Write a managed-online-endpoint kit for `model_dir` into `outdir`; returns `outdir`.
-
-    The kit: ``code/score.py`` + a copy of the gpt2onnx package, ``environment/conda.yaml``
-    (runtime dependencies pinned to this environment's versions), ``model.yml``,
-    ``endpoint.yml``, ``deployment.yml`` (threads = the SKU's physical cores) and
-    ``sample-request.json`` (the model card's request). See docs/azureml.md.
-
-    >>> write_kit("out/gpt2-int8", "deploy", instance_type="Standard_F8s_v2")   # doctest: +SKIP
-    'deploy'
-    """
-    from importlib import metadata
-
-    from . import skus
-    from .artifact import read_manifest
-
-    manifest = read_manifest(model_dir)
-    sku = skus.get(instance_type)
-    model_name = model_name or _azure_name(f"{manifest.get('name', 'gpt2')}-{manifest.get('precision', '')}-onnx")
-    if os.path.exists(outdir) and not force:
-        raise Gpt2OnnxError(f"{outdir!r} exists; pass --force to replace it")
-    parent = os.path.dirname(os.path.abspath(outdir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kit-", dir=parent)
-    try:
-        pkg = os.path.dirname(os.path.abspath(__file__))
-        shutil.copytree(pkg, os.path.join(tmp, "code", "gpt2onnx"),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        _write(tmp, "code/score.py", SCORE_PY)
-        pins = []
-        for name in RUNTIME_PACKAGES:
-            try:
-                pins.append(f"{name}=={metadata.version(name)}")
-            except metadata.PackageNotFoundError:
-                pins.append(name)
-        pip = "".join(f"      - {p}\n" for p in pins)
-        _write(tmp, "environment/conda.yaml",
-               f"name: gpt2onnx\nchannels:\n  - conda-forge\ndependencies:\n  - python=3.11\n  - pip\n  - pip:\n{pip}")
-        model_path = os.path.relpath(os.path.abspath(model_dir), os.path.abspath(outdir))
-        _write(tmp, "model.yml",
-               "$schema: https://azuremlschemas.azureedge.net/latest/model.schema.json\n"
-               f"name: {model_name}\ntype: custom_model\npath: {model_path}\n"
-               f"description: GPT-2 ({manifest.get('precision')}) exported to ONNX by gpt2onnx\n")
-        _write(tmp, "endpoint.yml",
-               "$schema: https://azuremlschemas.azureedge.net/latest/managedOnlineEndpoint.schema.json\n"
-               f"name: {endpoint}\nauth_mode: key\n")
-        _write(tmp, "deployment.yml",
-               "$schema: https://azuremlschemas.azureedge.net/latest/managedOnlineDeployment.schema.json\n"
-               f"name: {deployment}\nendpoint_name: {endpoint}\nmodel: azureml:{model_name}@latest\n"
-               "code_configuration:\n  code: ./code\n  scoring_script: score.py\n"
-               f"environment:\n  image: {BASE_IMAGE}\n  conda_file: ./environment/conda.yaml\n"
-               f"instance_type: {sku.name}\ninstance_count: 1\n"
-               "environment_variables:\n"
-               f"  {ENV_THREADS}: \"{sku.physical_cores}\"  # physical cores: {sku.vcpus} vCPUs / 2\n"
-               "  WORKER_COUNT: \"1\"  # one process; its onnxruntime threads use every core\n"
-               "request_settings:\n  request_timeout_ms: 90000\n  max_concurrent_requests_per_instance: 1\n")
-        _write(tmp, "sample-request.json", json.dumps(CARD_REQUEST, indent=2) + "\n")
-        if os.path.exists(outdir):
-            shutil.rmtree(outdir)
-        os.replace(tmp, outdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return outdir
-
-
-def _azure_name(text: str) -> str:
-    """A name Azure ML accepts: letters, digits, '-' and '_', starting with a letter."""
-    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-_")
-    return name if name[:1].isalpha() else f"m-{name}"
-
-
-def _write(root: str, rel: str, text: str) -> None:
-    path = os.path.join(root, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def add_parser(subparsers) -> None:
-    """Register ``gpt2onnx azureml-kit`` on the CLI's subparsers."""
-    k = subparsers.add_parser("azureml-kit", help="write an Azure ML online-endpoint kit (score.py, env, YAML)",
-                              description="Write score.py, a conda environment and endpoint/deployment YAML for a "
-                                          "model folder; deploy with 'az ml' (see docs/azureml.md).")
-    k.add_argument("model_dir")
-    k.add_argument("outdir")
-    k.add_argument("--instance-type", dest="instance_type", default="Standard_F4s_v2",
-                   help="Azure VM size (default Standard_F4s_v2); sets GPT2ONNX_THREADS to its physical cores")
-    k.add_argument("--endpoint", default="gpt2onnx", help="endpoint name (default gpt2onnx)")
-    k.add_argument("--deployment", default="blue", help="deployment name (default blue)")
-    k.add_argument("--model-name", dest="model_name", help="registered model name (default from the manifest)")
-    k.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
-    k.set_defaults(func=_cli)
-
-
-def _cli(a) -> int:
-    out = write_kit(a.model_dir, a.outdir, instance_type=a.instance_type, endpoint=a.endpoint,
-                    deployment=a.deployment, model_name=a.model_name, force=a.force)
-    print(f"wrote {out}; next: cd {out} && az ml model create -f model.yml && "
-          "az ml online-endpoint create -f endpoint.yml && "
-          "az ml online-deployment create -f deployment.yml --all-traffic")
-    return 0

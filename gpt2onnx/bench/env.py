@@ -1,6 +1,6 @@
 """The machine a benchmark runs on: CPU, ISA, cgroup quota, memory, versions, git revision, bandwidth.
 
->>> from gpt2onnx.benchenv import environment, measure_bandwidth
+>>> from gpt2onnx.bench.env import environment, measure_bandwidth
 >>> env = environment(memory_bandwidth_gbs=measure_bandwidth(threads=4))   # doctest: +SKIP
 >>> env["cpu_model"], env["isa"]["avx512_vnni"], env["memory_bandwidth_gbs"]  # doctest: +SKIP
 ('Intel(R) Xeon(R) Platinum 8370C CPU @ 2.80GHz', True, 21.37)
@@ -20,10 +20,11 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import __version__, cpu
+from .. import cpu
+from .._version import __version__
 
 BANDWIDTH_MIB = 1024  # the array summed to measure memory bandwidth (far beyond any cache)
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # gpt2onnx/
 
 
 def git_revision() -> str | None:
@@ -32,7 +33,7 @@ def git_revision() -> str | None:
     Reads ``.git`` beside the package directly (what ``git rev-parse HEAD`` prints),
     so it needs no git binary.
     """
-    git = os.path.join(os.path.dirname(_PACKAGE_DIR), ".git")
+    git = os.path.join(os.path.dirname(PACKAGE_DIR), ".git")
     try:
         if os.path.isfile(git):  # a worktree: "gitdir: <path>"
             with open(git, encoding="utf-8") as f:
@@ -75,7 +76,7 @@ def _memory_gib() -> float:
         return 0.0
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     out = {"gpt2onnx": __version__}
     for name in ("onnxruntime", "numpy", "tokenizers", "onnx", "torch", "transformers", "optimum", "optimum-onnx"):
         try:
@@ -91,7 +92,7 @@ def environment(*, memory_bandwidth_gbs: float | None = None) -> dict:
         "cpu_model": cpu.cpu_model(), "physical_cores": cpu.physical_cores(), "logical_cores": os.cpu_count() or 1,
         "isa": cpu.isa_flags(), "cgroup_cpu_quota": cpu.cgroup_cpu_quota(), "affinity": cpu.allowed_cpus(),
         "memory_gib": round(_memory_gib(), 2), "os": platform.platform(), "python": platform.python_version(),
-        "versions": _versions(), "git_revision": git_revision(),
+        "versions": versions(), "git_revision": git_revision(),
         "memory_bandwidth_gbs": None if memory_bandwidth_gbs is None else round(memory_bandwidth_gbs, 2),
     }
 

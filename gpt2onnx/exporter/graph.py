@@ -87,7 +87,7 @@ class Dims:
 
 
 def _activation(name: str) -> str:
-    from .errors import UnsupportedModelError
+    from ..errors import UnsupportedModelError
 
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         return "gelu_new"

@@ -20,11 +20,8 @@ next-token distribution p with the model's q:
 - ``mean_kl`` / ``p99_kl``: KL(p || q) in nats, mean and 99th percentile;
 - ``ppl_ratio``: perplexity of the model / of the reference on those same tokens.
 
-`GATE` holds the thresholds; `check` lists what missed them. `gate_text` is the real
-text shipped for the exporter's gate: the last 30,238 bytes of the WikiText-2 raw test
-set (``wiki.test.raw``, from the Nerva article), by Stephen Merity et al. (Salesforce),
-from Wikipedia articles, licensed CC BY-SA 3.0
-(https://creativecommons.org/licenses/by-sa/3.0/); unchanged.
+The thresholds, the verdict and the gate text live in `gpt2onnx.exporter.policy`, the
+one place the exporter and ``gpt2onnx eval`` take them from.
 
 Sessions are anything with onnxruntime's ``run(None, feeds)`` and ``get_inputs()``:
 an ``onnxruntime.InferenceSession`` of a gpt2onnx graph, or `TorchSession` around a
@@ -36,26 +33,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 
-# Thresholds of the int8 gate (fp32 reference vs int8 model, on `gate_text`).
-GATE = {
-    "top1_agreement": 0.99,  # at least: the same next token at 99 % of positions
-    "mean_kl": 0.01,  # at most, nats
-    "ppl_ratio": 1.01,  # at most 1 % apart, either way (see `check`)
-}
 _CHUNK = 256  # rows of (rows, vocab) logits turned into float64 log-probs at once
-
-
-def gate_text() -> str:
-    """The real text of the exporter's int8 gate (WikiText-2 test, CC BY-SA 3.0).
-
-    >>> len(gate_text().encode("utf-8"))
-    30238
-    """
-    return (resources.files("gpt2onnx") / "data" / "gate_text.txt").read_text(encoding="utf-8")
 
 
 # -- sessions -------------------------------------------------------------------------
@@ -74,7 +55,7 @@ class SessionSpec:
         inputs = {i.name: i for i in session.get_inputs()}
         past = tuple(n for n in inputs if n.startswith("past_key_values."))
         if not past or "input_ids" not in inputs:
-            from .errors import ArtifactError
+            from ..errors import ArtifactError
 
             raise ArtifactError("the session is not a GPT-2 decoder with a KV cache (no past_key_values.* inputs); "
                                 "export the model with gpt2onnx")
@@ -234,55 +215,6 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
     }
 
 
-GATE_WINDOWS = 4  # windows of the gate text the exporter measures (4 x 1024/512 -> 2,559 positions)
-CALIBRATION_TOKENS = 512  # first tokens of the gate text that `quantize.calibrate` sees
-
-
-def gate_for(figures: dict, vocab_size: int, random_weights: bool) -> tuple[dict, str]:
-    """The thresholds that mean something for this model, and why.
-
-    Top-1 agreement and the perplexity ratio judge a model that predicts something. A
-    random or untrained GPT-2 predicts an almost uniform distribution (perplexity near
-    or above its vocabulary size): its argmax is noise that int8 flips at 5 % of
-    positions while the KL stays ~1e-4. Such models are gated on ``mean_kl`` alone.
-
-    >>> gate_for({"ppl_ref": 57800.0}, 50257, True)[1]
-    'random weights: mean_kl only'
-    >>> gate_for({"ppl_ref": 29.4}, 50257, False)[0] == GATE
-    True
-    """
-    if random_weights:
-        return {"mean_kl": GATE["mean_kl"]}, "random weights: mean_kl only"
-    if figures["ppl_ref"] > vocab_size / 4:
-        return ({"mean_kl": GATE["mean_kl"]},
-                f"untrained-looking reference (perplexity {figures['ppl_ref']:.0f} > vocabulary / 4): mean_kl only")
-    return dict(GATE), "full gate"
-
-
-def check(figures: dict, gate: dict | None = None) -> list[str]:
-    """What in `figures` missed the gate, one readable line each ([] = passed).
-
-    ``ppl_ratio`` must lie within [1 / limit, limit]: an int8 model that is much *better*
-    than its fp32 reference on the gate text is as suspect as one that is worse.
-
-    >>> check({"top1_agreement": 0.995, "mean_kl": 0.002, "ppl_ratio": 1.003})
-    []
-    >>> check({"top1_agreement": 0.9, "mean_kl": 0.002, "ppl_ratio": 1.003})
-    ['top1_agreement 0.9 < 0.99']
-    """
-    gate = GATE if gate is None else gate
-    missed = []
-    if "top1_agreement" in gate and not figures["top1_agreement"] >= gate["top1_agreement"]:
-        missed.append(f"top1_agreement {figures['top1_agreement']:.4g} < {gate['top1_agreement']}")
-    if "mean_kl" in gate and not figures["mean_kl"] <= gate["mean_kl"]:
-        missed.append(f"mean_kl {figures['mean_kl']:.4g} > {gate['mean_kl']}")
-    if "ppl_ratio" in gate:
-        r, lim = figures["ppl_ratio"], gate["ppl_ratio"]
-        if not 1.0 / lim <= r <= lim:
-            missed.append(f"ppl_ratio {r:.4g} outside [{1 / lim:.4g}, {lim}]")
-    return missed
-
-
 def greedy(session, prompts: np.ndarray, new_tokens: int, spec: SessionSpec | None = None) -> np.ndarray:
     """Greedy continuations of equal-length `prompts` (K, P) with the KV cache: (K, new_tokens)."""
     spec = spec or SessionSpec.of(session)
@@ -375,46 +307,3 @@ class TorchSession:
         logits = out.logits[:, -keep:] if keep else out.logits
         present = [x.float().numpy() for kv in legacy for x in kv[:2]]
         return [logits.float().numpy(), *present]
-
-
-def inject_outliers(model, *, channels=(3, 17), scale: float = 300.0, mode: str = "scale") -> tuple[int, ...]:
-    """Give a PyTorch GPT-2 outlier activation channels like trained GPT-2's, same fp32 function.
-
-    In every layer, the `channels` of the ln_1 and ln_2 outputs (the inputs of
-    ``attn.c_attn`` and ``mlp.c_fc``) become about `scale` times larger than the rest:
-
-    - ``mode="scale"``: multiply those channels' LayerNorm weight and bias by `scale`
-      and divide the matching input rows of the next weight (Conv1D layout (in, out))
-      by it. The divided rows are then `scale` times smaller than their neighbours in
-      each quantization block, which real GPT-2 does not have; this is pessimistic
-      for *weight* quantization too.
-    - ``mode="shift"``: add `scale` (alternating sign) to those channels' LayerNorm
-      bias and subtract ``scale * row`` from the next layer's bias. The weights are
-      untouched; the outlier is a near-constant "massive activation", as measured in
-      trained LLMs (Sun et al., 2024, "Massive activations in large language models").
-
-    ::
-
-        x ─LayerNorm─> y (channels ~scale× larger) ── y @ W' + b' ──> same output as before
-
-    Modifies `model` in place (fp32 logits change only by rounding); returns the channels.
-    """
-    import torch
-
-    if mode not in ("scale", "shift"):
-        raise ValueError(f"mode must be 'scale' or 'shift', got {mode!r}")
-    channels = tuple(int(c) for c in channels)
-    idx = torch.tensor(channels)
-    sign = torch.tensor([(-1.0) ** i for i in range(len(channels))])
-    with torch.no_grad():
-        for block in model.transformer.h:
-            for ln, nxt in ((block.ln_1, block.attn.c_attn), (block.ln_2, block.mlp.c_fc)):
-                if mode == "scale":
-                    ln.weight[idx] *= scale
-                    ln.bias[idx] *= scale
-                    nxt.weight[idx, :] /= scale
-                else:
-                    shift = (scale * sign).to(ln.bias.dtype)  # (C,)
-                    ln.bias[idx] += shift
-                    nxt.bias -= (shift[:, None].double() * nxt.weight[idx, :].double()).sum(0).to(nxt.bias.dtype)
-    return channels

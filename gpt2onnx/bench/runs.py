@@ -1,14 +1,14 @@
-"""The bench's runs: which runtimes can run, one run in a `gpt2onnx.benchworker` process, its result row.
+"""The bench's runs: which runtimes can run, one run in a `gpt2onnx.bench.worker` process, its result row.
 
->>> from gpt2onnx.benchruns import _call_worker, _row
+>>> from gpt2onnx.bench.runs import call_worker, result_row
 >>> job = {"mode": "run", "runtime": "gpt2onnx", "model_dir": "models/gpt2-int8", "threads": 4, "batch_size": 1,
 ...        "prompt_tokens": 32, "new_tokens": 128, "warmup": 1, "repeats": 3, "source": None}
->>> out = _call_worker(job, threads=4)                                      # doctest: +SKIP
->>> _row("gpt2onnx", "int8", (4, 1, 32), 128, out, bandwidth_gbs=20.0)      # doctest: +SKIP
+>>> out = call_worker(job, threads=4)                                      # doctest: +SKIP
+>>> result_row("gpt2onnx", "int8", (4, 1, 32), 128, out, bandwidth_gbs=20.0)      # doctest: +SKIP
 {'runtime': 'gpt2onnx', 'precision': 'int8', 'batch_size': 1, ..., 'floor_ratio': 1.8, 'error': None}
 
 Baselines (PyTorch, Optimum) are rebuilt from the source model the manifest names
-(`_source_spec`) and need the export extra (`_missing` names what is not installed);
+(`source_spec`) and need the export extra (`missing_packages` names what is not installed);
 Optimum's export + int8 is cached under a fingerprint of its inputs. A result row holds
 percentiles of the worker's timings and the bandwidth floor ratio, for which
 `onnx_weight_bytes` counts the weight bytes a decode step reads.
@@ -26,8 +26,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from . import cpu
-from .benchenv import _PACKAGE_DIR, _versions
+from .. import cpu
+from .env import PACKAGE_DIR, versions
 
 _NEEDS = {"pytorch": ("torch", "transformers"), "optimum": ("torch", "transformers", "onnx", "optimum.onnxruntime")}
 _FIGURES = ("load_s", "tokenize_ms", "first_token_ms", "token_ms", "tokens_per_s", "peak_rss_mb", "floor_ratio")
@@ -72,26 +72,27 @@ def onnx_weight_bytes(path: str) -> int:
     return sum(size for name, size in sizes.items() if name in read)
 
 
-def _model_weight_bytes(model_dir: str, manifest: dict) -> int:
+def model_weight_bytes(model_dir: str, manifest) -> int:
     try:
         return onnx_weight_bytes(os.path.join(model_dir, "model.onnx"))
     except ImportError:  # runtime-only install: estimate from the data file and dims
-        d = manifest["dims"]
-        data = manifest["files"].get("model.onnx.data", {}).get("bytes", 0)
-        tables = d["n_positions"] * d["n_embd"] * 4
-        if manifest["precision"] == "int8":  # int8 exports carry an untied LM head: wte is only gathered
-            tables += d["vocab_size"] * d["n_embd"] * 4
+        d = manifest.dims
+        data = manifest.files.get("model.onnx.data", {}).get("bytes", 0)
+        tables = d.n_positions * d.n_embd * 4
+        if manifest.precision == "int8":  # int8 exports carry an untied LM head: wte is only gathered
+            tables += d.vocab_size * d.n_embd * 4
         return max(0, data - tables)
 
 
-def _model_bytes(manifest: dict) -> int:
-    return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.onnx"))
+def model_bytes(manifest) -> int:
+    """Bytes of the graph and its weights (model.onnx + model.onnx.data)."""
+    return sum(f["bytes"] for name, f in manifest.files.items() if name.startswith("model.onnx"))
 
 
 # -- baselines ------------------------------------------------------------------------
 
 
-def _missing(baseline: str) -> list[str]:
+def missing_packages(baseline: str) -> list[str]:
     out = []
     for mod in _NEEDS[baseline]:
         try:
@@ -102,12 +103,12 @@ def _missing(baseline: str) -> list[str]:
     return out
 
 
-def _source_spec(manifest: dict) -> tuple[dict | None, str | None]:
+def source_spec(manifest) -> tuple[dict | None, str | None]:
     """The source the PyTorch baseline is rebuilt from, or why it cannot be."""
-    from .sources import hub_name
+    from ..exporter.sources import hub_name
 
-    src = manifest.get("source") or {}
-    sid = src.get("id")
+    src = manifest.source
+    sid = src.id
     if not sid:
         return None, "the manifest names no source model to rebuild it from"
     if os.path.isdir(sid) or hub_name(sid) is None:
@@ -115,10 +116,10 @@ def _source_spec(manifest: dict) -> tuple[dict | None, str | None]:
             return None, (f"the source folder {sid!r} of this model no longer exists (relative to "
                           f"{os.getcwd()}); run from where it was exported, or pass --baselines none")
         sid = os.path.abspath(sid)
-    return {"id": sid, "random_weights": bool(src.get("random_weights")), "seed": src.get("seed")}, None
+    return {"id": sid, "random_weights": src.random_weights, "seed": src.seed}, None
 
 
-def _source_fingerprint(spec: dict, manifest: dict) -> str:
+def source_fingerprint(spec: dict, manifest) -> str:
     """What the Optimum export depends on; a changed source or tool gives a new cache entry."""
     files = []
     if os.path.isdir(spec["id"]):
@@ -126,14 +127,14 @@ def _source_fingerprint(spec: dict, manifest: dict) -> str:
             if name.endswith((".json", ".safetensors", ".bin")):
                 st = os.stat(os.path.join(spec["id"], name))
                 files.append([name, st.st_size, st.st_mtime_ns])
-    v = _versions()
-    key = {"source": spec, "revision": (manifest.get("source") or {}).get("revision"), "files": files,
-           "dims": manifest["dims"], "tools": [v.get(k) for k in ("optimum", "optimum-onnx", "transformers", "torch",
+    v = versions()
+    key = {"source": spec, "revision": manifest.source.revision, "files": files,
+           "dims": manifest.raw["dims"], "tools": [v.get(k) for k in ("optimum", "optimum-onnx", "transformers", "torch",
                                                                     "onnxruntime")]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _optimum_isa() -> str:
+def optimum_isa() -> str:
     """Optimum's dynamic-quantization preset for this CPU."""
     if platform.machine().lower() in ("aarch64", "arm64"):
         return "arm64"
@@ -141,12 +142,12 @@ def _optimum_isa() -> str:
     return "avx512_vnni" if isa["avx512_vnni"] else ("avx512" if isa["avx512f"] else "avx2")
 
 
-def _call_worker(job: dict, threads: int) -> dict:
+def call_worker(job: dict, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(_PACKAGE_DIR), os.environ.get("PYTHONPATH"))
+               PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(PACKAGE_DIR), os.environ.get("PYTHONPATH"))
                                           if p))
-    p = subprocess.run([sys.executable, "-m", "gpt2onnx.benchworker"], input=json.dumps(job),
+    p = subprocess.run([sys.executable, "-m", "gpt2onnx.bench.worker"], input=json.dumps(job),
                        capture_output=True, text=True, env=env)
     lines = p.stdout.strip().splitlines()
     try:
@@ -168,7 +169,7 @@ def _pct(values: list[float], qs: Sequence[int]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(values, q)), 4) for q in qs}
 
 
-def _row(runtime: str, precision: str, cfg: tuple[int, int, int], new_tokens: int, out: dict,
+def result_row(runtime: str, precision: str, cfg: tuple[int, int, int], new_tokens: int, out: dict,
          bandwidth_gbs: float | None) -> dict:
     threads, batch, prompt = cfg
     row = {"runtime": runtime, "precision": precision, "batch_size": batch, "prompt_tokens": prompt,
