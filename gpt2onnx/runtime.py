@@ -24,7 +24,7 @@ import numpy as np
 
 from . import artifact, cpu, sampling
 from . import tokenizer as _tokenizer
-from ._engine import Engine
+from ._engine import Batch, Engine
 from .errors import InvalidRequestError
 from .params import GenerationParams
 from .textstream import TextStream
@@ -234,21 +234,12 @@ class Generator:
         Each row's prompt is prefilled at its own length (no padding, and a row's tokens
         do not depend on its neighbours); rows of equal length are prefilled together.
         Then all active rows decode together, each at its own position. A finished row is
-        dropped from the batch so the others do not pay for it.
+        dropped from the batch so the others do not pay for it. The engine's `Batch` never
+        runs a step with one row, so a row gives the same tokens alone or in any batch.
         """
-        eng = self.engine
-        n = len(rows)
-        lengths = np.array([len(r.request.input_ids) for r in rows], np.int64)
-        cache = eng.cache(n, int(max(len(r.request.input_ids) + r.request.params.max_new_tokens for r in rows)))
-        binding = eng.bind(cache)
-        if len(set(lengths.tolist())) == 1:  # equal lengths: one batched prefill
-            ids = np.array([r.request.input_ids for r in rows], np.int64)
-            logits = eng.step(binding, ids, lengths, np.tile(np.arange(ids.shape[1]), (n, 1)))
-        else:
-            logits = np.empty((n, self.vocab_size), np.float32)
-            for b, r in enumerate(rows):
-                ids = np.array([r.request.input_ids], np.int64)
-                logits[b] = eng.step(eng.bind(cache.row(b)), ids, lengths[b:b + 1], np.arange(ids.shape[1])[None])[0]
+        batch = Batch(self.engine, [len(r.request.input_ids) for r in rows],
+                      int(max(len(r.request.input_ids) + r.request.params.max_new_tokens for r in rows)))
+        logits = batch.prefill([r.request.input_ids for r in rows])
         active = list(rows)
         while active:
             nxt = sampling.next_tokens(logits, [r.request.params for r in active], [r.rng for r in active],
@@ -264,14 +255,9 @@ class Generator:
             if not keep:
                 return
             if len(keep) != len(active):
-                sel = np.asarray(keep)
-                cache = cache.select(sel)
-                binding = eng.bind(cache)
-                lengths, nxt = lengths[sel], nxt[sel]
-                active = [active[b] for b in keep]
-            pos = lengths[:, None]
-            lengths = lengths + 1
-            logits = eng.step(binding, nxt[:, None], lengths, pos)
+                batch.keep(keep)
+                nxt, active = nxt[keep], [active[b] for b in keep]
+            logits = batch.decode(nxt)
 
 
 @dataclass

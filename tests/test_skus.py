@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import os
-import tomllib
 
 import pytest
 
@@ -140,13 +139,10 @@ def test_check_cpu_unknown_sku():
         skus.check_cpu("Standard_Q4", env())
 
 
-def test_canonical_catalog_is_package_data_and_bench_file_points_to_it():
-    with open(os.path.join(REPO, "bench", "skus.toml"), "rb") as f:
-        pointer = tomllib.load(f)
-    assert pointer == {"canonical": "gpt2onnx/data/skus.toml"}
-    assert os.path.exists(os.path.join(REPO, pointer["canonical"]))
-    same = skus.load_catalog(os.path.join(REPO, pointer["canonical"]))
-    assert same == skus.load_catalog()
+def test_the_catalog_is_package_data_only():
+    """One catalog, shipped in the package (found when installed); no copy or pointer beside it."""
+    assert not os.path.exists(os.path.join(REPO, "bench", "skus.toml"))
+    assert skus.load_catalog(os.path.join(REPO, "gpt2onnx", "data", "skus.toml")) == skus.load_catalog()
 
 
 @pytest.mark.parametrize("text, match", [
