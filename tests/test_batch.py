@@ -136,7 +136,7 @@ def test_grouping_by_length_reduces_padding_and_keeps_order(tmp_path, gen, monke
     lengths, real = [], gen.generate_batch
 
     def spy(requests):
-        toks = [len(gen.tokenizer.encode(p).ids) if p else 1 for p, _ in requests]
+        toks = [len(r.input_ids) for r in requests]  # prepared Requests: the batch job tokenizes each prompt once
         lengths.append(toks)
         return real(requests)
 
