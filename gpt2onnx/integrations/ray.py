@@ -58,11 +58,17 @@ class Gpt2OnnxPredictor:
         threads: onnxruntime intra-op threads of this actor; give the actor as many
             CPUs (``num_cpus``).
         params: job defaults (GenerationParams or dict); a row's own columns win.
-        batch_size: prompts per model call (a Ray batch is split into these).
+        batch_size: prompts per model call, 1 to 1024 (a Ray batch is split into these).
 
     Raises:
         ArtifactError: the model folder is missing or damaged on this node (the message
             names the node).
+        InvalidRequestError: `params` or `batch_size` is invalid (at actor start).
+
+    >>> pred = Gpt2OnnxPredictor("models/gpt2-int8", params={"max_new_tokens": 5})       # doctest: +SKIP
+    >>> out = pred({"prompt": np.array(["Hello", None], dtype=object)})                  # doctest: +SKIP
+    >>> list(out["error"])                                                               # doctest: +SKIP
+    [None, 'the row has no "prompt" (or "input_data"); give each row the text to continue as "prompt"']
     """
 
     def __init__(self, model_dir: str, *, threads: int = 1, params: GenerationParams | dict | None = None,
