@@ -156,6 +156,22 @@ class GenerationParams:
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationParams))
 
 
+TYPO_CUTOFF = 0.8  # "tempreature", "max_tokens", "top-p" are this close to a name; "topic", "tokens" are not
+
+
+def looks_like_param(name: Any) -> bool:
+    """True for a parameter name or a misspelling of one: which table columns set parameters.
+
+    A column of a CSV file or a Ray dataset is read as a parameter when it is one or is
+    this close to one, so a misspelt column gets an error row with a did-you-mean
+    instead of being ignored; any other column ("note", "topic") is left alone.
+
+    >>> [looks_like_param(c) for c in ("seed", "tempreature", "topic")]
+    [True, True, False]
+    """
+    return name in FIELDS or bool(difflib.get_close_matches(str(name), FIELDS, n=1, cutoff=TYPO_CUTOFF))
+
+
 def _check_keys(d: Mapping[Any, Any]) -> None:
     for key in d:
         if key not in FIELDS:

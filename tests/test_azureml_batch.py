@@ -84,6 +84,34 @@ def test_jsonl_and_csv_files_give_one_row_per_prompt(azureml_env, tmp_path, gen)
     assert "max_new_tokens" in errors["part-2.csv", 3]
 
 
+def test_rows_run_in_memory_without_temp_file_hash_lock_or_fsync(azureml_env, tmp_path, monkeypatch, gen):
+    import fcntl
+    import hashlib
+    import tempfile
+
+    from gpt2onnx import batch
+
+    jsonl = _write(tmp_path / "p.jsonl", json.dumps({"id": "a", "prompt": "The tower is"}) + "\n"
+                   + json.dumps({"id": "t", "prompt": "x", "tempreature": 1}) + "\n")
+    csv_path = _write(tmp_path / "p.csv", "id,prompt,tempreature,note\nc,It was,,\nd,The,0.5,x\n")
+    ab.init()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Azure ML batch entry must run in memory: no temp file, sha256, flock, fsync")
+
+    for owner, name in ((tempfile, "mkstemp"), (tempfile, "mkdtemp"), (tempfile, "TemporaryDirectory"),
+                        (tempfile, "NamedTemporaryFile"), (hashlib, "sha256"), (fcntl, "flock"), (os, "fsync"),
+                        (batch, "run_batch"), (batch.job, "run_batch")):
+        monkeypatch.setattr(owner, name, refuse)
+    rows = _rows(ab.run([jsonl, csv_path]))
+    assert [(r["file"], r["id"], "text" in r) for r in rows] == [
+        ("p.jsonl", "a", True), ("p.jsonl", "t", False), ("p.csv", "c", True), ("p.csv", "d", False)]
+    assert rows[0]["text"] == gen.generate("The tower is", **PARAMS)[0].text
+    assert rows[2]["text"] == gen.generate("It was", **PARAMS)[0].text
+    for r in (rows[1], rows[3]):  # a misspelt parameter, as a JSONL key or a CSV column
+        assert r["error"].startswith("unknown generation parameter 'tempreature'; did you mean 'temperature'?")
+
+
 def test_bad_files_become_error_rows_and_the_rest_goes_on(azureml_env, tmp_path):
     good = _write(tmp_path / "ok.jsonl", json.dumps({"id": "g", "prompt": "The"}) + "\n")
     no_prompt = _write(tmp_path / "cols.csv", "id,text\n1,hello\n")

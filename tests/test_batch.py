@@ -17,6 +17,7 @@ import gpt2onnx
 from gpt2onnx import cli
 from gpt2onnx.batch import state as batchoutput
 from gpt2onnx.batch import BatchError, BatchSummary, run_batch
+from gpt2onnx.batch.rows import NO_PROMPT
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 
@@ -95,7 +96,7 @@ def test_mixed_input_rows_in_order_with_error_rows(tmp_path, gen):
     errors = {r["id"]: r["error"] for r in rows if "error" in r}
     assert "not valid JSON" in errors["line-4"] and "incomplete line" in errors["line-16"]
     assert "JSON object" in errors["line-5"]
-    assert 'no "prompt"' in errors[7]
+    assert errors[7] == NO_PROMPT  # the wording of every path (Ray, Azure ML batch)
     assert "prompt must be a string" in errors["n"] and "prompt must be a string" in errors["q:1"]
     assert "top_p must be in (0, 1]" in errors["p"]
     assert "did you mean 'top_p'" in errors["u"]
@@ -136,7 +137,7 @@ def test_grouping_by_length_reduces_padding_and_keeps_order(tmp_path, gen, monke
     lengths, real = [], gen.generate_batch
 
     def spy(requests):
-        toks = [len(gen.tokenizer.encode(p).ids) if p else 1 for p, _ in requests]
+        toks = [len(r.input_ids) for r in requests]  # prepared Requests: the batch job tokenizes each prompt once
         lengths.append(toks)
         return real(requests)
 

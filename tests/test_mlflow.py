@@ -139,9 +139,22 @@ def test_bad_requests_are_invalid_parameter_errors(pyfunc):
         pyfunc.predict(PROMPTS, params={"top_p": 1.5})
     with pytest.raises(MlflowException, match="max_new_tokens"):
         pyfunc.predict(PROMPTS, params={"max_new_tokens": "many"})
-    with pytest.raises(MlflowException, match="input row 1 must be a string"):
+    with pytest.raises(MlflowException, match="input row 1: prompt must be a string"):
         pyfunc.predict(pd.DataFrame({"p": ["ok", None]}), params={"max_new_tokens": 2})
+    with pytest.raises(MlflowException, match=r"input row 1: prompt has \d+ tokens.*exceeds the context"):
+        pyfunc.predict(["ok", "the " * 80], params={"max_new_tokens": 2})
     assert pyfunc.predict(pd.DataFrame({"p": []}, dtype=object)) == []
+
+
+def test_misspelt_param_is_refused_with_a_did_you_mean(pyfunc, gen):
+    """MLflow drops params its signature does not list (with a warning); predict() refuses them instead."""
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="unknown generation parameter 'tempreature'; did you mean 'temperature'"):
+        pyfunc.predict(PROMPTS[:1], params={"tempreature": 0.5, "max_new_tokens": 2})
+    # the next request is not refused for the last one's typo
+    want = [r.text for r in gen.generate(PROMPTS[:1], {**g2m.PARAM_DEFAULTS, "max_new_tokens": 2, "seed": 1})]
+    assert pyfunc.predict(PROMPTS[:1], params={"max_new_tokens": 2, "seed": 1}) == want
 
 
 def test_bad_model_folder_and_existing_output(tmp_path, packaged, tiny_int8):

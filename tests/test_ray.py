@@ -11,8 +11,8 @@ import pytest
 
 import gpt2onnx
 from gpt2onnx.batch import run_batch
+from gpt2onnx.batch.rows import NO_PROMPT
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
-from gpt2onnx.integrations import read_jsonl
 from gpt2onnx.integrations.ray import Gpt2OnnxPredictor, generate_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
@@ -20,6 +20,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.con
 N_PROMPTS = 240
 PARAMS = {"max_new_tokens": 5}
 WORDS = ["The tower is", "In 1998 the", "A", "It was", "Valkyria Chronicles III is", "The game", ""]
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _requests() -> list[dict]:
@@ -95,9 +100,34 @@ def test_bad_inputs_are_clear(tiny_int8, tmp_path):
         Gpt2OnnxPredictor(str(tmp_path / "missing"))
     with pytest.raises(InvalidRequestError, match="top_p"):
         Gpt2OnnxPredictor(tiny_int8, params={"top_p": 0})
+    with pytest.raises(InvalidRequestError, match="batch_size"):
+        Gpt2OnnxPredictor(tiny_int8, batch_size=0)
     pred = Gpt2OnnxPredictor(tiny_int8, threads=1)
-    with pytest.raises(InvalidRequestError, match="no 'prompt' column"):
-        pred({"text": np.array(["x"], dtype=object)})
+    out = pred({"text": np.array(["x", "y"], dtype=object)})  # a block without the column: error rows, not a crash
+    assert list(out["error"]) == [NO_PROMPT, NO_PROMPT] and list(out["prompt"]) == [None, None]
+
+
+def test_bad_rows_become_error_rows_and_the_others_are_generated(tiny_int8):
+    """Each bad row gets the message `gpt2onnx batch` gives the same line; none stops the batch."""
+    gen = gpt2onnx.load(tiny_int8, threads=1)
+    pred = Gpt2OnnxPredictor(tiny_int8, threads=1, params=PARAMS, batch_size=2)
+    batch = {
+        "id": np.array(["ok1", "typo", "none", "int", "dict", "long", "ok2"], dtype=object),
+        "prompt": np.array(["The tower is", "hi", None, 42, {"a": 1}, "the " * 80, "It was"], dtype=object),
+        "tempreature": np.array([None, 0.5, None, None, None, None, None], dtype=object),
+        "max_new_tokens": np.array([np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, 3.0]),
+        "note": np.array(["kept out"] * 7, dtype=object),  # not a parameter name: ignored
+    }
+    out = pred(batch)
+    err = dict(zip(out["id"], out["error"]))
+    assert err["typo"].startswith("unknown generation parameter 'tempreature'; did you mean 'temperature'?")
+    assert err["none"] == NO_PROMPT
+    assert err["int"] == "prompt must be a string, got int" and err["dict"] == "prompt must be a string, got dict"
+    assert "exceeds the context of 64 tokens" in err["long"]
+    assert all("\n" not in e for e in err.values() if e)
+    assert out["text"][0] == gen.generate("The tower is", **PARAMS)[0].text
+    assert out["text"][6] == gen.generate("It was", max_new_tokens=3)[0].text
+    assert [err["ok1"], err["ok2"]] == [None, None] and list(out["generated_tokens"][1:6]) == [0] * 5
 
 
 def test_ray_dataset_matches_the_batch_job(ray_local, tiny_int8, tmp_path):
@@ -120,6 +150,26 @@ def test_ray_dataset_matches_the_batch_job(ray_local, tiny_int8, tmp_path):
         w = want[r["id"]]
         assert (r["text"], r["generated_tokens"], r["finish_reason"], r["error"]) == \
                (w["text"], w["generated_tokens"], w["finish_reason"], None), r["id"]
+
+
+def test_bad_rows_do_not_stop_the_ray_job(ray_local, tiny_int8):
+    ray = ray_local
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({
+        "id": ["typo", "ok", "none", "int", "bad-param"],
+        "prompt": ["hi", "The tower is", None, 42, "It was"],  # a mixed-type column (object dtype)
+        "tempreature": [0.5, None, None, None, None],
+        "max_new_tokens": [None, None, None, None, 0],
+    })
+    out = generate_dataset(ray.data.from_pandas(df), tiny_int8, actors=1, threads=1, params=PARAMS).take_all()
+    by_id = {r["id"]: r for r in out}
+    assert sorted(by_id) == sorted(df["id"])
+    assert "did you mean 'temperature'?" in by_id["typo"]["error"]
+    assert by_id["none"]["error"] == NO_PROMPT
+    assert by_id["int"]["error"] == "prompt must be a string, got int"
+    assert "max_new_tokens must be an integer" in by_id["bad-param"]["error"]
+    gen = gpt2onnx.load(tiny_int8, threads=1)
+    assert (by_id["ok"]["text"], by_id["ok"]["error"]) == (gen.generate("The tower is", **PARAMS)[0].text, None)
 
 
 def test_missing_model_folder_on_a_node_fails_the_job_clearly(ray_local, tmp_path):

@@ -119,11 +119,11 @@ elif hook == "mid-line":                    # the 3rd batch written up to the mi
         park()
     batchoutput.Writer.write = write
 elif hook == "slow":                        # 4 ms more per batch, so random kills land inside the job
-    real_run = batch.job._run_one_batch
+    real_run = batch.core.run_one_batch
     def run_one(gen, rows):
         time.sleep(0.004)
         return real_run(gen, rows)
-    batch.job._run_one_batch = run_one
+    batch.core.run_one_batch = run_one
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -14,7 +14,7 @@ How a job survives a crash::
               the rows present  ->  skip those rows  ->  append the rest
 
 `prepare_output` does the restart half and returns the done keys, sorted, for
-`gpt2onnx.batch.rows._read_rows` to skip; `Writer` appends (flock-ed, fsynced).
+`gpt2onnx.batch.rows.read_lines` to mark done; `Writer` appends (flock-ed, fsynced).
 """
 
 from __future__ import annotations

@@ -16,10 +16,13 @@ writes one JSONL file. Input files:
 - ``*.csv`` / ``*.tsv``: a ``prompt`` column, an optional ``id`` column, and optional
   columns named after generation parameters (cells are JSON: ``20``, ``true``,
   ``["\\n"]``; an empty cell keeps the default). ``line`` is the record number (1 = the
-  first row after the header).
+  first row after the header). A column misspelling a parameter (``tempreature``) gives
+  its records an error row with a did-you-mean; other columns are ignored.
 
-A bad line, a bad record, an unreadable or unsupported file becomes error rows naming
-the file; the job goes on. The deployment is configured by environment variables:
+Rows run in memory through the core of ``gpt2onnx batch`` (`gpt2onnx.batch.iter_results`:
+the same parsing, checks, batching and error rows; no temporary file, hash, lock or
+fsync: a retried mini-batch simply runs again). A bad line, a bad record, an unreadable
+or unsupported file becomes error rows naming the file; the job goes on. The deployment is configured by environment variables:
 
     GPT2ONNX_THREADS     intra-op threads per process (default: the physical cores it may use)
     GPT2ONNX_PARAMS      job defaults as a JSON object, e.g. {"max_new_tokens": 40}
@@ -43,10 +46,13 @@ import logging
 import os
 
 from .. import artifact
+from ..batch import iter_results
+from ..batch.core import iter_batches
+from ..batch.rows import read_lines
 from ..errors import ArtifactError, Gpt2OnnxError, InvalidRequestError
 from ..fsutil import atomic_write_text
-from ..params import FIELDS
-from . import generate_rows, read_jsonl, threads_from_env
+from ..params import looks_like_param
+from . import threads_from_env
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
@@ -112,10 +118,11 @@ def score_file(path: str) -> list[dict]:
             what = "is a directory" if os.path.isdir(path) else "does not exist"
             return [_file_error(f"cannot read {name}: it {what}")]
         if suffix in JSONL_SUFFIXES:
-            return _score_jsonl(gen, path, params, batch_size)
+            rows = iter_batches(gen, read_lines(path, params), batch_size=batch_size)
+            return [row.out for ready in rows for row in ready]
         if suffix in CSV_SUFFIXES:
             requests, errors = read_csv(path, delimiter=CSV_SUFFIXES[suffix])
-            return _merge(generate_rows(gen, requests, batch_size=batch_size, params=params), errors)
+            return _merge(list(iter_results(gen, requests, batch_size=batch_size, params=params)), errors)
         return [_file_error(f"{name}: unsupported file type {suffix or '(none)'!r}; "
                             f"use {', '.join(JSONL_SUFFIXES + tuple(CSV_SUFFIXES))}")]
     except (Gpt2OnnxError, OSError, UnicodeDecodeError) as e:
@@ -125,23 +132,15 @@ def score_file(path: str) -> list[dict]:
         return [_file_error(f"internal error on {name}: {e.__class__.__name__}: {e}")]
 
 
-def _score_jsonl(gen, path: str, params: dict, batch_size: int) -> list[dict]:
-    import tempfile
-
-    from ..batch import run_batch
-
-    with tempfile.TemporaryDirectory(prefix="gpt2onnx-azureml-") as tmp:
-        out = os.path.join(tmp, "out.jsonl")
-        run_batch(gen, path, out, batch_size=batch_size, params=params, progress=False)
-        return read_jsonl(out)
-
-
 def read_csv(path: str, *, delimiter: str = ",") -> tuple[list[dict | None], list[dict]]:
     """Turn a CSV file into batch requests (one per record) and error rows.
 
     Returns:
         (requests, errors): ``requests[n - 1]`` is record n as a batch line object, or
         None when record n is an error row in ``errors``.
+
+    >>> read_csv("part-1.csv")   # doctest: +SKIP
+    ([{'id': 'x', 'prompt': 'The tower is', 'max_new_tokens': 20}], [])
     """
     requests: list[dict | None] = []
     errors: list[dict] = []
@@ -169,11 +168,10 @@ def _csv_request(record: dict) -> dict:
     request: dict = {}
     if record.get("id") not in (None, ""):
         request["id"] = record["id"]
-    if record.get("prompt") is not None:  # None: a short record; batch.py reports the missing prompt
+    if record.get("prompt") is not None:  # None: a short record; the core reports the missing prompt
         request["prompt"] = record["prompt"]
-    for key in FIELDS:
-        cell = record.get(key)
-        if cell is None or cell.strip() == "":
+    for key, cell in record.items():
+        if key in ("id", "prompt") or not looks_like_param(key) or cell is None or cell.strip() == "":
             continue
         try:
             request[key] = json.loads(cell)

@@ -28,6 +28,10 @@ cloudpickle and Python versions of the machine that packaged it.
 >>> import mlflow                                                   # doctest: +SKIP
 >>> model = mlflow.pyfunc.load_model("out/gpt2-int8-mlflow")        # doctest: +SKIP
 >>> model.predict(["Hello,"], params={"max_new_tokens": 20, "seed": 1})  # doctest: +SKIP
+
+The served model itself (its `predict`, the signature's params and defaults) is
+`gpt2onnx.integrations.mlflow_pyfunc`; its names are re-exported here, where the code
+file of every packaged model imports `python_model`.
 """
 
 from __future__ import annotations
@@ -36,41 +40,18 @@ import contextlib
 import os
 import re
 import shutil
-import sys
 import tempfile
-from collections.abc import Mapping
-from typing import Any
 
 from .. import artifact
 from .._version import __version__
 from ..exporter import modelcard
-from ..errors import ExportError, Gpt2OnnxError, InvalidRequestError
-from . import threads_from_env
+from ..errors import ExportError, InvalidRequestError
+from .mlflow_pyfunc import (  # noqa: F401  (the served model, re-exported: packaged models import python_model here)
+    BATCH_SIZE, CARD_PARAMS, EXTRA_PARAMS, PARAM_DEFAULTS, generation_params, python_model, require_mlflow,
+)
 
-# The params of the Azure ML registry's gpt2 MLflow model (azureml-assets
-# assets/models/system/gpt2/MLmodel): name, MLflow type, default. Its pipeline samples by
-# default, at temperature 0.8; these defaults apply when a request leaves a param out.
-CARD_PARAMS: tuple[tuple[str, str, Any], ...] = (
-    ("top_p", "float", 1.0),
-    ("temperature", "float", 0.8),
-    ("max_new_tokens", "integer", 50),
-    ("do_sample", "boolean", True),
-    ("return_full_text", "boolean", True),
-)
-# The rest of GenerationParams, with its (Hugging Face) defaults; MLflow drops params the
-# signature does not list, so every one a request may set must be here.
-EXTRA_PARAMS: tuple[tuple[str, str, Any], ...] = (
-    ("top_k", "long", 50),
-    ("repetition_penalty", "float", 1.0),
-    ("seed", "long", None),
-    ("stop", "string[]", []),
-    ("ignore_eos", "boolean", False),
-    ("truncation", "boolean", False),
-)
-PARAM_DEFAULTS = {name: default for name, _, default in CARD_PARAMS + EXTRA_PARAMS}
 RUNTIME_REQUIREMENTS = ("onnxruntime", "numpy", "tokenizers", "tqdm")  # never torch
 MODEL_CODE = "gpt2onnx_pyfunc.py"
-BATCH_SIZE = 8  # prompts per generate call in predict(); bounds padding and memory
 
 _MODEL_CODE_TEXT = '''"""MLflow models-from-code entry written by gpt2onnx: the pyfunc model of this folder."""
 import mlflow
@@ -81,102 +62,9 @@ mlflow.models.set_model(python_model())
 '''
 
 
-def _require_mlflow():
-    try:
-        import mlflow  # noqa: F401
-        import mlflow.pyfunc  # noqa: F401
-    except ImportError:
-        raise Gpt2OnnxError("MLflow is not installed; pip install 'gpt2onnx[mlflow]' "
-                            "(mlflow-skinny and pandas)") from None
-    return sys.modules["mlflow"]
-
-
-# -- the pyfunc model -------------------------------------------------------------------
-
-
-class _Pyfunc:
-    """The methods of the pyfunc model; `python_model()` mixes them into an mlflow PythonModel.
-
-    Kept apart from mlflow so importing this module (the CLI does) costs nothing.
-    """
-
-    def load_context(self, context) -> None:
-        from ..runtime import load
-
-        config = dict(getattr(context, "model_config", None) or {})
-        threads = config.get("threads") or threads_from_env()
-        self.batch_size = int(config.get("batch_size") or BATCH_SIZE)
-        self.generator = load(context.artifacts["model_dir"], threads=threads)
-
-    def predict(self, context, model_input, params=None) -> list[str]:
-        """One completion per input row, as strings, in order (the Azure ML gpt2 response)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            prompts = _prompts(model_input)
-            gp = generation_params(params)
-            texts: list[str] = []
-            for i in range(0, len(prompts), self.batch_size):
-                texts += [r.text for r in self.generator.generate(prompts[i:i + self.batch_size], gp)]
-            return texts
-        except InvalidRequestError as e:  # the scoring server answers 400 instead of 500
-            raise MlflowException.invalid_parameter_value(str(e)) from None
-
-
-def python_model():
-    """A new pyfunc model object (an `mlflow.pyfunc.PythonModel`); used by the model's code file."""
-    mlflow = _require_mlflow()
-
-    cls = type("Gpt2OnnxPythonModel", (_Pyfunc, mlflow.pyfunc.PythonModel),
-               {"__module__": __name__, "__doc__": "gpt2onnx text generation as an MLflow pyfunc model."})
-    return cls()
-
-
-def generation_params(params: Mapping[str, Any] | None):
-    """MLflow request params -> GenerationParams; a missing param takes the signature default.
-
-    >>> generation_params({"max_new_tokens": 5}).temperature
-    0.8
-    """
-    from ..params import GenerationParams
-
-    if params is not None and not isinstance(params, Mapping):
-        raise InvalidRequestError(f"params must be a JSON object, got {type(params).__name__}")
-    merged = {**PARAM_DEFAULTS, **(params or {})}
-    if merged.get("stop") is not None and not isinstance(merged["stop"], str):
-        merged["stop"] = list(merged["stop"])  # MLflow may hand over a numpy array
-    return GenerationParams.from_dict(merged)
-
-
-def _prompts(model_input) -> list[str]:
-    """The prompts of a pyfunc input: a one-column DataFrame, a Series, a list or a string."""
-    import numpy as np
-
-    if isinstance(model_input, str):
-        values = [model_input]
-    elif hasattr(model_input, "columns"):  # pandas.DataFrame
-        cols = list(model_input.columns)
-        if len(cols) != 1:
-            raise InvalidRequestError(f"the input must have one string column of prompts, got columns {cols}")
-        values = model_input[cols[0]].tolist()
-    elif hasattr(model_input, "tolist"):  # pandas.Series, numpy array
-        values = np.asarray(model_input, dtype=object).reshape(-1).tolist()
-    elif isinstance(model_input, (list, tuple)):
-        values = list(model_input)
-    else:
-        raise InvalidRequestError(f"the input must be a list of strings, got {type(model_input).__name__}")
-    for i, v in enumerate(values):
-        if not isinstance(v, str):
-            raise InvalidRequestError(f"input row {i} must be a string (the prompt), got {type(v).__name__} {v!r:.40}")
-    return values
-
-
-# -- packaging -------------------------------------------------------------------------
-
-
 def signature():
     """The MLflow signature: one string column in, one string column out, CARD_PARAMS + EXTRA_PARAMS."""
-    _require_mlflow()
+    require_mlflow()
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -261,7 +149,7 @@ def package_mlflow(model_dir: str, out: str, *, name: str | None = None, version
     >>> package_mlflow("out/gpt2-int8", "out/gpt2-int8-mlflow", version=2)   # doctest: +SKIP
     'out/gpt2-int8-mlflow'
     """
-    mlflow = _require_mlflow()
+    mlflow = require_mlflow()
     model_dir, out = os.fspath(model_dir), os.fspath(out)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")

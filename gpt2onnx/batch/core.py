@@ -1,0 +1,143 @@
+"""The in-memory batch core: requests in, one output row per prompt out, in input order.
+
+>>> from gpt2onnx.batch import iter_results
+>>> requests = [{"id": "a", "prompt": "Hello"}, {"input_data": ["Hi", 3]}, {"prompt": "x", "tempreature": 1}]
+>>> for row in iter_results(gen, requests, params={"max_new_tokens": 5}):   # doctest: +SKIP
+...     print(row["id"], row.get("text") or row["error"])
+a Hello, I'm ...
+2:0 Hi, ...
+2:1 prompt must be a string, got int
+line-3 unknown generation parameter 'tempreature'; did you mean 'temperature'? allowed: ...
+
+Every entry that runs many prompts goes through here: `gpt2onnx batch` / `run_batch`
+(which adds the output file, its ``.state``, resume, the lock and fsync), Azure ML batch
+and Ray. A row is prepared (`Generator.prepare`: parameters, prompt, context room) once,
+when it is read; a refused row becomes an error row on the spot, and only good
+`Request`s reach `Generator.generate_batch`::
+
+    requests ─> rows (parse) ─> window of 8 x batch_size rows, each prepared when read
+                                   │  batch = the oldest pending row + the pending rows
+                                   │          closest to it in prompt length
+                                   └─> generate_batch ─> the finished head, in order ─> out
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+from ..errors import InvalidRequestError
+from ..params import GenerationParams
+from .rows import Row, error_row, parse_request
+
+WINDOW_BATCHES = 8  # rows read ahead = 8 x batch size: room to group by length, memory stays flat
+MAX_BATCH_SIZE = 1024
+
+
+def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int = 8,
+                 params: GenerationParams | dict | None = None) -> Iterator[dict]:
+    """Generate for batch requests held in memory; yields one output row per prompt, in input order.
+
+    Args:
+        generator: a loaded `Generator`.
+        requests: batch-line objects, ``{"id", "prompt", <params>}`` or ``{"input_data":
+            [...], "params": {...}}``; request n (from 1) gives rows with ``"line": n``.
+            None stands for a blank line: no row, but the numbering goes on.
+        batch_size: prompts per model call; pending prompts of similar length are batched.
+        params: job defaults (a `GenerationParams` or a dict); a request's own win.
+
+    Yields:
+        ``{"id", "line", "index", "text", "prompt_tokens", "generated_tokens",
+        "finish_reason", "seconds"}``, or ``{"id", "line", "index", "error"}`` for a
+        prompt that cannot be generated (the one-line reason); the others go on.
+
+    Raises:
+        InvalidRequestError: `batch_size` or `params` is invalid (at the call).
+    """
+    check_batch_size(batch_size)
+    base = job_params(params)
+
+    def rows() -> Iterator[Row]:
+        for n, obj in enumerate(requests, start=1):
+            if obj is not None:
+                yield from parse_request(n, obj, base)
+
+    return (row.out for ready in iter_batches(generator, rows(), batch_size=batch_size) for row in ready)
+
+
+def iter_batches(generator, rows: Iterable[Row], *, batch_size: int) -> Iterator[list[Row]]:
+    """Run parsed rows; after each model call, yield the rows finished at the head of the input, in order.
+
+    A pending row (``out`` None) is prepared when it is read into the window; one that
+    `Generator.prepare` refuses gets its error row there. Every yielded row has ``out``.
+    """
+    rows = iter(rows)
+    window: deque[Row] = deque()
+    limit = WINDOW_BATCHES * batch_size
+    exhausted = False
+    while True:
+        while not exhausted and len(window) < limit:
+            row = next(rows, None)
+            if row is None:
+                exhausted = True
+            else:
+                window.append(prepare_row(generator, row))
+        if not window:
+            return
+        pending = [r for r in window if r.out is None]
+        if pending:
+            run_one_batch(generator, _pick_batch(pending, batch_size))
+        ready = []
+        while window and window[0].out is not None:
+            ready.append(window.popleft())
+        if ready:
+            yield ready
+
+
+def prepare_row(generator, row: Row) -> Row:
+    """Check and tokenize a pending row (`Generator.prepare`); a refused one gets its error row."""
+    if row.out is None:
+        try:
+            row.request = generator.prepare(row.prompt, row.params)
+        except InvalidRequestError as e:
+            row.out = error_row(row, str(e))
+    return row
+
+
+def run_one_batch(generator, batch: list[Row]) -> int:
+    """Generate for prepared rows in one `generate_batch` call, filling each row's output; returns tokens generated."""
+    t0 = time.perf_counter()
+    results = generator.generate_batch([r.request for r in batch])
+    share = round((time.perf_counter() - t0) / len(batch), 6)
+    for r, res in zip(batch, results):
+        r.out = {"id": r.id, "line": r.line, "index": r.index, "text": res.text, "prompt_tokens": res.prompt_tokens,
+                 "generated_tokens": res.generated_tokens, "finish_reason": res.finish_reason, "seconds": share}
+    return sum(res.generated_tokens for res in results)
+
+
+def _pick_batch(pending: list[Row], size: int) -> list[Row]:
+    """The oldest pending row and the pending rows closest to it in length.
+
+    Always taking the oldest row lets the in-order output advance after every batch;
+    its companions are chosen by prompt length so the batch wastes little padding.
+    """
+    head, rest = pending[0], pending[1:]
+    if len(rest) >= size:
+        rest = sorted(rest, key=lambda r: abs(r.tokens - head.tokens))[: size - 1]  # stable: ties by input order
+    return [head, *rest]
+
+
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise InvalidRequestError(f"batch_size must be an integer in [1, {MAX_BATCH_SIZE}], got {batch_size!r}")
+
+
+def job_params(params) -> dict:
+    """Job defaults as a dict of overrides, checked now: a bad job setting fails before any row is read."""
+    if params is None:
+        return {}
+    if isinstance(params, GenerationParams):
+        return params.to_dict()
+    GenerationParams.from_dict(params)
+    return dict(params)
