@@ -164,3 +164,16 @@ def azmlinfsrv(kit: str, model_root: str, workdir, *, ready_s: float) -> Iterato
             except subprocess.TimeoutExpired:
                 continue
         log.close()
+
+
+@pytest.fixture(scope="session")
+def gpt2_124m(tmp_path_factory) -> dict:
+    """The 124M architecture with seeded random weights, exported once per session: {"fp32": dir, "int8": dir}.
+
+    For the real-scale (`slow`) tests: a property that holds at 32 dimensions can fail at 768.
+    """
+    import gpt2onnx
+
+    root = tmp_path_factory.mktemp("gpt2-124m")
+    return {p: gpt2onnx.export("gpt2", str(root / p), precision=p, random_weights=True, progress=False) and
+            str(root / p) for p in ("fp32", "int8")}
