@@ -33,6 +33,9 @@ FORMAT = "gpt2onnx"
 FORMAT_VERSION = 1
 REQUIRED_FILES = ("model.onnx", "tokenizer.json", "config.json")
 DIMS = ("n_layer", "n_head", "n_embd", "head_dim", "vocab_size", "n_positions")  # what the runtime reads
+# The Azure ML gpt2 card's inference-min-sku-spec "2|0|8|28" (vCPU|GPU|GiB|disk GiB): what the
+# model card writes and what `gpt2onnx skus` checks a VM size against.
+MIN_INFERENCE_VM = {"vcpus": 2, "gpus": 0, "memory_gib": 8, "disk_gib": 28}
 CONFIG_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")  # also in config.json
 
 

@@ -11,7 +11,7 @@ import math
 import os
 import platform
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx")  # the kernels' ISA; "amx" = amx_int8
 
 
 def _read(path: str) -> str | None:
@@ -75,9 +75,7 @@ def isa_flags() -> dict[str, bool]:
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    out = {f: f in flags for f in ISA_FLAGS}
-    out["amx"] = out.pop("amx_int8")
-    return out
+    return {f: (f + "_int8" if f == "amx" else f) in flags for f in ISA_FLAGS}
 
 
 THREADS_ENV = "GPT2ONNX_THREADS"  # intra-op threads of a Generator built by a deployment or integration

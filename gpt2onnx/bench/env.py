@@ -13,7 +13,6 @@ git revision is read from ``.git`` directly, with no git binary.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import re
@@ -21,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import cpu
-from .._version import __version__
+from .._version import package_versions
 
 BANDWIDTH_MIB = 1024  # the array summed to measure memory bandwidth (far beyond any cache)
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # gpt2onnx/
@@ -77,13 +76,9 @@ def _memory_gib() -> float:
 
 
 def versions() -> dict[str, str]:
-    out = {"gpt2onnx": __version__}
-    for name in ("onnxruntime", "numpy", "tokenizers", "onnx", "torch", "transformers", "optimum", "optimum-onnx"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    """Versions a bench record carries (whatever of these is installed)."""
+    return package_versions(("onnxruntime", "numpy", "tokenizers", "onnx", "torch", "transformers", "optimum",
+                             "optimum-onnx"))
 
 
 def environment(*, memory_bandwidth_gbs: float | None = None) -> dict:

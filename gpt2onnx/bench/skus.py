@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
 
+from .. import cpu
+from ..artifact import MIN_INFERENCE_VM
 from ..errors import Gpt2OnnxError, InvalidRequestError
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx")
-MIN_INFERENCE_VCPUS = 2  # model card: inference-min-sku-spec 2|0|8|28 (vCPU|GPU|GiB|disk GiB)
-MIN_INFERENCE_MEMORY_GIB = 8.0
+ISA_FLAGS = tuple(f for f in cpu.ISA_FLAGS if f != "avx_vnni")  # the catalog's columns (Azure does not list AVX-VNNI)
+MIN_INFERENCE_VCPUS = MIN_INFERENCE_VM["vcpus"]
+MIN_INFERENCE_MEMORY_GIB = float(MIN_INFERENCE_VM["memory_gib"])
 RUNTIME_OVERHEAD_GIB = 1.0  # onnxruntime arenas, KV cache, tokenizer, Python
 OS_MARGIN = 0.25  # share of VM memory left to the OS and page cache
 _GIB = 1024**3

@@ -7,6 +7,8 @@ this export is: precision, size, parity, and whether the weights are random.
 
 from __future__ import annotations
 
+from ..artifact import MIN_INFERENCE_VM
+
 # Reported by OpenAI for the ORIGINAL pretrained weights (GPT-2 paper, table 3; the
 # Azure ML gpt2 card repeats them). Not measured on this export.
 ZERO_SHOT = {
@@ -20,9 +22,6 @@ ZERO_SHOT = {
     "gpt2-xl": {"LAMBADA (PPL)": 8.63, "LAMBADA (ACC)": 63.24, "WikiText2 (PPL)": 18.34,
                 "WikiText103 (PPL)": 17.48},
 }
-
-# The Azure ML gpt2 card's inference-min-sku-spec "2|0|8|28".
-MIN_INFERENCE_VM = {"vcpus": 2, "gpus": 0, "memory_gib": 8, "disk_gib": 28}
 
 
 def tags(manifest: dict) -> dict:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from .._version import __version__
+from .._version import package_versions
 from ..errors import ExportError, Gpt2OnnxError, ParityError, UnsupportedModelError
 
 PRECISIONS = ("fp32", "int8")
@@ -103,14 +103,7 @@ def _tokenizer(cfg: ExportConfig, src, vocab_size: int):
 
 
 def _versions() -> dict:
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {"gpt2onnx": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__}
+    return package_versions(("onnxruntime", "onnx", "torch", "transformers", "numpy"))
 
 
 def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = False,
