@@ -1,4 +1,4 @@
-"""File-system rules written once: atomic writes, and the temporary folders of an export.
+r"""File-system rules written once: atomic writes, and the temporary folders of an export.
 
 >>> import tempfile, os
 >>> p = os.path.join(tempfile.mkdtemp(), "x.json")

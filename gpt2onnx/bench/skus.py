@@ -4,7 +4,7 @@ The catalog is `gpt2onnx/data/skus.toml` (package data, the one canonical copy):
 CPU sizes of the Azure ML gpt2 model card's inference allow-list, with vCPUs, memory,
 processors and the ISA extensions that decide int8 speed (AVX2, AVX-512, VNNI, AMX).
 
-    >>> from gpt2onnx import skus
+    >>> from gpt2onnx.bench import skus
     >>> sku = skus.get("Standard_F4s_v2")
     >>> (sku.vcpus, sku.physical_cores, sku.memory_gib)
     (4, 2, 8.0)

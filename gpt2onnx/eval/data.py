@@ -1,7 +1,7 @@
-"""The evaluation data files: where they are, how they are read, whether they are the originals.
+r"""The evaluation data files: where they are, how they are read, whether they are the originals.
 
 >>> wikitext2_text(" = Title = \n \n Text .\n")
-' = Title = \n\n\n\n Text .\n'
+' = Title = \n\n\n\n\n Text .\n'
 
 Nothing here searches a checkout's folder layout: a path comes from the caller
 (``--data``) or from the folder named by ``$GPT2ONNX_DATA`` (docs/quality.md).
