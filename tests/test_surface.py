@@ -1,0 +1,133 @@
+"""The public surface that users' code and scripts rely on: names, signatures, CLI commands and flags.
+
+Pinned from the last release before the package was split into subpackages; a removal
+or rename here breaks users and must be a conscious, documented decision (README,
+"Changes"). Additions are free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import subprocess
+import sys
+
+import gpt2onnx
+from gpt2onnx.cli import build_parser
+
+PUBLIC = ["ArtifactError", "BatchSummary", "ExportError", "FidelityError", "GenerationParams", "GenerationResult",
+          "Generator", "Gpt2OnnxError", "InvalidRequestError", "ParityError", "StepResult", "UnsupportedModelError",
+          "export", "load", "run_batch"]
+
+GENERATOR = {  # method -> parameter names (keyword-only marked with *)
+    "generate": ["prompts", "params", "**overrides"],
+    "generate_batch": ["requests"],
+    "generate_tokens": ["prompt", "params", "**overrides"],
+    "stream_batch": ["requests"],
+}
+
+FUNCTIONS = {
+    "load": ["model_dir", "*threads", "*verify_hashes"],
+    "export": ["source", "outdir", "*precision", "*force", "*random_weights", "*seed", "*tokenizer", "*progress",
+               "*accept_fidelity_miss"],
+    "run_batch": ["model_or_dir", "input_path", "output_path", "*batch_size", "*params", "*progress", "*threads"],
+}
+
+CLI = {
+    "export": ["--accept-fidelity-miss", "--force", "--precision", "--quiet", "--random-weights", "--seed",
+               "--tokenizer", "outdir", "source"],
+    "inspect": ["--json", "--no-hash", "model_dir"],
+    "generate": ["--do-sample", "--ignore-eos", "--json", "--max-new-tokens", "--params", "--repetition-penalty",
+                 "--seed", "--stop", "--stream", "--temperature", "--threads", "--timing", "--top-k", "--top-p",
+                 "--truncation", "model_dir", "prompt"],
+    "batch": ["--batch-size", "--do-sample", "--ignore-eos", "--max-new-tokens", "--no-progress", "--params",
+              "--repetition-penalty", "--seed", "--stop", "--temperature", "--threads", "--top-k", "--top-p",
+              "--truncation", "input", "model_dir", "output"],
+    "azureml-kit": ["--deployment", "--endpoint", "--force", "--instance-type", "--model-name", "model_dir", "outdir"],
+    "bench": ["--baselines", "--batch-sizes", "--new-tokens", "--out", "--prompt-tokens", "--quiet", "--repeats",
+              "--sku", "--threads", "--warmup", "model_dir"],
+    "skus": ["--model-dir"],
+    "report": ["--out", "--prices", "--slo-first-token-ms", "--slo-token-ms", "results"],
+    "eval": ["--data", "--json", "--limit", "--quiet", "--reference", "--task", "--threads", "model_dir"],
+    "mlflow": ["--batch-size", "--description", "--force", "--name", "--version", "model_dir", "out"],
+}
+
+
+def _params(fn) -> list[str]:
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.name == "self":
+            continue
+        out.append({p.KEYWORD_ONLY: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "") + p.name)
+    return out
+
+
+def test_public_names():
+    assert set(PUBLIC) <= set(gpt2onnx.__all__)
+    for name in gpt2onnx.__all__:
+        assert getattr(gpt2onnx, name) is not None
+
+
+def test_generator_methods_and_function_signatures():
+    for method, params in GENERATOR.items():
+        assert _params(getattr(gpt2onnx.Generator, method)) == params, method
+    for name, params in FUNCTIONS.items():
+        assert _params(getattr(gpt2onnx, name)) == params, name
+
+
+def test_cli_commands_and_flags():
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    for command, flags in CLI.items():
+        assert command in sub.choices, command
+        sp = sub.choices[command]
+        have = {o for a in sp._actions for o in a.option_strings} | {a.dest for a in sp._actions if not a.option_strings}
+        assert set(flags) <= have, (command, sorted(set(flags) - have))
+
+
+def test_import_loads_no_torch_exporter_or_jobs():
+    """`import gpt2onnx` is the runtime only; export/run_batch resolve on first use."""
+    code = ("import gpt2onnx, sys; print([m for m in sys.modules if m.startswith(('torch', 'transformers', "
+            "'optimum', 'gpt2onnx.exporter', 'gpt2onnx.batch', 'gpt2onnx.bench', 'gpt2onnx.eval'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+    code = "import gpt2onnx, sys; gpt2onnx.run_batch; print('gpt2onnx.batch' in sys.modules, 'torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["True",
+                                                                                                         "False"]
+
+
+def test_no_module_imports_another_modules_private_names_and_no_cycles():
+    import ast
+    import os
+
+    root = os.path.dirname(gpt2onnx.__file__)
+    graph: dict[str, set[str]] = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, f)
+            mod = os.path.relpath(path, os.path.dirname(root))[:-3].replace(os.sep, ".").removesuffix(".__init__")
+            pkg = mod if f == "__init__.py" else mod.rsplit(".", 1)[0]
+            tree = ast.parse(open(path, encoding="utf-8").read())
+            deps = graph.setdefault(mod, set())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+                    target = f"{base}.{node.module}" if node.module else base
+                    for alias in node.names:
+                        assert not (alias.name.startswith("_") and not alias.name.startswith("__")), \
+                            f"{mod} imports the private {target}.{alias.name}"
+                    if node.col_offset == 0:  # module-level imports make cycles; function-level ones are lazy
+                        deps.update(f"{target}.{a.name}" for a in node.names)  # a submodule, or a name of target
+                        deps.add(target)
+            assert len(open(path, encoding="utf-8").read().splitlines()) <= 400, f"{mod} is over 400 lines"
+
+    def visit(m, stack):
+        assert m not in stack, "import cycle: " + " -> ".join([*stack, m])
+        for d in graph.get(m, ()):
+            if d in graph and d != m and not m.startswith(d + "."):  # importing a name of a parent package:
+                visit(d, [*stack, m])                                  # that package is already initializing
+
+    for m in graph:
+        visit(m, [])
