@@ -59,11 +59,11 @@ def test_figures_are_sane(bench_run):
         assert tok["mean"] > 0 and r["load_s"] > 0 and r["tokenize_ms"] > 0
         assert r["peak_rss_mb"] > 0 and r["floor_ratio"] > 0
         assert r["new_tokens"] == 4 and r["threads"] == cpu.physical_cores()
-        # One repeat: wall time = first token + the 3 following steps (+ a little bookkeeping).
+        # One repeat: wall time includes first token + the 3 following steps (the parts never exceed the
+        # whole; no bound the other way: timings belong in benchmarks, not in pass/fail tests).
         wall_ms = r["batch_size"] * r["new_tokens"] / r["tokens_per_s"] * 1e3
         steps_ms = first["p50"] + (r["new_tokens"] - 1) * tok["mean"]
         assert steps_ms <= wall_ms * 1.01 + 0.01
-        assert wall_ms <= steps_ms * 1.5 + 20  # token counts themselves are checked exactly by the worker
     # Peak RSS is each worker's own, not inherited from this (torch-importing) test process:
     # the torch-free gpt2onnx worker stays well below the PyTorch one.
     rss = {(r["runtime"], r["batch_size"]): r["peak_rss_mb"] for r in ok_rows(rec)}
