@@ -18,8 +18,9 @@ that bit visible in the chosen token. So a `Batch` gives every MatMul an even M:
   sequence; the pad's key/value is overwritten by the first decoded token), and the LM
   head keeps the last 2 positions (M = 2 per row); the logits of the last real
   position are taken;
-- decode: an odd number of active rows gets a scratch row (one token at position 0,
-  rewritten every step, so its attention costs nothing).
+- decode: a `Batch` has an even number of slots; a free slot (a finished row's, or the
+  spare of an odd batch) is a scratch row: one token at position 0, rewritten every
+  step, so its attention costs nothing.
 """
 
 from __future__ import annotations
@@ -103,30 +104,41 @@ class Engine:
 
 
 class Batch:
-    """The rows of one generate call: their KV cache, lengths and binding; every MatMul sees an even M.
+    """Slots for the rows of one generate call: KV cache, lengths, binding; every MatMul sees an even M.
 
-    >>> b = Batch(engine, [3, 5], max_len=20)               # doctest: +SKIP
-    >>> logits = b.prefill([[1, 2, 3], [4, 5, 6, 7, 8]])     # doctest: +SKIP
-    >>> logits = b.decode(np.array([9, 9]))                  # doctest: +SKIP
+    A slot holds one row or is free. Free slots ride along in decode steps as scratch rows
+    (token 0 at position 0), which keeps M even and lets a new row be prefilled into a
+    freed slot while the others go on decoding (continuous batching).
+
+    >>> b = Batch(engine, slots=2, max_len=20)                 # doctest: +SKIP
+    >>> logits = b.prefill([[1, 2, 3], [4, 5, 6, 7, 8]])       # doctest: +SKIP
+    >>> logits = b.decode(np.array([9, 9]))                    # doctest: +SKIP
     """
 
-    def __init__(self, engine: Engine, lengths, max_len: int):
+    def __init__(self, engine: Engine, slots: int, max_len: int):
         self.engine = engine
-        self.lengths = np.asarray(lengths, np.int64)  # each active row's length (prompt + tokens fed)
         self.max_len = max_len + 1  # room for a prompt's pad token
-        self.cache = engine.cache(_even(len(self.lengths)), self.max_len)  # np.zeros: paged in lazily
+        self.cache = engine.cache(_even(slots), self.max_len)  # np.zeros: pages are touched only when written
+        self.lengths = np.zeros(self.cache.batch, np.int64)  # tokens in each slot; 0 = free
         self.binding = engine.bind(self.cache)
 
+    @property
+    def slots(self) -> int:
+        return self.cache.batch
+
     def prefill(self, prompts) -> np.ndarray:
-        """Feed every row's prompt (equal lengths together, else row by row); returns (B, V) last logits."""
-        eng, n = self.engine, len(prompts)
+        """Fill slots 0..n-1 with `prompts` (equal lengths together, else one by one); returns (n, V) last logits."""
+        n = len(prompts)
         if n >= 2 and len({len(p) for p in prompts}) == 1:
             cache = self.cache if n == self.cache.batch else self.cache.rows(n)
+            self.lengths[:n] = len(prompts[0])
             return self._prefill(cache, np.array(prompts, np.int64))
-        logits = np.empty((n, eng.vocab_size), np.float32)
-        for b, p in enumerate(prompts):
-            logits[b] = self._prefill(self.cache.row(b), np.array([p], np.int64))[0]
-        return logits
+        return np.stack([self.admit(b, p) for b, p in enumerate(prompts)])
+
+    def admit(self, slot: int, prompt) -> np.ndarray:
+        """Prefill one prompt into free `slot`; returns its (V,) last logits."""
+        self.lengths[slot] = len(prompt)
+        return self._prefill(self.cache.row(slot), np.array([prompt], np.int64))[0]
 
     def _prefill(self, cache: "KVCache", ids: np.ndarray) -> np.ndarray:
         """Prefill (B, S) prompts into `cache` (B rows): B x even tokens, the LM head on 2 positions each."""
@@ -135,24 +147,26 @@ class Batch:
             ids = np.concatenate([ids, ids[:, -1:]], axis=1)
         pos = np.tile(np.arange(ids.shape[1]), (b, 1))
         logits = self.engine.step(self.engine.bind(cache, keep=2), ids, np.full(b, ids.shape[1]), pos, last=False)
-        return logits[:, -1 - s % 2]  # (B, V): the last real position
+        return logits[:, -1 - s % 2].copy()  # (B, V): the last real position
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """Feed one new token per active row; returns (B, V) logits, valid until the next step."""
-        m = len(self.lengths)
-        pos = self.lengths[:, None]
-        self.lengths = self.lengths + 1
-        ids, lengths = np.asarray(tokens, np.int64)[:, None], self.lengths
-        if m % 2:  # the scratch row: token 0 at position 0, length 1
-            ids, pos = np.concatenate([ids, [[0]]]), np.concatenate([pos, [[0]]])
-            lengths = np.concatenate([lengths, [1]])
-        return self.engine.step(self.binding, ids, lengths, pos)[:m]
+        """Feed one token per slot (ignored for free slots); returns (slots, V) logits, valid until the next step."""
+        busy = self.lengths > 0
+        ids = np.where(busy, np.asarray(tokens, np.int64), 0)[:, None]  # a free slot: token 0 at position 0
+        pos = np.where(busy, self.lengths, 0)[:, None]
+        self.lengths[busy] += 1
+        return self.engine.step(self.binding, ids, np.maximum(self.lengths, 1), pos)
 
-    def keep(self, rows) -> None:
-        """Keep only `rows` (indices of the active rows), compacting the cache."""
-        rows = np.asarray(rows)
-        self.lengths = self.lengths[rows]
-        self.cache = self.cache.select(rows, _even(len(rows)))
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def compact(self, slots) -> None:
+        """Keep only `slots` (in that order, renumbered from 0); the cache shrinks to an even number of rows."""
+        slots = np.asarray(slots)
+        lengths = self.lengths[slots]
+        self.cache = self.cache.select(slots, _even(len(slots)), int(lengths.max(initial=0)) + 1)
+        self.lengths = np.zeros(self.cache.batch, np.int64)
+        self.lengths[:len(slots)] = lengths
         self.binding = self.engine.bind(self.cache)
 
 
@@ -194,11 +208,15 @@ class KVCache:
         """A view of the first `n` rows (contiguous: writes go into this cache)."""
         return KVCache([a[:n] for a in self.arrays])
 
-    def select(self, rows: np.ndarray, batch: int) -> "KVCache":
-        """A compacted copy with `rows` first, zero rows after them up to `batch` rows."""
+    def select(self, rows: np.ndarray, batch: int, used: int) -> "KVCache":
+        """A compacted copy with `rows` first, zero rows after them up to `batch` rows.
+
+        Only the first `used` positions are copied: the rest were never written, and copying
+        them would page in the whole buffer.
+        """
         out = []
         for a in self.arrays:
             b = np.zeros((batch, *a.shape[1:]), a.dtype)  # calloc: untouched pages stay unmapped
-            b[:len(rows)] = a[rows]
+            b[:len(rows), :, :used] = a[rows, :, :used]
             out.append(b)
         return KVCache(out)

@@ -9,7 +9,9 @@
 One request path: `Generator.prepare` checks a prompt and its parameters, tokenizes it
 and fits it to the context once, giving a `Request`; every entry (generate, streaming,
 batch jobs, Azure ML, MLflow, Ray) runs Requests through `generate_batch` /
-`stream_batch`. The model step itself (session, IO binding, KV cache) is `_engine`.
+`stream_batch`, or `generate_iterable` (continuous batching). The decode loop (slots,
+sampling, stopping) is `_scheduler`; the model step (session, IO binding, KV cache) is
+`_engine`.
 
 One `Generator` may be shared by many threads: every call keeps its state on its own
 stack and onnxruntime sessions allow concurrent `run` calls.
@@ -17,54 +19,16 @@ stack and onnxruntime sessions allow concurrent `run` calls.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
-
-from . import artifact, cpu, sampling
+from . import artifact, cpu
 from . import tokenizer as _tokenizer
-from ._engine import Batch, Engine
+from ._engine import Engine
+from ._scheduler import Row, run
 from .errors import InvalidRequestError
 from .params import GenerationParams
+from .request import GenerationResult, Request, StepResult
 from .textstream import TextStream
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """One prompt's output."""
-
-    text: str  # prompt + completion when return_full_text, else the completion only
-    token_ids: tuple[int, ...]  # generated token ids (the stop-string token included)
-    prompt_tokens: int  # prompt length in tokens, after any truncation
-    finish_reason: str  # "length", "eos" or "stop"
-
-    @property
-    def generated_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """One streamed token: its id, the text it makes safe to print, and the finish reason on the last."""
-
-    token_id: int
-    text: str
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Request:
-    """A checked, tokenized prompt with its parameters. Make with `Generator.prepare`.
-
-    >>> req = gen.prepare("Hello", max_new_tokens=5)     # doctest: +SKIP
-    >>> req.input_ids, req.params.max_new_tokens          # doctest: +SKIP
-    ((15496,), 5)
-    """
-
-    prompt: str
-    input_ids: tuple[int, ...]  # after truncation; an empty prompt is (bos,)
-    params: GenerationParams
 
 
 def load(model_dir: str, *, threads: int | None = None, verify_hashes: bool = True) -> "Generator":
@@ -158,7 +122,7 @@ class Generator:
     def generate_batch(self, requests: Sequence[Request | tuple[str, GenerationParams]]) -> list[GenerationResult]:
         """Generate for `Request`s (or (prompt, params) pairs) in one batch; each row may have its own params."""
         rows = self._rows(requests)
-        for _ in self._decode_loop(rows):
+        for _ in self._steps(rows):
             pass
         return [row.result() for row in rows]
 
@@ -170,7 +134,41 @@ class Generator:
         together; a row's last event carries its finish reason.
         """
         rows = self._rows(requests)  # checked at the call, not at the first next()
-        return ((r.index, StepResult(tok, text, reason)) for r, tok, reason, text in self._decode_loop(rows))
+        return ((r.index, StepResult(tok, text, reason)) for r, tok, reason, text in self._steps(rows))
+
+    def generate_iterable(self, requests: Iterable[Request], *, batch_size: int = 8
+                          ) -> Iterator[tuple[int, GenerationResult]]:
+        """Continuous batching: yields (index in `requests`, result) as each row finishes.
+
+        Up to `batch_size` rows decode together; when one finishes, the next request is
+        prefilled into its slot while the others go on, so the batch stays full. Results
+        come in finishing order; each is exactly what the request gives alone.
+
+        >>> reqs = (gen.prepare(p, max_new_tokens=20) for p in prompts)          # doctest: +SKIP
+        >>> for i, result in gen.generate_iterable(reqs, batch_size=8):          # doctest: +SKIP
+        ...     print(i, result.text)
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+        def rows() -> Iterator[Row]:
+            for i, r in enumerate(requests):
+                if not isinstance(r, Request):
+                    raise InvalidRequestError(f"request {i}: expected a Request (Generator.prepare), "
+                                              f"got {type(r).__name__}")
+                yield self._row(i, r)
+
+        for row, _, reason, _ in run(self.engine, [], rows(), slots=batch_size, max_len=self.n_positions,
+                                     eos_token_id=self.eos_token_id):
+            if reason is not None:
+                yield row.index, row.result()
+
+    def _steps(self, rows: list[Row]):
+        max_len = int(max(len(r.request.input_ids) + r.request.params.max_new_tokens for r in rows))
+        return run(self.engine, rows, None, slots=len(rows), max_len=max_len, eos_token_id=self.eos_token_id)
+
+    def _row(self, index: int, request: Request) -> Row:
+        return Row(index, request, TextStream(self._decode, stop=request.params.stop), list(request.input_ids))
 
     def generate_tokens(self, prompt: str, params: GenerationParams | None = None,
                         **overrides) -> Iterator[StepResult]:
@@ -210,7 +208,7 @@ class Generator:
             raise InvalidRequestError(f"prompt {index}{msg[len('prompt'):]}" if msg.startswith("prompt ")
                                       else f"prompt {index}: {msg}") from None
 
-    def _rows(self, requests) -> list["_Row"]:
+    def _rows(self, requests) -> list[Row]:
         if not isinstance(requests, (list, tuple)) or not requests or not all(
                 isinstance(r, Request) or (isinstance(r, tuple) and len(r) == 2) for r in requests):
             raise InvalidRequestError("requests must be a non-empty list of Requests (Generator.prepare) "
@@ -222,77 +220,8 @@ class Generator:
                     raise InvalidRequestError(f"request {i}: params must be a GenerationParams, "
                                               f"got {type(r[1]).__name__}")
                 r = self._prepare_at(i, r[0], r[1])
-            out.append(_Row(i, r, TextStream(self._decode, stop=r.params.stop), list(r.input_ids)))
+            out.append(self._row(i, r))
         return out
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def _decode_loop(self, rows: list["_Row"]) -> Iterator[tuple["_Row", int, str | None, str]]:
-        """Yield (row, token, finish_reason or None, new text) for every generated token of every row.
-
-        Each row's prompt is prefilled at its own length (no padding, and a row's tokens
-        do not depend on its neighbours); rows of equal length are prefilled together.
-        Then all active rows decode together, each at its own position. A finished row is
-        dropped from the batch so the others do not pay for it. The engine's `Batch` never
-        runs a step with one row, so a row gives the same tokens alone or in any batch.
-        """
-        batch = Batch(self.engine, [len(r.request.input_ids) for r in rows],
-                      int(max(len(r.request.input_ids) + r.request.params.max_new_tokens for r in rows)))
-        logits = batch.prefill([r.request.input_ids for r in rows])
-        active = list(rows)
-        while active:
-            nxt = sampling.next_tokens(logits, [r.request.params for r in active], [r.rng for r in active],
-                                       [np.asarray(r.history, np.int64) for r in active],
-                                       eos_token_id=self.eos_token_id)
-            keep = []
-            for b, row in enumerate(active):
-                tok = int(nxt[b])
-                piece, reason = row.push(tok, self.eos_token_id)
-                yield row, tok, reason, piece
-                if reason is None:
-                    keep.append(b)
-            if not keep:
-                return
-            if len(keep) != len(active):
-                batch.keep(keep)
-                nxt, active = nxt[keep], [active[b] for b in keep]
-            logits = batch.decode(nxt)
-
-
-@dataclass
-class _Row:
-    """One request on its way through the decode loop."""
-
-    index: int  # place in the caller's list
-    request: Request
-    stream: TextStream
-    history: list[int]  # prompt + generated ids (the repetition penalty reads it)
-    tokens: list[int] = field(default_factory=list)  # generated ids
-    finish_reason: str | None = None
-    rng: np.random.Generator = field(init=False)
-
-    def __post_init__(self):
-        self.rng = sampling.make_rng(self.request.params.seed)
-
-    def push(self, tok: int, eos_token_id: int) -> tuple[str, str | None]:
-        """Take one generated token; returns the text it makes printable and the finish reason (or None)."""
-        prm = self.request.params
-        self.history.append(tok)
-        self.tokens.append(tok)
-        piece = self.stream.push(tok)
-        if tok == eos_token_id and not prm.ignore_eos:
-            self.finish_reason = "eos"
-        elif self.stream.stopped:
-            self.finish_reason = "stop"
-        elif len(self.tokens) >= prm.max_new_tokens:
-            self.finish_reason = "length"
-        if self.finish_reason and not self.stream.stopped:
-            piece += self.stream.finish()
-        return piece, self.finish_reason
-
-    def result(self) -> GenerationResult:
-        self.stream.finish()
-        text = self.stream.text
-        return GenerationResult(self.request.prompt + text if self.request.params.return_full_text else text,
-                                tuple(self.tokens), len(self.request.input_ids), self.finish_reason or "length")

@@ -133,6 +133,7 @@ def test_job_params_are_defaults_and_rows_override_them(tmp_path, gen):
 
 
 def test_grouping_by_length_reduces_padding_and_keeps_order(tmp_path, gen, monkeypatch):
+    """Static batching groups prompts of similar length (continuous batching prefills each alone)."""
     make_input(tmp_path / "in.jsonl", 96, seed=3)
     lengths, real = [], gen.generate_batch
 
@@ -142,7 +143,7 @@ def test_grouping_by_length_reduces_padding_and_keeps_order(tmp_path, gen, monke
         return real(requests)
 
     monkeypatch.setattr(gen, "generate_batch", spy)
-    run_batch(gen, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=8, progress=False)
+    run_batch(gen, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=8, progress=False, batching="static")
     rows = read_rows(tmp_path / "out.jsonl")
     assert [r["line"] for r in rows] == list(range(1, 97))
     padding = sum(max(b) * len(b) - sum(b) for b in lengths)
@@ -188,20 +189,20 @@ def test_out_of_order_rows_are_never_duplicated(job, gen, tmp_path):
 
 def test_interrupted_in_process_then_resumed(job, gen, tmp_path, monkeypatch):
     d, ref = job
-    calls, real = [0], gen.generate_batch
+    real = gen.generate_iterable
 
-    def flaky(requests):
-        calls[0] += 1
-        if calls[0] == 5:
-            raise KeyboardInterrupt
-        return real(requests)
+    def flaky(requests, batch_size):  # Ctrl-C after 20 rows have finished
+        for k, item in enumerate(real(requests, batch_size=batch_size)):
+            if k == 20:
+                raise KeyboardInterrupt
+            yield item
 
-    monkeypatch.setattr(gen, "generate_batch", flaky)
+    monkeypatch.setattr(gen, "generate_iterable", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_batch(gen, d / "in.jsonl", tmp_path / "out.jsonl", batch_size=4, progress=False)
     partial = read_rows(tmp_path / "out.jsonl")
     assert 4 <= len(partial) < 150 and without_timing(partial) == without_timing(ref[: len(partial)])
-    monkeypatch.setattr(gen, "generate_batch", real)
+    monkeypatch.setattr(gen, "generate_iterable", real)
     s = run_batch(gen, d / "in.jsonl", tmp_path / "out.jsonl", batch_size=4, progress=False)
     assert s.skipped_already_done == len(partial)
     assert without_timing(read_rows(tmp_path / "out.jsonl")) == without_timing(ref)

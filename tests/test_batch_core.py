@@ -10,6 +10,7 @@ import gpt2onnx
 from gpt2onnx.batch import iter_results
 from gpt2onnx.batch.core import WINDOW_BATCHES
 from gpt2onnx.batch.rows import NO_PROMPT
+from gpt2onnx.errors import InvalidRequestError
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 
@@ -77,7 +78,7 @@ def test_batches_group_prompts_of_similar_length(gen, monkeypatch):
         return real(reqs)
 
     monkeypatch.setattr(gen, "generate_batch", spy)
-    rows = list(iter_results(gen, requests, batch_size=size))
+    rows = list(iter_results(gen, requests, batch_size=size, batching="static"))
     assert [r["id"] for r in rows] == list(range(n))
     assert sum(map(len, batches)) == n and max(map(len, batches)) == size
     lengths = [len(gen.tokenizer.encode(_prompt(i)).ids) for i in range(n)]
@@ -106,3 +107,21 @@ def test_bad_job_settings_fail_at_the_call(gen):
     with pytest.raises(gpt2onnx.InvalidRequestError, match="did you mean 'temperature'"):
         iter_results(gen, [], params={"tempreature": 1})
     assert list(iter_results(gen, [])) == []
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_both_batchings_give_every_row_its_one_by_one_output(gen, batching):
+    """Mixed prompt lengths and max_new_tokens, greedy and seeded: each row equals its alone run."""
+    requests = [{"id": i, "prompt": _prompt(i) * (1 + i % 3), "max_new_tokens": 1 + (7 * i) % 13, "ignore_eos": True,
+                 "do_sample": bool(i % 2), "temperature": 0.8, "seed": i} for i in range(23)]
+    rows = list(iter_results(gen, requests, batch_size=5, batching=batching))
+    assert [r["id"] for r in rows] == list(range(23))
+    for req, row in zip(requests, rows):
+        alone = gen.generate(req["prompt"], {k: v for k, v in req.items() if k not in ("id", "prompt")})[0]
+        assert (row["text"], row["generated_tokens"], row["finish_reason"]) == \
+            (alone.text, alone.generated_tokens, alone.finish_reason), req
+
+
+def test_unknown_batching_is_refused(gen):
+    with pytest.raises(InvalidRequestError, match="batching must be one of continuous, static"):
+        iter_results(gen, [], batching="dynamic")

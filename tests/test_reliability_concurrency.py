@@ -160,14 +160,14 @@ def test_first_requests_race_init_and_load_once(tiny_int8, tmp_path, monkeypatch
 HELD_JOB = r"""
 import os, sys, time
 from gpt2onnx import batch, cli
-real, calls = batch.core.run_one_batch, [0]
-def held(gen, rows):  # after 2 batches, wait (bounded) until the test creates RELEASE
+real, calls = batch.core.complete, [0]
+def held(row, result, seconds):  # after 8 rows, wait (bounded) until the test creates RELEASE
     calls[0] += 1
     deadline = time.monotonic() + 120
-    while calls[0] == 3 and not os.path.exists(os.environ["RELEASE"]) and time.monotonic() < deadline:
+    while calls[0] == 9 and not os.path.exists(os.environ["RELEASE"]) and time.monotonic() < deadline:
         time.sleep(0.005)
-    return real(gen, rows)
-batch.core.run_one_batch = held
+    return real(row, result, seconds)
+batch.core.complete = held
 sys.exit(cli.main(sys.argv[1:]))
 """
 

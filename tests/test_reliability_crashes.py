@@ -118,12 +118,12 @@ elif hook == "mid-line":                    # the 3rd batch written up to the mi
         real_fsync(self.f.fileno())
         park()
     batchoutput.Writer.write = write
-elif hook == "slow":                        # 4 ms more per batch, so random kills land inside the job
-    real_run = batch.core.run_one_batch
-    def run_one(gen, rows):
-        time.sleep(0.004)
-        return real_run(gen, rows)
-    batch.core.run_one_batch = run_one
+elif hook == "slow":                        # 1 ms more per row, so random kills land inside the job
+    real_complete = batch.core.complete
+    def complete(row, result, seconds):
+        time.sleep(0.001)
+        return real_complete(row, result, seconds)
+    batch.core.complete = complete
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -13,12 +13,21 @@ Every entry that runs many prompts goes through here: `gpt2onnx batch` / `run_ba
 (which adds the output file, its ``.state``, resume, the lock and fsync), Azure ML batch
 and Ray. A row is prepared (`Generator.prepare`: parameters, prompt, context room) once,
 when it is read; a refused row becomes an error row on the spot, and only good
-`Request`s reach `Generator.generate_batch`::
+`Request`s reach the generator.
 
-    requests ─> rows (parse) ─> window of 8 x batch_size rows, each prepared when read
-                                   │  batch = the oldest pending row + the pending rows
-                                   │          closest to it in prompt length
-                                   └─> generate_batch ─> the finished head, in order ─> out
+Continuous batching (the default): `Generator.generate_iterable` keeps `batch_size`
+rows decoding; when one finishes, the next row is read, prepared and prefilled into its
+slot. Rows finish out of order; the window holds them until the head of the input is
+done, so the output stays in input order::
+
+    requests ─> rows (parse) ─> prepared when read ─> generate_iterable (slots) ─┐
+                    window (input order) <── row finished: `complete` ──────────┘
+                    └─> the finished head, in order ─> out
+
+Static batching (``batching="static"``, for comparison): a batch = the oldest pending
+row + the pending rows closest to it in prompt length, run to the end by
+`Generator.generate_batch` before the next starts. Both give every row exactly the tokens
+it gives alone.
 """
 
 from __future__ import annotations
@@ -31,12 +40,13 @@ from ..errors import InvalidRequestError
 from ..params import GenerationParams
 from .rows import Row, error_row, parse_request
 
-WINDOW_BATCHES = 8  # rows read ahead = 8 x batch size: room to group by length, memory stays flat
+WINDOW_BATCHES = 8  # static batching: rows read ahead = 8 x batch size: room to group by length
 MAX_BATCH_SIZE = 1024
+BATCHING = ("continuous", "static")
 
 
 def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int = 8,
-                 params: GenerationParams | dict | None = None) -> Iterator[dict]:
+                 params: GenerationParams | dict | None = None, batching: str = "continuous") -> Iterator[dict]:
     """Generate for batch requests held in memory; yields one output row per prompt, in input order.
 
     Args:
@@ -46,6 +56,8 @@ def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int 
             None stands for a blank line: no row, but the numbering goes on.
         batch_size: prompts per model call; pending prompts of similar length are batched.
         params: job defaults (a `GenerationParams` or a dict); a request's own win.
+        batching: ``"continuous"`` (a finished row's slot is refilled at once) or
+            ``"static"`` (batches of similar-length prompts, each run to its end).
 
     Yields:
         ``{"id", "line", "index", "text", "prompt_tokens", "generated_tokens",
@@ -56,6 +68,7 @@ def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int 
         InvalidRequestError: `batch_size` or `params` is invalid (at the call).
     """
     check_batch_size(batch_size)
+    check_batching(batching)
     base = job_params(params)
 
     def rows() -> Iterator[Row]:
@@ -63,15 +76,60 @@ def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int 
             if obj is not None:
                 yield from parse_request(n, obj, base)
 
-    return (row.out for ready in iter_batches(generator, rows(), batch_size=batch_size) for row in ready)
+    return (row.out for ready in iter_batches(generator, rows(), batch_size=batch_size, batching=batching)
+            for row in ready)
 
 
-def iter_batches(generator, rows: Iterable[Row], *, batch_size: int) -> Iterator[list[Row]]:
-    """Run parsed rows; after each model call, yield the rows finished at the head of the input, in order.
+def iter_batches(generator, rows: Iterable[Row], *, batch_size: int,
+                 batching: str = "continuous") -> Iterator[list[Row]]:
+    """Run parsed rows; yield the rows finished at the head of the input, in order, as the head advances.
 
-    A pending row (``out`` None) is prepared when it is read into the window; one that
-    `Generator.prepare` refuses gets its error row there. Every yielded row has ``out``.
+    A pending row (``out`` None) is prepared when it is read; one that `Generator.prepare`
+    refuses gets its error row there. Every yielded row has ``out``.
     """
+    if batching == "static":
+        return _static(generator, rows, batch_size)
+    return _continuous(generator, rows, batch_size)
+
+
+def _continuous(generator, rows: Iterable[Row], batch_size: int) -> Iterator[list[Row]]:
+    window: deque[Row] = deque()
+    started: dict[int, tuple[Row, float]] = {}
+
+    def requests():  # pulled by the scheduler whenever a slot is free
+        n = 0
+        for row in rows:
+            window.append(prepare_row(generator, row))
+            if row.out is None:
+                started[n] = (row, time.perf_counter())  # n: the request's index in generate_iterable
+                n += 1
+                yield row.request
+
+    def ready() -> list[Row]:
+        out = []
+        while window and window[0].out is not None:
+            out.append(window.popleft())
+        return out
+
+    for i, result in generator.generate_iterable(requests(), batch_size=batch_size):
+        row, t0 = started.pop(i)
+        complete(row, result, time.perf_counter() - t0)
+        head = ready()
+        if head:
+            yield head
+    head = ready()  # error rows after the last generated one
+    if head:
+        yield head
+
+
+def complete(row: Row, result, seconds: float) -> None:
+    """Fill a finished row's output (each generated row passes here once, in either batching mode)."""
+    row.out = {"id": row.id, "line": row.line, "index": row.index, "text": result.text,
+               "prompt_tokens": result.prompt_tokens, "generated_tokens": result.generated_tokens,
+               "finish_reason": result.finish_reason, "seconds": round(seconds, 6)}
+
+
+def _static(generator, rows: Iterable[Row], batch_size: int) -> Iterator[list[Row]]:
     rows = iter(rows)
     window: deque[Row] = deque()
     limit = WINDOW_BATCHES * batch_size
@@ -109,10 +167,9 @@ def run_one_batch(generator, batch: list[Row]) -> int:
     """Generate for prepared rows in one `generate_batch` call, filling each row's output; returns tokens generated."""
     t0 = time.perf_counter()
     results = generator.generate_batch([r.request for r in batch])
-    share = round((time.perf_counter() - t0) / len(batch), 6)
+    share = (time.perf_counter() - t0) / len(batch)
     for r, res in zip(batch, results):
-        r.out = {"id": r.id, "line": r.line, "index": r.index, "text": res.text, "prompt_tokens": res.prompt_tokens,
-                 "generated_tokens": res.generated_tokens, "finish_reason": res.finish_reason, "seconds": share}
+        complete(r, res, share)
     return sum(res.generated_tokens for res in results)
 
 
@@ -131,6 +188,11 @@ def _pick_batch(pending: list[Row], size: int) -> list[Row]:
 def check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise InvalidRequestError(f"batch_size must be an integer in [1, {MAX_BATCH_SIZE}], got {batch_size!r}")
+
+
+def check_batching(batching) -> None:
+    if batching not in BATCHING:
+        raise InvalidRequestError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
 
 
 def job_params(params) -> dict:

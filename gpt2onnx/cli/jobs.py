@@ -27,6 +27,9 @@ def _add_batch(subparsers) -> None:
     b.add_argument("input", metavar="INPUT.jsonl")
     b.add_argument("output", metavar="OUTPUT.jsonl")
     b.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="prompts per model call (default 8)")
+    b.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous: a finished row's slot takes the next prompt at once; static: batches run to "
+                        "their end (same output)")
     add_param_flags(b)
     b.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -37,7 +40,8 @@ def _batch(a) -> int:
     from ..batch import run_batch
 
     s = run_batch(a.model_dir, a.input, a.output, batch_size=a.batch_size, params=param_overrides(a),
-                  progress=False if a.no_progress else None, threads=a.threads)
+                  progress=False if a.no_progress else None, threads=a.threads,
+                  batching=a.batching)
     done = f", {s.skipped_already_done} already done" if s.skipped_already_done else ""
     print(f"{a.output}: {s.ok} ok, {s.errors} errors{done}; {s.tokens} tokens in {s.seconds:.1f} s "
           f"({s.tokens / max(s.seconds, 1e-9):.1f} tokens/s)")
