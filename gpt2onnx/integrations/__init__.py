@@ -22,4 +22,22 @@ batched and reported exactly as the CLI job does it, without its files:
 [{'id': 'a', 'line': 1, 'index': 0, 'text': 'Hello, ...', ...}]
 """
 
-from ..cpu import THREADS_ENV, threads_from_env  # noqa: F401  (the integrations' thread setting)
+
+def deployment_log():
+    """The logger of the Azure ML entry scripts, writing to stdout (what the deployment's logs show).
+
+    The entry script is the application there, so it, not the library, attaches the handler:
+    once, to the ``gpt2onnx.deployment`` logger only.
+    """
+    import logging
+    import sys
+
+    log = logging.getLogger("gpt2onnx.deployment")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..artifact import MANIFEST
 from ..cpu import threads_from_env
+from . import deployment_log
 from ..errors import ArtifactError, InvalidRequestError
 from ..params import GenerationParams
 
@@ -96,9 +97,8 @@ def init() -> None:
         _generator = load(model_dir, threads=threads)
         m = _generator.manifest
         weights = "RANDOM weights" if m.source.random_weights else "trained weights"
-        # stdout is what 'az ml online-deployment get-logs' shows
-        print(f"gpt2onnx: loaded {m.name} ({m.precision}, {weights}) from {model_dir} "
-              f"with {_generator.threads} threads", flush=True)
+        deployment_log().info("gpt2onnx: loaded %s (%s, %s) from %s with %d threads", m.name, m.precision, weights,
+                              model_dir, _generator.threads)
 
 
 def run(raw_data):

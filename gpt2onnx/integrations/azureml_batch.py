@@ -52,7 +52,8 @@ from ..batch.rows import read_lines
 from ..errors import ArtifactError, Gpt2OnnxError, InvalidRequestError
 from ..fsutil import atomic_write_text
 from ..params import looks_like_param
-from . import threads_from_env
+from ..cpu import threads_from_env
+from . import deployment_log
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
@@ -78,9 +79,9 @@ def init() -> None:
     model_dir = find_model_dir()
     gen = load(model_dir, threads=threads_from_env())
     _state.update(generator=gen, params=params, batch_size=batch_size, output_dir=output_dir)
-    # stdout is what the job's user logs show
-    print(f"gpt2onnx: loaded {model_dir} ({gen.manifest.precision}, {gen.threads} threads), batch size "
-          f"{batch_size}, params {json.dumps(params)}, output {'files' if output_dir else 'rows'}", flush=True)
+    deployment_log().info("gpt2onnx: loaded %s (%s, %d threads), batch size %d, params %s, output %s", model_dir,
+                          gen.manifest.precision, gen.threads, batch_size, json.dumps(params),
+                          "files" if output_dir else "rows")
 
 
 def run(mini_batch: list[str]) -> list[str]:

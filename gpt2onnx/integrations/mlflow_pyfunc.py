@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import Gpt2OnnxError, InvalidRequestError
-from . import threads_from_env
+from ..cpu import threads_from_env
 
 # The params of the Azure ML registry's gpt2 MLflow model (azureml-assets
 # assets/models/system/gpt2/MLmodel): name, MLflow type, default. Its pipeline samples by
