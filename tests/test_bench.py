@@ -265,3 +265,17 @@ def test_cli_report_over_a_results_folder(main, bench_run, tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "report.md")) and os.path.isfile(os.path.join(out, "report.html"))
     assert "wrote" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "empty_dir_missing")]) == 1
+
+
+def test_job_scenario_static_and_continuous_write_the_same_rows(main, tiny_int8, tmp_path, capsys):
+    """`gpt2onnx bench --scenario job`: uniform / static / continuous runs, each in its own worker."""
+    import json as _json
+
+    assert main(["bench", tiny_int8, "--scenario", "job", "--job-prompts", "6", "--batch-sizes", "3",
+                 "--repeats", "1", "--threads", "1", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "continuous / static" in out and "texts identical: yes" in out
+    rec = _json.loads((tmp_path / "job-tiny-int8-6.json").read_text())
+    assert [r["mode"] for r in rec["runs"]] == ["uniform", "static", "continuous"]
+    assert rec["summary"]["static_equals_continuous"] is True
+    assert all(r["tokens"] > 0 and r["peak_rss_mb"] > 0 for r in rec["runs"])

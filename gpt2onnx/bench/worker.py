@@ -39,7 +39,7 @@ PROMPT_SEED = 1234  # prompts are the same in every process and run
 Timing = tuple[float, list[float], float]
 
 
-def _words(tok) -> list[str]:
+def single_token_words(tok) -> list[str]:
     """Words that the tokenizer encodes, with their leading space, as exactly one token."""
     vocab = tok.get_vocab()
     cands = sorted(t[1:] for t in vocab if t.startswith("\u0120") and t[1:].isascii() and t[1:].isalpha())
@@ -58,7 +58,7 @@ def make_prompts(tok, *, n_tokens: int, batch: int, seed: int = PROMPT_SEED) -> 
     Each prompt is a random sequence of single-token words (" the", " of", ...), so
     its text re-encodes to exactly one token per word in every runtime.
     """
-    words = _words(tok)
+    words = single_token_words(tok)
     if not words:
         raise RuntimeError("the tokenizer has no single-token words to build prompts from")
     import numpy as np
@@ -293,6 +293,11 @@ def main() -> int:
         job = json.loads(sys.stdin.read())
         if job["mode"] == "prepare-optimum":
             out = _prepare_optimum(job)
+        elif job["mode"] == "batch-job":
+            from .jobbench import measure_job
+
+            out = measure_job(job)
+            out["peak_rss_mb"] = _peak_rss_mb()
         else:
             out = RUNNERS[job["runtime"]](job)
             out["peak_rss_mb"] = _peak_rss_mb()

@@ -13,12 +13,33 @@ def _bench_cmd(a) -> int:
     from ..bench import BANDWIDTH_MIB, format_table, parse_int_list
     from ..bench.run import run_with_path
 
+    if a.scenario == "job":
+        return _job_cmd(a)
     record, path = run_with_path(
         a.model_dir, sku=a.sku, batch_sizes=parse_int_list(a.batch_sizes, "--batch-sizes"),
         prompt_tokens=parse_int_list(a.prompt_tokens, "--prompt-tokens"), new_tokens=a.new_tokens,
         threads=parse_int_list(a.threads, "--threads") if a.threads else None, baselines=a.baselines,
         repeats=a.repeats, warmup=a.warmup, out_dir=a.out, progress=not a.quiet, bandwidth_mib=BANDWIDTH_MIB)
     print(format_table(record))
+    print(f"wrote {path}")
+    return 0
+
+
+def _job_cmd(a) -> int:
+    import json
+
+    from ..bench import parse_int_list
+    from ..bench.jobbench import format_job_table, run_job_bench
+
+    batch = parse_int_list(a.batch_sizes, "--batch-sizes")
+    threads = parse_int_list(a.threads, "--threads")[0] if a.threads else None
+    rec = run_job_bench(os.path.abspath(a.model_dir), prompts=a.job_prompts, batch_size=max(batch), threads=threads,
+                        repeats=a.repeats, progress=not a.quiet)
+    print(format_job_table(rec))
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"job-{os.path.basename(os.path.abspath(a.model_dir))}-{a.job_prompts}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rec, f, indent=2)
     print(f"wrote {path}")
     return 0
 
@@ -77,6 +98,11 @@ def add_parsers(subparsers) -> None:
     b.add_argument("--warmup", type=int, default=1, help="untimed runs before them; default 1")
     b.add_argument("--out", default="results", help="folder for the result JSON (default results/)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--scenario", choices=("grid", "job"), default="grid",
+                   help="grid: latency per batch size x prompt length; job: a whole batch job of mixed prompts, "
+                        "static vs continuous batching (uses the largest --batch-sizes; default grid)")
+    b.add_argument("--job-prompts", dest="job_prompts", type=int, default=256,
+                   help="prompts in the job scenario (default 256)")
     b.set_defaults(func=_bench_cmd)
 
     s = subparsers.add_parser("skus", help="list the Azure CPU VM sizes of the catalog")
