@@ -1,4 +1,4 @@
-"""Ray Data: generate over a Dataset with one model per actor (extra ``[ray]``; also `gpt2onnx.integrations.ray`).
+"""Ray Data: generate over a Dataset with one model per actor (extra ``[ray]``).
 
 >>> import ray, gpt2onnx.integrations.ray as g2r                                                  # doctest: +SKIP
 >>> ds = ray.data.read_json("prompts.jsonl")          # a "prompt" column, optional "id"  # doctest: +SKIP
