@@ -60,7 +60,11 @@ class SessionSpec:
             raise ArtifactError("the session is not a GPT-2 decoder with a KV cache (no past_key_values.* inputs); "
                                 "export the model with gpt2onnx")
         shape = inputs[past[0]].shape  # (B, H, P, D): H and D are fixed numbers
-        return cls(past, int(shape[1]), int(shape[3]), "logits_to_keep" in inputs)
+        # logits_to_keep is an optional input (an overridable initializer, default 0) in
+        # current exports and a required one in older folders.
+        optional = getattr(session, "get_overridable_initializers", lambda: [])()
+        has_keep = "logits_to_keep" in inputs or any(i.name == "logits_to_keep" for i in optional)
+        return cls(past, int(shape[1]), int(shape[3]), has_keep)
 
     def feeds(self, ids: np.ndarray, keep: int) -> dict:
         """Feeds of a run from an empty cache over `ids` (B, S) keeping `keep` positions (0 = all)."""

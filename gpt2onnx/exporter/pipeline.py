@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
 import os
 import shutil
 import sys
@@ -177,7 +176,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
 
 def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
     from .. import artifact
-    from . import graph, modelcard, parity, policy, sources
+    from . import graph, hfcompat, modelcard, parity, policy, sources
     from .quantize import INT8, calibrate, outlier_channels
 
     t0 = time.perf_counter()
@@ -216,9 +215,11 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
             f"the fp32 graph differs from PyTorch by {fp32['max_abs_diff']:.3g} (> {parity.FP32_TOLERANCE}); "
             "this is a gpt2onnx bug for this model, please report it with the model's config.json"
         )
+    fresh = [s for s in steps if s.fresh]
     par = {"fp32_max_abs_diff": fp32["max_abs_diff"], "fp32_top1_agreement": fp32["top1_agreement"],
-           "prompts": int(steps[0].feeds["input_ids"].shape[0]), "decode_steps": len(steps) - 1,
-           "positions": fp32["positions"]}
+           "prompts": int(fresh[0].feeds["input_ids"].shape[0]), "decode_steps": len(steps) // len(fresh) - 1,
+           "positions": fp32["positions"], "paddings": ", ".join(s.padding for s in fresh),
+           "fp32_max_abs_diff_by_padding": fp32["max_abs_diff_by_padding"]}
     quant = fid = None
     if cfg.precision == "int8":
         quant, par["int8"], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
@@ -227,8 +228,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
 
     bar.step("write tokenizer, config, manifest")
     tok.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_json, f, indent=2, default=str)
+    hfcompat.write(tmp, config_json, tok, eos=eos, bos=bos)  # config.json and what Optimum / AutoTokenizer read
     manifest = {
         "name": name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
