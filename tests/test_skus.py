@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import os
-import tomllib
 
 import pytest
 
@@ -131,8 +130,18 @@ def test_check_cpu_warns_on_mismatch():
     fx = env(memory_gib=82.0, isa={"avx2": True, "avx512f": True, "avx512_vnni": False, "amx": False})
     assert any("avx512_vnni not detected, but FX has it" in x for x in skus.check_cpu("Standard_FX4mds", fx))
     pinned = skus.check_cpu("Standard_F4s_v2", env(affinity=[0, 1], cgroup_cpu_quota=2.0))
-    assert any("pinned to 2 of 4 vCPUs" in x for x in pinned)
-    assert any("cgroup CPU quota 2 < 4 vCPUs" in x for x in pinned)
+    assert any("pinned to 2 of the machine's 4 vCPUs" in x for x in pinned)
+    assert any("cgroup CPU quota 2 < the machine's 4 vCPUs" in x for x in pinned)
+
+
+def test_a_smaller_machine_is_one_vcpu_line_not_pinning():
+    """A 2-vCPU machine benched as Standard_F4s_v2: its 2 usable vCPUs are all it has, not a pinning."""
+    small = env(logical_cores=2, physical_cores=1, affinity=[0, 1], cgroup_cpu_quota=None, memory_gib=7.7)
+    warnings = skus.check_cpu("Standard_F4s_v2", small)
+    assert any("2 vCPUs detected, catalog says 4" in w for w in warnings)
+    assert not any("pinned" in w or "quota" in w for w in warnings)
+    quota = skus.check_cpu("Standard_F4s_v2", dict(small, cgroup_cpu_quota=1.0))
+    assert any("cgroup CPU quota 1 < the machine's 2 vCPUs" in w for w in quota)
 
 
 def test_check_cpu_unknown_sku():
@@ -140,12 +149,9 @@ def test_check_cpu_unknown_sku():
         skus.check_cpu("Standard_Q4", env())
 
 
-def test_canonical_catalog_is_package_data_and_bench_file_points_to_it():
-    with open(os.path.join(REPO, "bench", "skus.toml"), "rb") as f:
-        pointer = tomllib.load(f)
-    assert pointer == {"canonical": "gpt2onnx/data/skus.toml"}
-    assert os.path.exists(os.path.join(REPO, pointer["canonical"]))
-    same = skus.load_catalog(os.path.join(REPO, pointer["canonical"]))
+def test_canonical_catalog_is_package_data():
+    assert not os.path.exists(os.path.join(REPO, "bench", "skus.toml"))  # one copy only
+    same = skus.load_catalog(os.path.join(REPO, "gpt2onnx", "data", "skus.toml"))
     assert same == skus.load_catalog()
 
 

@@ -204,7 +204,7 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
         bandwidth = measure_bandwidth(threads=max(threads), mib=bandwidth_mib)
         bar.update()
         env = environment(memory_bandwidth_gbs=bandwidth)
-        if sku and progress:  # early, so a wrong --sku can be stopped; the table repeats them
+        if sku and progress:  # early, so a wrong --sku can be stopped (format_table then leaves them out)
             for w in _skus.check_cpu(sku, env):
                 bar.write(f"warning: {w}", file=sys.stderr)
         optimum_dirs = {}

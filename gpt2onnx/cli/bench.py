@@ -18,7 +18,7 @@ def _bench_cmd(a) -> int:
         prompt_tokens=parse_int_list(a.prompt_tokens, "--prompt-tokens"), new_tokens=a.new_tokens,
         threads=parse_int_list(a.threads, "--threads") if a.threads else None, baselines=a.baselines,
         repeats=a.repeats, warmup=a.warmup, out_dir=a.out, progress=not a.quiet, bandwidth_mib=BANDWIDTH_MIB)
-    print(format_table(record))
+    print(format_table(record, sku_warnings=a.quiet))  # with progress, run_bench showed them at the start
     print(f"wrote {path}")
     return 0
 
