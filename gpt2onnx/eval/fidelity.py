@@ -30,7 +30,6 @@ PyTorch GPT-2 (only that class imports torch).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -151,10 +150,11 @@ def windows(n_tokens: int, max_length: int, stride: int) -> Iterator[Window]:
             break
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "windows"):
+    """Progress over `total` units on stderr (a bar on a terminal, plain lines in a log)."""
+    from ..progress import Progress
 
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, unit="win", leave=False)
+    return Progress(f"gpt2onnx eval {desc}", total=total, unit=unit, enabled=enabled)
 
 
 # -- the measurements -----------------------------------------------------------------

@@ -16,13 +16,13 @@ import datetime
 import gc
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
 from .._version import __version__
 from ..errors import ExportError, Gpt2OnnxError, ParityError, UnsupportedModelError
+from ..progress import Progress
 
 PRECISIONS = ("fp32", "int8")
 
@@ -46,31 +46,6 @@ class ExportConfig:
             raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ExportError(f"seed must be a non-negative integer, got {self.seed!r}")
-
-
-class _Progress:
-    """The long steps on stderr: 'gpt2onnx export: quantize int8 (step 5/7) 00:42' (tqdm)."""
-
-    def __init__(self, total: int, enabled: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, disable=not enabled, file=sys.stderr, leave=True,
-                        bar_format="gpt2onnx export: {desc} (step {n_fmt}/{total_fmt}) {elapsed}")
-
-    def step(self, desc: str) -> None:
-        """Start step `desc` (the previous one is done)."""
-        self.bar.set_description_str(desc, refresh=False)
-        self.bar.update(1)
-
-    def note(self, desc: str) -> None:
-        """Change the current step's description (no new step)."""
-        self.bar.set_description_str(desc, refresh=True)
-
-    def close(self, ok: bool) -> None:
-        if ok:
-            self.bar.set_description_str("done", refresh=False)
-        self.bar.refresh()
-        self.bar.close()
 
 
 def _tokenizer(cfg: ExportConfig, src, vocab_size: int):
@@ -156,7 +131,8 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
     remove_stale_temps(cfg.outdir)  # folders of killed exports; moves a parked old folder back
     out = check_outdir(cfg)
     parent = os.path.dirname(out)
-    bar = _Progress(8 if precision == "int8" else 6, progress)  # before mkdtemp: a Ctrl-C here leaves nothing
+    bar = Progress("gpt2onnx export", total=8 if precision == "int8" else 6, unit="steps", enabled=progress,
+                   bar_format="gpt2onnx export: {desc} (step {n_fmt}/{total_fmt}) {elapsed}")  # before mkdtemp
     ok = False
     try:
         tmp = tempfile.mkdtemp(prefix=temp_prefix(out), dir=parent)
@@ -171,10 +147,10 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
                               "permissions of the output path") from e
         raise
     finally:
-        bar.close(ok)
+        bar.close("done" if ok else None)
 
 
-def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
+def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     from .. import artifact
     from . import graph, hfcompat, modelcard, parity, policy, sources
     from .quantize import INT8, calibrate, outlier_channels
