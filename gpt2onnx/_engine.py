@@ -69,11 +69,15 @@ class Engine:
         import onnxruntime as ort
 
         io = self.session.io_binding()
-        # An OrtValue: logits_to_keep is an overridable initializer, which bind_cpu_input cannot find.
-        io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(_ONE))
-        for name, out_name, value in zip(self.past_names, self.present_names, cache.values):
-            io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(out_name, value)  # same buffer: GroupQueryAttention appends in place
+        try:
+            # An OrtValue: logits_to_keep is an overridable initializer, which bind_cpu_input cannot find.
+            io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(_ONE))
+            for name, out_name, value in zip(self.past_names, self.present_names, cache.values):
+                io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output(out_name, value)  # same buffer: GroupQueryAttention appends in place
+        except RuntimeError as e:  # a graph damaged with verify_hashes=False: an input name is gone
+            raise ArtifactError(f"{self.model_dir}/model.onnx lacks an input its manifest names "
+                                f"({str(e).splitlines()[0][:120]}); check the folder with 'gpt2onnx inspect'") from None
         return Binding(io, cache.batch, self.vocab_size)
 
     def step(self, binding: "Binding", ids: np.ndarray, lengths: np.ndarray, pos: np.ndarray) -> np.ndarray:

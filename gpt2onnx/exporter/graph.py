@@ -15,8 +15,16 @@ One layer (B = batch, S = new tokens, P = past tokens, T = P + S, E = n_embd)::
      └────────────────────────────────────────────────────────────┼─────────────────┘
     x' ──LayerNorm──MatMul c_fc──FastGelu(+bias)──MatMul c_proj──(+)── next layer
 
-The head: LayerNorm ln_f, keep the last `logits_to_keep` positions (0 = all), then the
-LM head tied to the token embedding.
+The head: LayerNorm ln_f, keep the last `logits_to_keep` positions (an optional input,
+default 0 = all), then the LM head tied to the token embedding.
+
+The mask: `attention_mask` (B,T) means what it means in transformers (1 = token, 0 =
+padding, anywhere in the row); it becomes GroupQueryAttention's per-row cache length and
+an additive bias, so left-padded Hugging Face batches and the runtime's per-row lengths
+both run right::
+
+    mask  0 0 1 1 1        seqlens_k = 4 (index of the last 1)
+    bias  m m 0 0 0        m = -3.4e38: padding gets no attention weight
 """
 
 from __future__ import annotations
