@@ -19,6 +19,7 @@ from .errors import (
     FidelityError,
     Gpt2OnnxError,
     InvalidRequestError,
+    ModelDownloadError,
     ParityError,
     UnsupportedModelError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "FidelityError",
     "Gpt2OnnxError",
     "InvalidRequestError",
+    "ModelDownloadError",
     "ParityError",
     "UnsupportedModelError",
     "GenerationParams",

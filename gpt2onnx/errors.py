@@ -13,6 +13,10 @@ class UnsupportedModelError(Gpt2OnnxError):
     """The source is not a GPT-2 model, or cannot be found."""
 
 
+class ModelDownloadError(UnsupportedModelError):
+    """The source is a hub id that is neither in the local Hugging Face cache nor downloadable now."""
+
+
 class ExportError(Gpt2OnnxError):
     """The export could not be written (output exists, not writable, ...)."""
 

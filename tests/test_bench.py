@@ -169,7 +169,10 @@ def test_optimum_baselines_fp32_and_int8_cached(tiny_int8, tmp_path):
 def test_doctests():
     import doctest
 
+    from gpt2onnx.bench import recommend
+
     assert doctest.testmod(bench).failed == 0
+    assert doctest.testmod(recommend).failed == 0
 
 
 # -- bad inputs: refused before anything runs -----------------------------------------
@@ -279,3 +282,34 @@ def test_job_scenario_static_and_continuous_write_the_same_rows(main, tiny_int8,
     assert [r["mode"] for r in rec["runs"]] == ["uniform", "static", "continuous"]
     assert rec["summary"]["static_equals_continuous"] is True
     assert all(r["tokens"] > 0 and r["peak_rss_mb"] > 0 for r in rec["runs"])
+
+
+def test_cli_bench_on_a_machine_smaller_than_its_sku_warns_once_and_is_never_recommended(
+        main, tiny_int8, tmp_path, monkeypatch, capsys):
+    """--sku Standard_F4s_v2 (4 vCPUs) on a 2-vCPU machine: each mismatch once, none wrong, not recommended."""
+    from gpt2onnx.bench import env as benchenv, run as benchrun, skus
+
+    def two_vcpus(**kw):
+        e = benchenv.environment(**kw)
+        e.update(cpu_model="Intel(R) Xeon(R) Platinum 8272CL CPU @ 2.60GHz", logical_cores=2, physical_cores=1,
+                 affinity=[0, 1], cgroup_cpu_quota=None, memory_gib=3.8,
+                 isa={"avx2": True, "avx512f": True, "avx512_vnni": True, "avx_vnni": False, "amx": False})
+        return e
+
+    monkeypatch.setattr(benchrun, "environment", two_vcpus)
+    out = str(tmp_path / "res")
+    assert main(["bench", tiny_int8, "--sku", "Standard_F4s_v2", "--batch-sizes", "1", "--prompt-tokens", "2",
+                 "--new-tokens", "2", "--baselines", "none", "--repeats", "1", "--warmup", "0", "--out", out]) == 0
+    cap = capsys.readouterr()
+    both = cap.out + cap.err
+    expected = skus.check_cpu("Standard_F4s_v2", two_vcpus())
+    assert any("2 vCPUs detected, catalog says 4" in w for w in expected)
+    for w in expected:
+        assert both.count(w) == 1, w
+    assert "pinned" not in both
+    assert "SKU Standard_F4s_v2 (the machine does NOT match it)" in cap.out
+    assert main(["report", out, "--out", str(tmp_path / "rep")]) == 0
+    rep = capsys.readouterr()
+    assert "NONE — no batch-size-1 gpt2onnx results with a SKU (on a machine that matches it)" in rep.out
+    assert "not counted: records of Standard_F4s_v2" in rep.out
+    assert "machine does not match Standard_F4s_v2, so it is never recommended" in rep.err

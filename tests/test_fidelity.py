@@ -202,3 +202,48 @@ def test_outlier_split_is_exact_in_fp32(tiny_src, tmp_path):
     a = fidelity.logits_at_end(_session(path), ids, len(ids))
     b = fidelity.logits_at_end(_session(split_path), ids, len(ids))
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# -- one gate, one verdict: eval --task fidelity judges as the exporter did ----------------
+
+def test_eval_does_not_miss_a_random_weight_int8_the_exporter_passed(tiny_src, tmp_path, capsys):
+    """The exporter gated this model on mean_kl alone (random weights: its argmax is noise);
+    eval must apply that same gate, and say so, instead of the full gate's top-1."""
+    import gpt2onnx
+    from gpt2onnx.cli import main
+    from gpt2onnx.eval import evaluate, format_result
+    from gpt2onnx.exporter import policy
+
+    out = str(tmp_path / "rnd-int8")
+    m = gpt2onnx.export(tiny_src, out, precision="int8", random_weights=True, seed=3, progress=False)
+    assert m["fidelity"]["status"] == "passed" and m["fidelity"]["gated"] == "random weights: mean_kl only"
+    data = os.path.join(os.path.dirname(policy.__file__), "..", "data", "gate_text.txt")
+    r = evaluate(out, "fidelity", data=data, limit=8, progress=False, threads=1)  # reference: the recorded source
+    assert r["gate_missed"] == [] and r["gated"] == "random weights: mean_kl only" and r["gate"] == {"mean_kl": 0.01}
+    line = next(ln for ln in format_result(r).splitlines() if ln.startswith("int8 gate"))
+    assert line == "int8 gate  passed (the exporter's gate, random weights: mean_kl only: mean_kl <= 0.01)"
+    assert main(["eval", out, "--task", "fidelity", "--data", data, "--limit", "8", "--threads", "1", "--quiet"]) == 0
+    assert "MISSED" not in capsys.readouterr().out
+
+
+def test_a_reference_of_another_model_is_refused_in_one_line(tiny_int8, tmp_path, capsys):
+    """A distilgpt2-like reference (fewer layers) for a gpt2-like model, as a folder and as a source."""
+    import gpt2onnx
+    from conftest import save_tiny_gpt2
+    from gpt2onnx.cli import main
+    from gpt2onnx.errors import InvalidRequestError
+    from gpt2onnx.eval import evaluate
+
+    data = os.path.join(os.path.dirname(__file__), "data", "wiki_slice.txt")
+    distil_src = save_tiny_gpt2(str(tmp_path / "distil"), n_layer=1)
+    distil = str(tmp_path / "distil-fp32")
+    gpt2onnx.export(distil_src, distil, progress=False)
+    for ref in (distil, distil_src):
+        with pytest.raises(InvalidRequestError, match=r"is another model than .* \(n_layer 1 vs 2, reference vs model\)"):
+            evaluate(tiny_int8, "fidelity", data=data, reference=ref, limit=2, progress=False, threads=1)
+    wide = save_tiny_gpt2(str(tmp_path / "wide"), n_embd=48, vocab_size=1200, tokenizer=False)
+    with pytest.raises(InvalidRequestError, match=r"n_embd 48 vs 32, vocab_size 1200 vs 1000"):
+        evaluate(tiny_int8, "fidelity", data=data, reference=wide, limit=2, progress=False, threads=1)
+    assert main(["eval", tiny_int8, "--task", "fidelity", "--data", data, "--reference", distil, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gpt2onnx: error: the fidelity reference")

@@ -162,7 +162,7 @@ def test_random_weights_and_projection_are_labelled_and_kept_apart(tmp_path):
     rnd["model"]["random_weights"] = True
     proj = fixture("f4s_v2.json")
     proj["projection"], proj["sku"] = True, "Standard_F8s_v2"
-    proj["environment"].update(logical_cores=8, physical_cores=4, memory_gib=15.6)
+    proj["environment"].update(logical_cores=8, physical_cores=4, memory_gib=15.6, affinity=list(range(8)))
     for row in proj["results"]:
         row["token_ms"]["p50"] = 5.0
     paths = [*three(), write(tmp_path, "rnd.json", rnd), write(tmp_path, "proj.json", proj)]
@@ -234,10 +234,46 @@ def test_cpu_mismatch_and_missing_sku_warn(tmp_path):
     local = fixture("e4s_v3.json")
     local["sku"] = None
     rep, md, _ = build(tmp_path, [write(tmp_path, "odd.json", odd), write(tmp_path, "local.json", local)])
-    assert any("odd.json: Standard_D4as_v4: avx512f detected" in w for w in rep.warnings)
+    assert any("odd.json: machine does not match Standard_D4as_v4, so it is never recommended: "
+               "avx512f detected" in w for w in rep.warnings)
     assert any("local.json: no SKU recorded" in w for w in rep.warnings)
     assert "## Warnings" in md
-    assert rep.recommendations[0].sku == "Standard_D4as_v4"  # the SKU-less machine is never recommended
+    # Neither the SKU-less machine nor the one that is not what its SKU says is recommended.
+    (rec,) = rep.recommendations
+    assert rec.sku is None and "not counted: records of Standard_D4as_v4 measured on a machine" in rec.note
+    machines = {r["file"]: r for r in table(md, "### Machines")}
+    assert machines["odd.json"]["SKU"] == "Standard_D4as_v4 (machine does not match)"
+    lat = table(md, "### Latency and throughput")
+    assert {r["SKU"] for r in lat} == {"Standard_D4as_v4 (machine does not match)", "(no SKU)"}
+
+
+def test_a_mismatched_record_is_never_recommended_even_when_fastest(tmp_path):
+    """A 2-vCPU machine benched as F4s_v2 (what --sku on the wrong VM gives): shown, flagged, not picked."""
+    fast = fixture("f4s_v2.json")
+    fast["environment"].update(logical_cores=2, physical_cores=1, affinity=[0, 1])
+    paths = [write(tmp_path, "f4s_on_2vcpu.json", fast), *three()[1:]]
+    rep, md, _ = build(tmp_path, paths)
+    (rec,) = rep.recommendations
+    assert rec.sku == "Standard_E4s_v3"  # the next fastest, on a machine that is what it says
+    assert "not counted: records of Standard_F4s_v2" in rec.note
+    (w,) = [w for w in rep.warnings if "f4s_on_2vcpu.json" in w]
+    assert "2 vCPUs detected, catalog says 4" in w and "pinned" not in w
+    row = table(md, "## Recommendations")[0]
+    assert row["recommended SKU"] == "Standard_E4s_v3" and "Standard_F4s_v2" in row["why"]
+
+
+def test_the_why_column_names_the_deciding_figure_over_three_skus(tmp_path):
+    rep, md, _ = build(tmp_path, three())  # no SLO, no prices: the fastest token p50
+    why = table(md, "## Recommendations")[0]["why"]
+    assert why.startswith("Standard_F4s_v2 (4 threads) is the fastest SKU meeting no latency SLO")
+    assert "decided by token p50: 10.0 ms vs 12.0 ms for Standard_E4s_v3 (4 threads)" in why
+    p = prices(tmp_path, {"Standard_F4s_v2": 0.5, "Standard_D4as_v4": 0.3, "Standard_E4s_v3": 0.1})
+    rep, md, _ = build(tmp_path, three(), prices_path=p, slo_token_ms=13)
+    why = table(md, "## Recommendations")[0]["why"]
+    assert why.startswith("Standard_E4s_v3 (4 threads) is the cheapest SKU meeting token p50 <= 13 ms")
+    assert "decided by cost per 1M tokens: 0.333 EUR vs " in why
+    rep, md, _ = build(tmp_path, three(), prices_path=p, slo_token_ms=11)
+    assert "the only one meeting it" in table(md, "## Recommendations")[0]["why"]
 
 
 def test_rebuilding_replaces_the_report(tmp_path):
@@ -245,6 +281,21 @@ def test_rebuilding_replaces_the_report(tmp_path):
     second, md, _ = build(tmp_path, three()[:1])
     assert first.markdown_path == second.markdown_path and "Standard_D4as_v4" not in md
     assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp")]
+
+
+def test_the_report_folder_is_rewritten_whole(tmp_path):
+    with_cost, _, _ = build(tmp_path, three(), prices_path=os.path.join("bench", "prices.example.toml"))
+    assert os.path.exists(tmp_path / "out" / "group1_cost.png")
+    without, _, _ = build(tmp_path, three())  # no prices: no cost plot, and none left from before
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        ["report.md", "report.html", *(os.path.basename(p) for p in without.plot_paths)])
+    assert "group1_cost.png" not in os.listdir(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary folder beside it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a report")
+    with pytest.raises(InvalidRequestError, match="holds files that are not a gpt2onnx report .notes.txt."):
+        report.build_report(three(), str(tmp_path / "mine"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not a report"
 
 
 # --- bad inputs -------------------------------------------------------------------------

@@ -130,8 +130,18 @@ def test_check_cpu_warns_on_mismatch():
     fx = env(memory_gib=82.0, isa={"avx2": True, "avx512f": True, "avx512_vnni": False, "amx": False})
     assert any("avx512_vnni not detected, but FX has it" in x for x in skus.check_cpu("Standard_FX4mds", fx))
     pinned = skus.check_cpu("Standard_F4s_v2", env(affinity=[0, 1], cgroup_cpu_quota=2.0))
-    assert any("pinned to 2 of 4 vCPUs" in x for x in pinned)
-    assert any("cgroup CPU quota 2 < 4 vCPUs" in x for x in pinned)
+    assert any("pinned to 2 of the machine's 4 vCPUs" in x for x in pinned)
+    assert any("cgroup CPU quota 2 < the machine's 4 vCPUs" in x for x in pinned)
+
+
+def test_a_smaller_machine_is_one_vcpu_line_not_pinning():
+    """A 2-vCPU machine benched as Standard_F4s_v2: its 2 usable vCPUs are all it has, not a pinning."""
+    small = env(logical_cores=2, physical_cores=1, affinity=[0, 1], cgroup_cpu_quota=None, memory_gib=7.7)
+    warnings = skus.check_cpu("Standard_F4s_v2", small)
+    assert any("2 vCPUs detected, catalog says 4" in w for w in warnings)
+    assert not any("pinned" in w or "quota" in w for w in warnings)
+    quota = skus.check_cpu("Standard_F4s_v2", dict(small, cgroup_cpu_quota=1.0))
+    assert any("cgroup CPU quota 1 < the machine's 2 vCPUs" in w for w in quota)
 
 
 def test_check_cpu_unknown_sku():

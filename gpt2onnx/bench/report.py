@@ -17,40 +17,18 @@ import base64
 import html
 import io
 import os
-import statistics
+import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import record as _results
 from . import skus as _skus
 from ..errors import Gpt2OnnxError, InvalidRequestError
+from .recommend import (MISMATCH_LABEL, NO_SKU, PROJECTION_LABEL, RANDOM_LABEL, Recommendation, Row, aggregate,
+                        cost, group_key, group_label, median, recommend, slo_text)
 from .skus import Prices, load_prices
-
-PROJECTION_LABEL = "projection (not measured)"
-RANDOM_LABEL = "random weights"
-NO_SKU = "(no SKU)"
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """The SKU to pick for one group of results, or None with the reason."""
-
-    group: str  # the group's label, incl. "random weights" / "projection (not measured)"
-    model: str
-    precision: str
-    random_weights: bool
-    projection: bool
-    sku: str | None  # None: no SKU meets the SLOs (or nothing to rank)
-    measured_on: tuple[str, ...]  # CPU model(s) the SKU's figures come from
-    threads: int | None
-    first_token_ms: float | None  # b1 p50, worst over prompt lengths and hosts
-    token_ms: float | None  # b1 p50, worst over prompt lengths and hosts
-    tokens_per_s: float | None  # b1, lowest over prompt lengths and hosts
-    cost_per_1m_tokens: float | None
-    currency: str | None
-    basis: str  # "cheapest" (prices given) or "fastest"
-    note: str  # one line for humans
-
 
 @dataclass(frozen=True)
 class Report:
@@ -63,118 +41,23 @@ class Report:
     warnings: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class _Row:  # one SKU + CPU + config, median over its records
-    sku: str
-    cpu: str
-    runtime: str
-    precision: str
-    batch: int
-    prompt: int
-    new_tokens: int
-    threads: int
-    n: int  # successful records
-    first_p50: float | None
-    tok: tuple[float, float, float] | None  # p50, p90, p99
-    tps: float | None
-    rss: float | None
-    errors: tuple[str, ...]
-
-
-def _cost(price: float | None, tps: float | None) -> float | None:
-    """Cost of 1 M generated tokens: price_per_hour / (tokens_per_s * 3600) * 1e6."""
-    return None if price is None or not tps else price / (tps * 3600) * 1e6
-
-
-def _group_key(rec: dict) -> tuple:
-    m, v = rec["model"], rec["environment"]["versions"]
-    return (rec["projection"], m["name"], m["n_params"], m["precision"], m["random_weights"],
-            v["gpt2onnx"], v["onnxruntime"])
-
-
-def _group_label(key: tuple) -> str:
-    projection, name, n_params, precision, random_weights, g2o, ort = key
-    label = f"{name} ({n_params / 1e6:.0f}M params) {precision}, gpt2onnx {g2o}, onnxruntime {ort}"
-    return label + (f", {RANDOM_LABEL}" if random_weights else "") + (f", {PROJECTION_LABEL}" if projection else "")
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _aggregate(records: list[tuple[str, dict]]) -> list[_Row]:
+def _aggregate_ratios(records: list[tuple[str, dict]], mismatched: set[str]) -> list[tuple]:
     buckets: dict[tuple, list[dict]] = {}
-    for _, rec in records:
-        for row in rec["results"]:
-            buckets.setdefault((rec["sku"] or NO_SKU, rec["environment"]["cpu_model"], *(row[k] for k in (
-                "runtime", "precision", "batch_size", "prompt_tokens", "new_tokens", "threads"))), []).append(row)
-    out = []
-    for key, rows in buckets.items():
-        ok = [r for r in rows if r.get("error") is None]
-        tok = None if not ok else tuple(statistics.median(r["token_ms"][q] for r in ok) for q in ("p50", "p90", "p99"))
-        out.append(_Row(*key, n=len(ok), first_p50=_median([r["first_token_ms"]["p50"] for r in ok]), tok=tok,
-                        tps=_median([r["tokens_per_s"] for r in ok]), rss=_median([r["peak_rss_mb"] for r in ok]),
-                        errors=tuple(sorted({r["error"] for r in rows if r.get("error") is not None}))))
-    return sorted(out, key=lambda r: (r.sku, r.cpu, r.batch, r.prompt, r.threads,
-                                      _results.RUNTIMES.index(r.runtime), r.precision))
-
-
-def _aggregate_ratios(records: list[tuple[str, dict]]) -> list[tuple]:
-    buckets: dict[tuple, list[dict]] = {}
-    for _, rec in records:
+    for path, rec in records:
+        sku = rec["sku"] or NO_SKU
+        sku = sku if path not in mismatched else f"{sku} ({MISMATCH_LABEL})"
         for r in _results.ratios(rec):
-            key = (rec["sku"] or NO_SKU, rec["environment"]["cpu_model"], r["batch_size"], r["prompt_tokens"],
+            key = (sku, rec["environment"]["cpu_model"], r["batch_size"], r["prompt_tokens"],
                    r["threads"], r["precision"], r["baseline"], r["baseline_precision"])
             buckets.setdefault(key, []).append(r)
     out = []
     for key, rs in sorted(buckets.items()):
         ok = [r for r in rs if r["baseline_error"] is None and r["decode_speedup"] is not None]
-        meds = [_median([r[k] for r in ok if r[k] is not None])
+        meds = [median([r[k] for r in ok if r[k] is not None])
                 for k in ("decode_speedup", "first_token_speedup", "tokens_per_s_ratio")]
         errors = sorted({r["baseline_error"] for r in rs if r["baseline_error"]})
         out.append((*key, *meds, len(ok), errors))
     return out
-
-
-def _slo_text(slo_first: float | None, slo_token: float | None) -> str:
-    parts = [f"{n} p50 <= {v:g} ms" for n, v in (("first token", slo_first), ("token", slo_token)) if v is not None]
-    return " and ".join(parts) or "no latency SLO"
-
-
-def _recommend(key: tuple, rows: list[_Row], prices: Prices | None,
-               slo_first: float | None, slo_token: float | None) -> Recommendation:
-    label, slo = _group_label(key), _slo_text(slo_first, slo_token)
-    # Per SKU and thread count, the worst batch-1 figures over prompt lengths and hosts.
-    worst: dict[tuple[str, int], list[float]] = {}
-    for r in rows:
-        if r.runtime != "gpt2onnx" or r.batch != 1 or not r.n or r.sku == NO_SKU:
-            continue
-        w = worst.setdefault((r.sku, r.threads), [0.0, 0.0, float("inf")])
-        w[:] = [max(w[0], r.first_p50), max(w[1], r.tok[0]), min(w[2], r.tps)]
-    meets = [(s, t, *w) for (s, t), w in worst.items()
-             if (slo_first is None or w[0] <= slo_first) and (slo_token is None or w[1] <= slo_token)]
-    per_hour = prices.per_hour if prices else {}
-    priced = sorted([(*m, _cost(per_hour[m[0]], m[4])) for m in meets if m[0] in per_hour], key=lambda m: (m[5], m[3]))
-    ranked = priced or sorted([(*m, None) for m in meets], key=lambda m: (m[3], m[2]))
-    basis, tag = "cheapest" if priced else "fastest", "".join(
-        f" [{x}]" for x, on in ((PROJECTION_LABEL, key[0]), (RANDOM_LABEL, key[4])) if on)
-    sku = threads = first = tok = tps = cost = None
-    if ranked:
-        sku, threads, first, tok, tps, cost = ranked[0]
-        note = f"{sku} ({threads} threads) is the {basis} SKU meeting {slo} at batch size 1"
-        note += " (none of the SKUs meeting it has a price, so ranked by speed)" * bool(prices and not priced)
-        if cost is not None:
-            note += f": {cost:.3f} {prices.currency} per 1M tokens" + " (EXAMPLE prices)" * prices.example
-    elif worst:
-        (s, t), w = min(worst.items(), key=lambda kv: (kv[1][1], kv[1][0]))
-        note = f"NO SKU meets {slo}; closest: {s} ({t} threads) first token {w[0]:.1f} ms, token {w[1]:.1f} ms"
-    else:
-        note = "no batch-size-1 gpt2onnx results with a SKU in this group; nothing to recommend"
-    return Recommendation(
-        group=label, model=key[1], precision=key[3], random_weights=key[4], projection=key[0], sku=sku,
-        measured_on=tuple(sorted({r.cpu for r in rows if r.sku == sku})), threads=threads, first_token_ms=first,
-        token_ms=tok, tokens_per_s=tps, cost_per_1m_tokens=cost, currency=prices.currency if prices else None,
-        basis=basis, note=note + tag)
 
 
 def _f(x: float | None, fmt: str = ".1f", unit: str = "") -> str:
@@ -215,8 +98,8 @@ def _chart(title: str, unit: str, points: dict[str, dict[str, float | None]], hl
     return buf.getvalue()
 
 
-def _plots(tag: str, rows: list[_Row], ratio_rows: list[tuple], prices: Prices | None) -> dict[str, bytes]:
-    multi = {r.sku for r in rows if any(o.sku == r.sku and o.cpu != r.cpu for o in rows)}
+def _plots(tag: str, rows: list[Row], ratio_rows: list[tuple], prices: Prices | None) -> dict[str, bytes]:
+    multi = {r.sku_label for r in rows if any(o.sku_label == r.sku_label and o.cpu != r.cpu for o in rows)}
 
     def lab(sku: str, cpu: str, b: int, p: int, t: int) -> str:  # CPU named when one SKU ran on several
         return sku.removeprefix("Standard_") + (f" [{cpu[:16]}]" if sku in multi else "") + f"\nb{b} p{p} t{t}"
@@ -224,12 +107,12 @@ def _plots(tag: str, rows: list[_Row], ratio_rows: list[tuple], prices: Prices |
     ours = [r for r in rows if r.runtime == "gpt2onnx" and r.n]
     charts: dict[str, tuple] = {
         "latency": (f"Per-token decode latency, gpt2onnx\n{tag}", "ms", {
-            lab(r.sku, r.cpu, r.batch, r.prompt, r.threads): dict(zip(("p50", "p90", "p99"), r.tok)) for r in ours}),
+            lab(r.sku_label, r.cpu, r.batch, r.prompt, r.threads): dict(zip(("p50", "p90", "p99"), r.tok)) for r in ours}),
         "tokens_per_s": (f"Tokens/s\n{tag}", "tokens/s", {}),
         "speedup": (f"Decode speed-up of gpt2onnx (p50 ratio)\n{tag}", "x", {}, 1.0)}
     for r in rows:
         if r.n:
-            charts["tokens_per_s"][2].setdefault(lab(r.sku, r.cpu, r.batch, r.prompt, r.threads), {})[
+            charts["tokens_per_s"][2].setdefault(lab(r.sku_label, r.cpu, r.batch, r.prompt, r.threads), {})[
                 f"{r.runtime} {r.precision}"] = r.tps
     for t in ratio_rows:
         if t[8] is not None:
@@ -237,8 +120,8 @@ def _plots(tag: str, rows: list[_Row], ratio_rows: list[tuple], prices: Prices |
     if prices:
         ex = " (EXAMPLE prices)" if prices.example else ""
         charts["cost"] = (f"Cost per 1M generated tokens{ex}\n{tag}", prices.currency, {
-            lab(r.sku, r.cpu, r.batch, r.prompt, r.threads): {"gpt2onnx": _cost(prices.per_hour[r.sku], r.tps)}
-            for r in ours if r.sku in prices.per_hour})
+            lab(r.sku_label, r.cpu, r.batch, r.prompt, r.threads): {"gpt2onnx": cost(prices.per_hour[r.sku], r.tps)}
+            for r in ours if r.sku in prices.per_hour and r.matches_sku})
     return {kind: _chart(*args) for kind, args in charts.items() if args[2]}
 
 
@@ -273,9 +156,9 @@ def _render(blocks: list[tuple], images: dict[str, bytes]) -> tuple[str, str]:
     return "\n".join(md), page
 
 
-def _group_blocks(gi: int, key: tuple, members: list[tuple[str, dict]], rows: list[_Row],
-                  ratio_rows: list[tuple], prices: Prices | None, cur: str) -> list[tuple]:
-    label = _group_label(key)
+def _group_blocks(gi: int, key: tuple, members: list[tuple[str, dict]], rows: list[Row],
+                  ratio_rows: list[tuple], prices: Prices | None, cur: str, mismatched: set[str]) -> list[tuple]:
+    label = group_label(key)
     body: list[tuple] = [("h", 2, f"Group {gi}: {label}")]
     if key[0]:
         body.append(("p", f"{PROJECTION_LABEL.upper()}: these figures are estimates, not measurements; "
@@ -285,7 +168,8 @@ def _group_blocks(gi: int, key: tuple, members: list[tuple[str, dict]], rows: li
                           "quality figures are meaningless."))
     body += [("h", 3, f"Machines — {label}"), ("table", [
         "file", "SKU", "CPU model", "vCPUs", "ISA", "memory GiB", "onnxruntime", "created"],
-        [[os.path.basename(p), r["sku"] or NO_SKU, r["environment"]["cpu_model"],
+        [[os.path.basename(p), (r["sku"] or NO_SKU) + f" ({MISMATCH_LABEL})" * (p in mismatched),
+          r["environment"]["cpu_model"],
           r["environment"]["logical_cores"], " ".join(k for k, v in r["environment"]["isa"].items() if v) or "-",
           _f(r["environment"]["memory_gib"]), r["environment"]["versions"]["onnxruntime"], r["created"]]
          for p, r in members])]
@@ -293,9 +177,9 @@ def _group_blocks(gi: int, key: tuple, members: list[tuple[str, dict]], rows: li
         "SKU", "measured on (CPU)", "runtime", "precision", "batch", "prompt", "new", "threads",
         "first token p50 ms", "token p50 ms", "token p90 ms", "token p99 ms", "tokens/s", "peak RSS MB",
         f"cost / 1M tokens{cur}", "n"],
-        [[r.sku, r.cpu, r.runtime, r.precision, r.batch, r.prompt, r.new_tokens, r.threads, _f(r.first_p50),
+        [[r.sku_label, r.cpu, r.runtime, r.precision, r.batch, r.prompt, r.new_tokens, r.threads, _f(r.first_p50),
           *(_f(t) for t in (r.tok or (None,) * 3)), _f(r.tps), _f(r.rss, ".0f"),
-          _f(_cost(prices.per_hour.get(r.sku), r.tps), ".3f") if prices else "-",
+          _f(cost(prices.per_hour.get(r.sku), r.tps), ".3f") if prices and r.matches_sku else "-",
           r.n if not r.errors else f"{r.n}, failed: {'; '.join(r.errors)}"] for r in rows])]
     if ratio_rows:
         body += [("h", 3, f"Speed-up over baselines — {label}"), ("table", [
@@ -311,13 +195,57 @@ def _group_blocks(gi: int, key: tuple, members: list[tuple[str, dict]], rows: li
     return body
 
 
+_REPORT_FILE = re.compile(r"report\.(md|html)|group\d+_[a-z_]+\.png")
+
+
+def _check_report_dir(out_dir: str) -> None:
+    """A report folder is rewritten whole: refuse one that holds anything but an earlier report."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise InvalidRequestError(f"report folder {out_dir!r} is a file; pass --out a folder")
+    foreign = sorted(n for n in os.listdir(out_dir) if not _REPORT_FILE.fullmatch(n))
+    if foreign:
+        raise InvalidRequestError(
+            f"{out_dir!r} holds files that are not a gpt2onnx report ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); a report folder is rewritten whole, so pass --out a new, "
+            "empty or report folder")
+
+
+def _publish(out_dir: str, files: dict[str, bytes]) -> None:
+    """Write `files` as the whole content of `out_dir`: a new folder swapped in, so no stale plot stays."""
+    out = os.path.abspath(out_dir)
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    os.makedirs(parent, exist_ok=True)
+    _check_report_dir(out)  # again: it may have changed while the report was built
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        for fname, data in files.items():
+            with open(os.path.join(tmp, fname), "wb") as f:
+                f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rename(out, os.path.join(old, "x"))
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_report(paths: Sequence[str], out_dir: str, *, prices_path: str | None = None,
                  slo_first_token_ms: float | None = None, slo_token_ms: float | None = None) -> Report:
     """Merge bench records into report.md, report.html and PNG plots in `out_dir`.
 
     Args:
         paths: bench record files (schema gpt2onnx.bench/1), from any number of machines.
-        out_dir: created if missing; existing report files are replaced atomically.
+        out_dir: the report folder: created, or rewritten whole when it holds an earlier
+            report (refused when it holds anything else).
         prices_path: VM prices per hour (see bench/prices.example.toml); enables cost
             per 1M tokens and "cheapest" recommendations.
         slo_first_token_ms: batch-1 first-token p50 limit for recommendations.
@@ -343,25 +271,31 @@ def build_report(paths: Sequence[str], out_dir: str, *, prices_path: str | None 
     records = [(os.fspath(p), _results.load(p)) for p in paths]
     prices = load_prices(prices_path) if prices_path else None
     _figure_api()  # fail before writing anything
+    _check_report_dir(out_dir)
     warnings: list[str] = []
+    mismatched: set[str] = set()  # records whose machine is not their SKU: shown as such, never recommended
     for path, rec in records:
         if rec["sku"] is None:
             warnings.append(f"{path}: no SKU recorded; shown as {NO_SKU} and never recommended")
             continue
         try:
-            warnings += [f"{path}: {w}" for w in _skus.check_cpu(rec["sku"], rec["environment"])]
+            found = _skus.check_cpu(rec["sku"], rec["environment"])
         except InvalidRequestError as e:
-            warnings.append(f"{path}: {e}")
+            found = [str(e)]
+        if found:
+            mismatched.add(path)
+            warnings.append(f"{path}: {MISMATCH_LABEL} {rec['sku']}, so it is never recommended: " + "; ".join(
+                w.removeprefix(f"{rec['sku']}: ") for w in found))
     if prices:
         known = {s.name for s in _skus.load_catalog()}
         warnings += [f"{prices_path}: {s} is not in the SKU catalog (typo?)" for s in prices.per_hour if s not in known]
     groups: dict[tuple, list[tuple[str, dict]]] = {}
     for path, rec in records:
-        groups.setdefault(_group_key(rec), []).append((path, rec))
+        groups.setdefault(group_key(rec), []).append((path, rec))
     order = sorted(groups, key=lambda k: (k[0], [str(x) for x in k[1:]]))  # measurements first
 
     cur = f" ({prices.currency}{', EXAMPLE prices' if prices.example else ''})" if prices else ""
-    slo = _slo_text(slo_first_token_ms, slo_token_ms)
+    slo = slo_text(slo_first_token_ms, slo_token_ms)
     blocks: list[tuple] = [("h", 1, "gpt2onnx benchmark report"), ("p", (
         f"{len(records)} bench record(s) in {len(groups)} group(s). Groups differ in model, precision, "
         "random weights, gpt2onnx/onnxruntime version, or measured vs projection, and are never mixed. "
@@ -372,12 +306,12 @@ def build_report(paths: Sequence[str], out_dir: str, *, prices_path: str | None 
                             " * 1e6." + (" EXAMPLE placeholder prices, not real: use your own." * prices.example)))
     recs, images, body = [], {}, []
     for gi, key in enumerate(order, 1):
-        rows, ratio_rows = _aggregate(groups[key]), _aggregate_ratios(groups[key])
-        recs.append(_recommend(key, rows, prices, slo_first_token_ms, slo_token_ms))
-        body += _group_blocks(gi, key, groups[key], rows, ratio_rows, prices, cur)
-        for kind, png in _plots(_group_label(key), rows, ratio_rows, prices).items():
+        rows, ratio_rows = aggregate(groups[key], mismatched=mismatched), _aggregate_ratios(groups[key], mismatched)
+        recs.append(recommend(key, rows, prices, slo_first_token_ms, slo_token_ms))
+        body += _group_blocks(gi, key, groups[key], rows, ratio_rows, prices, cur, mismatched)
+        for kind, png in _plots(group_label(key), rows, ratio_rows, prices).items():
             images[f"group{gi}_{kind}.png"] = png
-            body.append(("img", f"group{gi}_{kind}.png", f"{kind} — {_group_label(key)}"))
+            body.append(("img", f"group{gi}_{kind}.png", f"{kind} — {group_label(key)}"))
     blocks += [("h", 2, f"Recommendations ({slo})"), ("table", [
         "group", "recommended SKU", "measured on (CPU)", "threads", "first token p50 ms", "token p50 ms",
         "tokens/s", f"cost / 1M tokens{cur}", "why"],
@@ -386,12 +320,8 @@ def build_report(paths: Sequence[str], out_dir: str, *, prices_path: str | None 
     if warnings:
         blocks += [("h", 2, "Warnings"), ("ul", warnings)]
     markdown, page = _render(blocks + body, images)
-    os.makedirs(out_dir, exist_ok=True)
-    for name, png in images.items():
-        _results.atomic_write(os.path.join(out_dir, name), png)
+    _publish(out_dir, {**images, "report.md": markdown.encode("utf-8"), "report.html": page.encode("utf-8")})
     md_path, html_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.html")
-    for path, text in ((md_path, markdown), (html_path, page)):
-        _results.atomic_write(path, text.encode("utf-8"))
     return Report(markdown_path=md_path, html_path=html_path,
                   plot_paths=tuple(os.path.join(out_dir, name) for name in images),
                   recommendations=tuple(recs), warnings=tuple(warnings))

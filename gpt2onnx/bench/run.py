@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -159,7 +158,7 @@ def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[i
 
 def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, threads, baselines, repeats, warmup, out_dir,
          progress, bandwidth_mib) -> tuple[dict, str | None]:
-    from tqdm import tqdm
+    from ..progress import Progress
 
     model_dir = os.path.abspath(os.fspath(model_dir))
     manifest = artifact.verify(model_dir, check_hashes=False)  # the gpt2onnx worker checks hashes when it loads
@@ -197,19 +196,19 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
     optimum_prep = "optimum" in baselines and "optimum" not in skip
 
     scratch = None if out_dir is not None or not optimum_prep else tempfile.TemporaryDirectory(prefix="gpt2onnx-")
-    bar = tqdm(total=1 + optimum_prep + len(configs) * len(runtimes), desc="bench", file=sys.stderr,
-               disable=not progress, unit="run", dynamic_ncols=True)
+    bar = Progress("gpt2onnx bench", total=1 + optimum_prep + len(configs) * len(runtimes), unit="runs",
+                   enabled=progress)
     try:
-        bar.set_postfix_str("memory bandwidth")
+        bar.set_postfix("memory bandwidth")
         bandwidth = measure_bandwidth(threads=max(threads), mib=bandwidth_mib)
         bar.update()
         env = environment(memory_bandwidth_gbs=bandwidth)
-        if sku and progress:  # early, so a wrong --sku can be stopped; the table repeats them
+        if sku and progress:  # early, so a wrong --sku can be stopped (format_table then leaves them out)
             for w in _skus.check_cpu(sku, env):
-                bar.write(f"warning: {w}", file=sys.stderr)
+                bar.write(f"warning: {w}")
         optimum_dirs = {}
         if optimum_prep:
-            bar.set_postfix_str("Optimum export + int8 (cached)")
+            bar.set_postfix("Optimum export + int8 (cached)")
             cache = os.path.join(out_dir or scratch.name, ".cache", "optimum", source_fingerprint(source, manifest))
             prep = call_worker({"mode": "prepare-optimum", "source": source, "cache_dir": cache,
                                  "isa": optimum_isa()}, max(threads))
@@ -224,7 +223,7 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
         for cfg in configs:
             t, b, p = cfg
             for runtime, prec in runtimes:
-                bar.set_postfix_str(f"t{t} b{b} p{p} {runtime} {prec}")
+                bar.set_postfix(f"t{t} b{b} p{p} {runtime} {prec}")
                 if runtime in skip:
                     out = {"error": skip[runtime]}
                 else:

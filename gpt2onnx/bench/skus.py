@@ -224,12 +224,16 @@ def check_cpu(sku_name: str, environment: dict) -> list[str]:
     physical = environment.get("physical_cores")
     if isinstance(physical, int) and physical != sku.physical_cores:
         out.append(f"{sku.name}: {physical} physical cores detected, catalog says {sku.physical_cores}")
+    # Pinning and quotas limit the process within the machine: compared with the CPUs the
+    # machine has (a machine with fewer vCPUs than the SKU is the vCPU line above, not pinning).
+    machine = logical if isinstance(logical, int) else sku.vcpus
     affinity = environment.get("affinity")
-    if isinstance(affinity, list) and affinity and len(affinity) < sku.vcpus:
-        out.append(f"{sku.name}: process pinned to {len(affinity)} of {sku.vcpus} vCPUs")
+    if isinstance(affinity, list) and affinity and len(affinity) < min(machine, sku.vcpus):
+        out.append(f"{sku.name}: process pinned to {len(affinity)} of the machine's {machine} vCPUs; "
+                   "results understate the VM")
     quota = environment.get("cgroup_cpu_quota")
-    if isinstance(quota, (int, float)) and quota < sku.vcpus:
-        out.append(f"{sku.name}: cgroup CPU quota {quota:g} < {sku.vcpus} vCPUs; results understate the VM")
+    if isinstance(quota, (int, float)) and quota < min(machine, sku.vcpus):
+        out.append(f"{sku.name}: cgroup CPU quota {quota:g} < the machine's {machine} vCPUs; results understate the VM")
     mem = environment.get("memory_gib")
     if isinstance(mem, (int, float)) and not sku.memory_gib * 0.85 <= mem <= sku.memory_gib * 1.05:
         out.append(f"{sku.name}: {mem:.1f} GiB memory detected, catalog says {sku.memory_gib:g}")

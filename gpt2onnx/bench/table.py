@@ -20,13 +20,27 @@ def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{fmt}}{suffix}"
 
 
-def format_table(record: dict) -> str:
+def format_table(record: dict, *, sku_warnings: bool = True) -> str:
     """A bench record as a plain-text table (plus the machine it is valid on, and warnings).
 
     Speed-up columns are baseline decode p50 / gpt2onnx decode p50 and, after the
     slash, gpt2onnx tokens/s / baseline tokens/s (> 1: gpt2onnx is faster).
+
+    Args:
+        record: a bench record.
+        sku_warnings: list where the machine does not match the record's SKU (pass
+            False when they were already shown, as ``gpt2onnx bench`` does at the start).
     """
     env, model = record["environment"], record["model"]
+    mismatch: list[str] = []
+    if record["sku"]:
+        try:
+            mismatch = _skus.check_cpu(record["sku"], env)
+        except InvalidRequestError as e:
+            mismatch = [str(e)]
+    sku = record["sku"] or "not given (--sku)"
+    if mismatch:
+        sku += " (the machine does NOT match it" + (", see the warnings below)" if sku_warnings else ")")
     isa = " ".join(k for k, v in env["isa"].items() if v) or "no AVX2"
     bw = env.get("memory_bandwidth_gbs")
     lines = [
@@ -34,7 +48,7 @@ def format_table(record: dict) -> str:
         + f", {model['n_params'] / 1e6:.1f}M params, "
         f"{model['weight_bytes_per_token'] / 1e6:.1f} MB weights read per step",
         f"valid on: {env['cpu_model']}, {env['logical_cores']} logical / {env['physical_cores']} physical cores, "
-        f"{isa}, {env['memory_gib']:.1f} GiB, SKU {record['sku'] or 'not given (--sku)'}",
+        f"{isa}, {env['memory_gib']:.1f} GiB, SKU {sku}",
         f"memory bandwidth {_f(bw, '.1f', ' GB/s')}; new tokens {record['settings']['new_tokens']}, "
         f"repeats {record['settings']['repeats']}, warmup {record['settings']['warmup']}; "
         f"gpt2onnx {env['versions']['gpt2onnx']} (git {(env['git_revision'] or 'n/a')[:12]}), "
@@ -81,9 +95,6 @@ def format_table(record: dict) -> str:
             failed.setdefault(f"{r['runtime']} {r['precision']}", []).append(r["error"])
     for name, errs in failed.items():
         lines.append(f"{name}: {'; '.join(sorted(set(errs)))}")
-    if record["sku"]:
-        try:
-            lines += [f"warning: {w}" for w in _skus.check_cpu(record["sku"], env)]
-        except InvalidRequestError as e:
-            lines.append(f"warning: {e}")
+    if sku_warnings:
+        lines += [f"warning: {w}" for w in mismatch]
     return "\n".join(lines)

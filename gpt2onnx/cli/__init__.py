@@ -14,23 +14,60 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 
 from ..errors import Gpt2OnnxError
+
+LOGGER = "gpt2onnx"  # library modules log warnings here (e.g. cpu.warn_oversubscribed)
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every real default, as "(default: X)"; None / False / a help text
+    that states its own default (e.g. "default: physical cores") are left as they are."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``gpt2onnx`` argument parser."""
     from . import bench, jobs, model
 
-    p = argparse.ArgumentParser(prog="gpt2onnx", description="GPT-2 on CPU with onnxruntime: export, run, measure.")
+    p = argparse.ArgumentParser(prog="gpt2onnx", description="GPT-2 on CPU with onnxruntime: export, run, measure.",
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     model.add_parsers(sub)
     jobs.add_parsers(sub)
     bench.add_parsers(sub)
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsFormatter
     return p
+
+
+class _StderrHandler(logging.Handler):
+    """One line per record on the current sys.stderr: 'gpt2onnx: warning: ...'."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = " ".join(record.getMessage().split())  # one line, whatever the message holds
+            print(f"gpt2onnx: {record.levelname.lower()}: {msg}", file=sys.stderr, flush=True)
+        except Exception:  # logging must never break the command
+            self.handleError(record)
+
+
+def configure_logging(debug: bool = False) -> None:
+    """Show the library's log records on stderr, each once and on one line (idempotent)."""
+    log = logging.getLogger(LOGGER)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+    log.propagate = False  # not again through a root handler
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    configure_logging(args.debug)
     try:
         return int(args.func(args) or 0)
     except Gpt2OnnxError as e:

@@ -20,7 +20,7 @@ def _bench_cmd(a) -> int:
         prompt_tokens=parse_int_list(a.prompt_tokens, "--prompt-tokens"), new_tokens=a.new_tokens,
         threads=parse_int_list(a.threads, "--threads") if a.threads else None, baselines=a.baselines,
         repeats=a.repeats, warmup=a.warmup, out_dir=a.out, progress=not a.quiet, bandwidth_mib=BANDWIDTH_MIB)
-    print(format_table(record))
+    print(format_table(record, sku_warnings=a.quiet))  # with progress, run_bench showed them at the start
     print(f"wrote {path}")
     return 0
 
@@ -85,24 +85,23 @@ def add_parsers(subparsers) -> None:
     from ..bench import BANDWIDTH_MIB  # noqa: F401
 
     b = subparsers.add_parser("bench", help="measure a model folder (and PyTorch/Optimum baselines) on this machine")
-    b.add_argument("model_dir")
+    b.add_argument("model_dir", help="model folder written by 'gpt2onnx export'")
     b.add_argument("--sku", help="the Azure VM size this machine is (default: $GPT2ONNX_SKU; never guessed)")
-    b.add_argument("--batch-sizes", default="1,8", metavar="N[,M]", help="default 1,8")
+    b.add_argument("--batch-sizes", default="1,8", metavar="N[,M]", help="batch sizes to measure")
     b.add_argument("--prompt-tokens", default="32,128", metavar="N[,M]",
-                   help="prompt lengths in tokens; default 32,128")
-    b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, EOS ignored; default 128")
+                   help="prompt lengths in tokens")
+    b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, EOS ignored")
     b.add_argument("--threads", metavar="N[,M]", help="intra-op thread counts (default: physical cores)")
     b.add_argument("--baselines", default="pytorch,optimum",
-                   help="comma list of pytorch, optimum; or none (default pytorch,optimum)")
-    b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; default 3")
-    b.add_argument("--warmup", type=int, default=1, help="untimed runs before them; default 1")
-    b.add_argument("--out", default="results", help="folder for the result JSON (default results/)")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="comma list of pytorch, optimum; or none")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
+    b.add_argument("--out", default="results", help="folder for the result JSON (cwd-relative)")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
     b.add_argument("--scenario", choices=("grid", "job"), default="grid",
                    help="grid: latency per batch size x prompt length; job: a whole batch job of mixed prompts, "
-                        "static vs continuous batching (uses the largest --batch-sizes; default grid)")
-    b.add_argument("--job-prompts", dest="job_prompts", type=int, default=256,
-                   help="prompts in the job scenario (default 256)")
+                        "static vs continuous batching (uses the largest --batch-sizes)")
+    b.add_argument("--job-prompts", dest="job_prompts", type=int, default=256, help="prompts in the job scenario")
     b.set_defaults(func=_bench_cmd)
 
     s = subparsers.add_parser("skus", help="list the Azure CPU VM sizes of the catalog")
@@ -111,7 +110,7 @@ def add_parsers(subparsers) -> None:
 
     r = subparsers.add_parser("report", help="merge bench results into report.md/report.html with plots")
     r.add_argument("results", nargs="+", help="result JSON files or folders of them")
-    r.add_argument("--out", default="report", help="report folder, rewritten whole (default ./report)")
+    r.add_argument("--out", default="report", help="report folder, rewritten whole (cwd-relative)")
     r.add_argument("--prices", metavar="TOML", help="VM prices per hour (see bench/prices.example.toml)")
     r.add_argument("--slo-first-token-ms", type=float, help="batch-1 first-token p50 limit for recommendations")
     r.add_argument("--slo-token-ms", type=float, help="batch-1 per-token p50 limit for recommendations")

@@ -33,13 +33,19 @@ def param_overrides(a) -> dict:
 
 
 def add_param_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    """The generation flags; an unset flag means GenerationParams' default, which --help shows."""
+    from ..params import GenerationParams
+
+    d = GenerationParams()
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
+                   help=f"tokens to generate (default: {d.max_new_tokens})")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", dest="top_k", type=int)
-    p.add_argument("--top-p", dest="top_p", type=float)
-    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float, help=f"sampling temperature; 0 = greedy (default: {d.temperature})")
+    p.add_argument("--top-k", dest="top_k", type=int, help=f"sample from the k likeliest; 0 = off (default: {d.top_k})")
+    p.add_argument("--top-p", dest="top_p", type=float, help=f"nucleus sampling mass (default: {d.top_p})")
+    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float,
+                   help=f"penalty of tokens already seen; 1 = none (default: {d.repetition_penalty})")
+    p.add_argument("--seed", type=int, help="sampling seed (default: fresh entropy)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
     p.add_argument("--truncation", action="store_true", help="drop prompt tokens from the left to fit the context")

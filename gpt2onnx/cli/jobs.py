@@ -1,4 +1,4 @@
-"""The job and deployment commands: ``batch``, ``eval``, ``azureml-kit``, ``mlflow``.
+"""The job and deployment commands: ``batch``, ``eval``, ``azureml-kit``, ``azureml-bench-kit``, ``mlflow``.
 
 Each handler imports its library module when it runs, so ``gpt2onnx --help`` stays fast.
 """
@@ -12,10 +12,11 @@ from .common import add_param_flags, param_overrides
 
 
 def add_parsers(sub) -> None:
-    """Register ``batch``, ``eval``, ``azureml-kit`` and ``mlflow``."""
+    """Register ``batch``, ``eval``, ``azureml-kit``, ``azureml-bench-kit`` and ``mlflow``."""
     _add_batch(sub)
     _add_eval(sub)
     _add_azureml_kit(sub)
+    _add_azureml_bench_kit(sub)
     _add_mlflow(sub)
 
 
@@ -26,7 +27,7 @@ def _add_batch(subparsers) -> None:
     b.add_argument("model_dir")
     b.add_argument("input", metavar="INPUT.jsonl")
     b.add_argument("output", metavar="OUTPUT.jsonl")
-    b.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="prompts per model call (default 8)")
+    b.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="rows decoding together")
     b.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous: a finished row's slot takes the next prompt at once; static: batches run to "
                         "their end (same output)")
@@ -83,9 +84,9 @@ def _add_azureml_kit(subparsers) -> None:
     k.add_argument("model_dir")
     k.add_argument("outdir")
     k.add_argument("--instance-type", dest="instance_type", default="Standard_F4s_v2",
-                   help="Azure VM size (default Standard_F4s_v2); sets GPT2ONNX_THREADS to its physical cores")
-    k.add_argument("--endpoint", default="gpt2onnx", help="endpoint name (default gpt2onnx)")
-    k.add_argument("--deployment", default="blue", help="deployment name (default blue)")
+                   help="Azure VM size; sets GPT2ONNX_THREADS to its physical cores")
+    k.add_argument("--endpoint", default="gpt2onnx", help="endpoint name")
+    k.add_argument("--deployment", default="blue", help="deployment name")
     k.add_argument("--model-name", dest="model_name", help="registered model name (default from the manifest)")
     k.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     k.set_defaults(func=_azureml_kit)
@@ -102,6 +103,46 @@ def _azureml_kit(a) -> int:
     return 0
 
 
+def _add_azureml_bench_kit(subparsers) -> None:
+    k = subparsers.add_parser(
+        "azureml-bench-kit", help="write Azure ML command jobs that benchmark one VM size each (+ submit/collect)",
+        description="Write one Azure ML command job per VM size (YAML and azure-ai-ml Python) on a cluster of that "
+                    "size, submit.sh and collect.sh; see docs/azureml_bench.md.")
+    k.add_argument("outdir", help="kit folder to create")
+    k.add_argument("--skus", required=True, metavar="SIZE[,SIZE]", help="Azure VM sizes (see 'gpt2onnx skus')")
+    k.add_argument("--model", default="gpt2", help="hub id or folder each node exports")
+    k.add_argument("--precision", default="int8,fp32", help="comma list of precisions to export and bench")
+    k.add_argument("--random-weights", action="store_true", help="export seeded random weights (no Hub needed)")
+    k.add_argument("--batch-sizes", default="1,8", metavar="N[,M]", help="bench grid: batch sizes")
+    k.add_argument("--prompt-tokens", default="32,128", metavar="N[,M]", help="bench grid: prompt lengths")
+    k.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
+    k.add_argument("--baselines", default="pytorch,optimum", help="comma list of pytorch, optimum; or none")
+    k.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
+    k.add_argument("--prices", metavar="TOML", help="VM prices per hour: writes COST.md, the estimated cost per run")
+    k.add_argument("--experiment", default="gpt2onnx-bench", help="Azure ML experiment name")
+    k.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    k.set_defaults(func=_azureml_bench_kit)
+
+
+def _azureml_bench_kit(a) -> int:
+    from ..bench import parse_int_list
+    from ..integrations.azureml_bench_kit import write_bench_kit
+
+    def words(text: str) -> list[str]:
+        return [w.strip() for w in text.split(",") if w.strip()]
+
+    out = write_bench_kit(a.outdir, skus=words(a.skus), model=a.model, precisions=words(a.precision),
+                          random_weights=a.random_weights, batch_sizes=parse_int_list(a.batch_sizes, "--batch-sizes"),
+                          prompt_tokens=parse_int_list(a.prompt_tokens, "--prompt-tokens"), new_tokens=a.new_tokens,
+                          baselines=[b for b in words(a.baselines) if b != "none"], repeats=a.repeats,
+                          prices_path=a.prices, experiment=a.experiment, force=a.force)
+    print(f"wrote {out}; next: bash {os.path.join(out, 'submit.sh')} && bash {os.path.join(out, 'collect.sh')} "
+          "PRICES.toml (see docs/azureml_bench.md)")
+    if a.prices:
+        print(f"estimated cost per run: {os.path.join(out, 'COST.md')}")
+    return 0
+
+
 def _add_mlflow(subparsers) -> None:
     from ..integrations.mlflow import BATCH_SIZE
 
@@ -109,10 +150,10 @@ def _add_mlflow(subparsers) -> None:
     p.add_argument("model_dir", help="model folder written by 'gpt2onnx export'")
     p.add_argument("out", help="MLflow model folder to create")
     p.add_argument("--name", help="Azure ML model name in model.yml (default: NAME-onnx-PRECISION)")
-    p.add_argument("--version", default="1", help="Azure ML model version in model.yml (default 1)")
+    p.add_argument("--version", default="1", help="Azure ML model version in model.yml")
     p.add_argument("--description", help="model description (default: from the manifest)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=BATCH_SIZE,
-                   help=f"prompts per generate call in predict (default {BATCH_SIZE})")
+                   help="prompts per generate call in predict")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_mlflow)
 

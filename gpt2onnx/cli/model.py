@@ -10,11 +10,26 @@ from .common import add_param_flags, param_overrides
 
 def _export(a) -> int:
     from ..artifact import read_manifest, summary
+    from ..errors import ModelDownloadError, UnsupportedModelError
     from ..exporter import export
+    from ..exporter.sources import cli_hint
 
-    m = export(a.source, a.outdir, precision=a.precision, force=a.force, random_weights=a.random_weights,
-               seed=a.seed, tokenizer=a.tokenizer, progress=not a.quiet,
-               accept_fidelity_miss=a.accept_fidelity_miss)
+    def run(random_weights: bool) -> dict:
+        return export(a.source, a.outdir, precision=a.precision, force=a.force, random_weights=random_weights,
+                      seed=a.seed, tokenizer=a.tokenizer, progress=not a.quiet,
+                      accept_fidelity_miss=a.accept_fidelity_miss)
+
+    try:
+        m = run(a.random_weights)
+    except ModelDownloadError as e:
+        if not a.random_weights_fallback:
+            raise ModelDownloadError(cli_hint(str(e))) from None
+        print(f"gpt2onnx: notice: the weights of {a.source!r} cannot be downloaded here ({str(e).split(';')[0]}); "
+              f"exporting its architecture with RANDOM WEIGHTS (seed {a.seed}) instead: the text will be "
+              "meaningless, the speed is real", file=sys.stderr)
+        m = run(True)
+    except UnsupportedModelError as e:
+        raise type(e)(cli_hint(str(e))) from None
     print(summary(read_manifest(a.outdir)))
     print(f"wrote {a.outdir} in {m['export_seconds']:.1f} s")
     return 0
@@ -80,11 +95,13 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("export", help="export GPT-2 to an ONNX model folder (fp32 or int8), verified against PyTorch")
     e.add_argument("source", help="hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) or save_pretrained folder")
     e.add_argument("outdir", help="model folder to create")
-    e.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    e.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="weight precision of the graph")
     e.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     e.add_argument("--random-weights", action="store_true",
                    help="seeded random weights instead of loading them (benchmarks only: the text is meaningless)")
-    e.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    e.add_argument("--random-weights-fallback", action="store_true",
+                   help="when the weights of a hub id cannot be downloaded, say so and use --random-weights")
+    e.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     e.add_argument("--tokenizer", metavar="DIR", help="folder with vocab.json + merges.txt or tokenizer.json")
     e.add_argument("--accept-fidelity-miss", action="store_true",
                    help="keep an int8 export that misses the fidelity gate (recorded in the manifest and card)")

@@ -31,16 +31,33 @@ MAX_LENGTH = 1024  # longest window, even for models with a longer context
 FIDELITY_PROMPTS = 16  # greedy-continuation prompts of the fidelity task
 
 
-def fidelity_verdict(figures: dict, manifest: dict, vocab_size: int) -> list[str]:
+def fidelity_verdict(figures: dict, manifest, vocab_size: int) -> list[str]:
     """What missed the gate, by the exporter's own rule (`gpt2onnx.exporter.policy`): one model, one verdict.
 
     >>> fidelity_verdict(figures, gen.manifest, gen.vocab_size)    # doctest: +SKIP
     []
     """
+    return fidelity_gate(figures, manifest, vocab_size)[2]
+
+
+def fidelity_gate(figures: dict, manifest, vocab_size: int) -> tuple[dict, str, list[str]]:
+    """(thresholds applied, why those, what missed them), by the exporter's `gate_for` + `check`."""
     from ..exporter.policy import check, gate_for
 
-    gate, _ = gate_for(figures, vocab_size, manifest.source.random_weights)
-    return check(figures, gate)
+    gate, why = gate_for(figures, vocab_size, manifest.source.random_weights)
+    return gate, why, check(figures, gate)
+
+
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")  # a reference must match all
+
+
+def _same_model(ref_dims: dict, dims, reference: str, model_dir: str) -> None:
+    """Refuse a reference of another architecture (a distilgpt2 for a gpt2, say): its figures mean nothing."""
+    diff = [f"{k} {ref_dims[k]} vs {getattr(dims, k)}" for k in ARCHITECTURE if ref_dims[k] != getattr(dims, k)]
+    if diff:
+        raise InvalidRequestError(
+            f"the fidelity reference {reference!r} is another model than {model_dir!r} ({', '.join(diff)}, "
+            "reference vs model); pass the model's own fp32 export or the source it was exported from")
 
 
 def _check_limit(limit) -> None:
@@ -49,7 +66,7 @@ def _check_limit(limit) -> None:
 
 
 def _reference(reference: str | None, manifest, threads: int | None):
-    """(session, description, vocab_size, n_positions) of the fidelity reference."""
+    """(session, description, architecture dims) of the fidelity reference."""
     from ..artifact import MANIFEST
 
     if reference is not None and os.path.isfile(os.path.join(os.fspath(reference), MANIFEST)):
@@ -57,7 +74,7 @@ def _reference(reference: str | None, manifest, threads: int | None):
 
         ref = load(reference, threads=threads)
         desc = {"reference": os.path.abspath(reference), "reference_precision": ref.manifest.precision}
-        return ref.session, desc, ref.vocab_size, ref.n_positions
+        return ref.session, desc, {k: getattr(ref.manifest.dims, k) for k in ARCHITECTURE}
     from ..exporter import sources
 
     src_info = manifest.source
@@ -80,7 +97,7 @@ def _reference(reference: str | None, manifest, threads: int | None):
         raise type(e)(f"fidelity reference: {e}") from None
     desc = {"reference": reference, "reference_precision": "fp32 (PyTorch)",
             "reference_random_weights": random_weights}
-    return fidelity.TorchSession(src.model), desc, int(src.config.vocab_size), int(src.config.n_positions)
+    return fidelity.TorchSession(src.model), desc, {k: int(getattr(src.config, k)) for k in ARCHITECTURE}
 
 
 def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: str | None = None,
@@ -141,18 +158,16 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
             out.update(perplexity(gen.session, ids, max_length=max_length, stride=min(STRIDE, max_length // 2),
                                   limit=limit, token_bytes=lengths, progress=progress))
         else:
-            ref, desc, ref_vocab, ref_positions = _reference(reference, m, threads)
-            if ref_vocab != gen.vocab_size:
-                raise InvalidRequestError(f"the reference has a vocabulary of {ref_vocab}, the model {gen.vocab_size}; "
-                                          "compare models of the same family")
-            window = min(gen.n_positions, ref_positions, MAX_LENGTH)
+            ref, desc, ref_dims = _reference(reference, m, threads)
+            _same_model(ref_dims, m.dims, str(desc["reference"]), os.fspath(model_dir))
+            window = min(gen.n_positions, ref_dims["n_positions"], MAX_LENGTH)
             out.update(desc)
             out.update(fidelity.measure(ref, gen.session, ids, window=window, stride=window // 2, limit=limit,
                                         progress=progress))
             plen = min(64, window // 4)
             prompts = fidelity.spaced_prompts(ids, count=FIDELITY_PROMPTS, length=plen)
             out.update(fidelity.greedy_agreement(ref, gen.session, prompts, new_tokens=min(32, window - plen)))
-            out["gate_missed"] = fidelity_verdict(out, m, gen.vocab_size)
+            out["gate"], out["gated"], out["gate_missed"] = fidelity_gate(out, m, gen.vocab_size)
             out["window"], out["stride"] = window, window // 2
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
@@ -175,6 +190,10 @@ def format_result(r: dict) -> str:
                   + (f" ({r['truncated']} contexts truncated)" if r["truncated"] else "")]
     else:
         gate = "passed" if not r["gate_missed"] else "MISSED: " + "; ".join(r["gate_missed"])
+        if r.get("gated"):  # which gate applied: the exporter's, chosen for this model
+            limits = ", ".join(f"top1_agreement >= {v}" if k == "top1_agreement" else f"mean_kl <= {v}"
+                               if k == "mean_kl" else f"{k} within [{1 / v:.4g}, {v}]" for k, v in r["gate"].items())
+            gate += f" (the exporter's gate, {r['gated']}: {limits})"
         lines += [f"reference  {r['reference']} ({r['reference_precision']})",
                   f"top-1      {r['top1_agreement']:.4f} agreement over {r['positions']:,} positions",
                   f"KL         mean {r['mean_kl']:.3g}, p99 {r['p99_kl']:.3g}, max {r['max_kl']:.3g} nats "
@@ -190,4 +209,5 @@ def format_result(r: dict) -> str:
 
 
 __all__ = ["DATA_ENV", "LAMBADA_FILE", "TASKS", "WIKITEXT2_FILE", "DataError", "data_path", "evaluate",
-           "format_result", "lambada", "perplexity", "read_lambada", "read_text", "wikitext2_text"]
+           "fidelity_gate", "fidelity_verdict", "format_result", "lambada", "perplexity", "read_lambada",
+           "read_text", "wikitext2_text"]

@@ -30,7 +30,6 @@ PyTorch GPT-2 (only that class imports torch).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -60,7 +59,11 @@ class SessionSpec:
             raise ArtifactError("the session is not a GPT-2 decoder with a KV cache (no past_key_values.* inputs); "
                                 "export the model with gpt2onnx")
         shape = inputs[past[0]].shape  # (B, H, P, D): H and D are fixed numbers
-        return cls(past, int(shape[1]), int(shape[3]), "logits_to_keep" in inputs)
+        # logits_to_keep is an optional input (an overridable initializer, default 0) in
+        # current exports and a required one in older folders.
+        optional = getattr(session, "get_overridable_initializers", lambda: [])()
+        has_keep = "logits_to_keep" in inputs or any(i.name == "logits_to_keep" for i in optional)
+        return cls(past, int(shape[1]), int(shape[3]), has_keep)
 
     def feeds(self, ids: np.ndarray, keep: int) -> dict:
         """Feeds of a run from an empty cache over `ids` (B, S) keeping `keep` positions (0 = all)."""
@@ -147,10 +150,11 @@ def windows(n_tokens: int, max_length: int, stride: int) -> Iterator[Window]:
             break
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "windows"):
+    """Progress over `total` units on stderr (a bar on a terminal, plain lines in a log)."""
+    from ..progress import Progress
 
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, unit="win", leave=False)
+    return Progress(f"gpt2onnx eval {desc}", total=total, unit=unit, enabled=enabled)
 
 
 # -- the measurements -----------------------------------------------------------------

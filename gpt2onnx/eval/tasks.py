@@ -96,7 +96,7 @@ def lambada(session, tokenizer, texts: list[str], *, n_positions: int, bos_token
     """
     spec = fidelity.SessionSpec.of(session)
     correct, nll_total, n_target, truncated = 0, 0.0, 0, 0
-    with fidelity.progress_bar(len(texts), "lambada", progress) as bar:
+    with fidelity.progress_bar(len(texts), "lambada", progress, unit="passages") as bar:
         for text in texts:
             context, word = text.rsplit(" ", 1)
             ctx = tokenizer.encode(context, add_special_tokens=False).ids or [bos_token_id]

@@ -15,8 +15,16 @@ One layer (B = batch, S = new tokens, P = past tokens, T = P + S, E = n_embd)::
      └────────────────────────────────────────────────────────────┼─────────────────┘
     x' ──LayerNorm──MatMul c_fc──FastGelu(+bias)──MatMul c_proj──(+)── next layer
 
-The head: LayerNorm ln_f, keep the last `logits_to_keep` positions (0 = all), then the
-LM head tied to the token embedding.
+The head: LayerNorm ln_f, keep the last `logits_to_keep` positions (an optional input,
+default 0 = all), then the LM head tied to the token embedding.
+
+The mask: `attention_mask` (B,T) means what it means in transformers (1 = token, 0 =
+padding, anywhere in the row); it becomes GroupQueryAttention's per-row cache length and
+an additive bias, so left-padded Hugging Face batches and the runtime's per-row lengths
+both run right::
+
+    mask  0 0 1 1 1        seqlens_k = 4 (index of the last 1)
+    bias  m m 0 0 0        m = -3.4e38: padding gets no attention weight
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from onnx import TensorProto, helper
 OPSET = 17  # LayerNormalization needs 17
 MS_OPSET = 1  # com.microsoft contrib ops
 EXTERNAL_DATA = "model.onnx.data"
+LOGITS_TO_KEEP_DEFAULT = 0  # Hugging Face meaning: logits for every position
 
 
 @dataclass(frozen=True)
@@ -172,8 +181,12 @@ def build(weights, dims: Dims, folder: str, *, untied_lm_head: bool = False) -> 
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
+    consts: set[str] = set()
+
     def const(name: str, values, dtype=np.int64) -> str:
-        inits.append(onnx.numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        if name not in consts:  # the same small constant may serve several nodes
+            consts.add(name)
+            inits.append(onnx.numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
         return name
 
     try:
@@ -185,14 +198,30 @@ def build(weights, dims: Dims, folder: str, *, untied_lm_head: bool = False) -> 
         tok = node("Gather", [wte, "input_ids"], ["tok_emb"], "embed_tokens")
         pos = node("Gather", [wpe, "position_ids"], ["pos_emb"], "embed_positions")
         x = node("Add", [tok, pos], ["h.0.in"], "embed_add")
-        # GroupQueryAttention reads each row's length, not the mask itself:
-        # seqlens_k = sum(mask) - 1 per row (B,), total_sequence_length = T.
-        lens = node("ReduceSum", ["attention_mask", const("axis1", [1])], ["mask_sum"], "mask_sum", keepdims=0)
-        lens = node("Sub", [lens, const("one", 1)], ["seqlens_k_i64"], "seqlens_sub")
+        # GroupQueryAttention takes each row's cache length and an additive bias, not the
+        # mask itself. Both come from the Hugging Face mask (B,T), 1 = attend, 0 = padding:
+        #   seqlens_k (B,) = index of the row's last 1: where its new tokens end in the cache
+        #   attention_bias (B,1,S,T) = 0 where the mask is 1, -3.4e38 where it is 0
+        # so left padding (Hugging Face batched generate) and gaps are masked; the runtime's
+        # masks (the first `length` positions of each row set) give seqlens_k = length - 1.
+        mask_shape = node("Shape", ["attention_mask"], ["mask_shape"], "mask_shape")
+        total = node("Gather", [mask_shape, const("one_idx", 1)], ["total_len_i64"], "total_len", axis=0)  # T
+        upto = node("Add", [total, const("one", 1)], ["total_plus_one"], "total_plus_one")
+        ranks = node("Range", [const("one_r", 1), upto, const("step_r", 1)], ["mask_ranks"], "mask_ranks")  # 1..T
+        last = node("ReduceMax", [node("Mul", ["attention_mask", ranks], ["mask_ranked"], "mask_ranked")],
+                    ["mask_last"], "mask_last", axes=[1], keepdims=0)  # (B,) 1-based index of the last 1
+        lens = node("Sub", [last, const("one", 1)], ["seqlens_k_i64"], "seqlens_sub")
         seqlens = node("Cast", [lens], ["seqlens_k"], "seqlens_cast", to=TensorProto.INT32)
-        shape = node("Shape", ["attention_mask"], ["mask_shape"], "mask_shape")
-        total = node("Gather", [shape, const("one_idx", 1)], ["total_len_i64"], "total_len", axis=0)
         total = node("Cast", [total], ["total_sequence_length"], "total_cast", to=TensorProto.INT32)
+        keep = node("Cast", ["attention_mask"], ["mask_bool"], "mask_bool", to=TensorProto.BOOL)
+        bias = node("Where", [keep, const("bias_keep", 0.0, np.float32),
+                              const("bias_mask", np.finfo(np.float32).min, np.float32)], ["mask_bias"], "mask_bias")
+        bias = node("Unsqueeze", [bias, const("axes12", [1, 2])], ["mask_bias_4d"], "mask_bias_4d")  # (B,1,1,T)
+        ids_shape = node("Shape", ["input_ids"], ["ids_shape"], "ids_shape")
+        new_len = node("Slice", [ids_shape, const("s1", [1]), const("s2", [2])], ["new_len"], "new_len")  # [S]
+        expand_to = node("Concat", [const("ones2", [1, 1]), new_len, const("ones1", [1])], ["bias_shape"],
+                         "bias_shape", axis=0)
+        bias = node("Expand", [bias, expand_to], ["attention_bias"], "attention_bias")  # (B,1,S,T)
 
         for i in range(dims.n_layer):
             p = f"h.{i}."
@@ -207,7 +236,8 @@ def build(weights, dims: Dims, folder: str, *, untied_lm_head: bool = False) -> 
                        p + "qkv_bias")  # (B,S,3E) packed q|k|v
             attn, _, _ = node(
                 "GroupQueryAttention",
-                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
+                [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
+                 "", "", "", bias],
                 [p + "attn", f"present.{i}.key", f"present.{i}.value"],  # present: (B,H,T,D)
                 p + "attn", domain="com.microsoft",
                 num_heads=H, kv_num_heads=H, scale=dims.attn_scales[i],
@@ -263,7 +293,9 @@ def build(weights, dims: Dims, folder: str, *, untied_lm_head: bool = False) -> 
         helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "kept_sequence_length", dims.vocab_size])]
+    # (B,S,V) with the default logits_to_keep 0; (B,min(k,S),V) when a caller feeds k. Named
+    # "sequence_length" because Optimum sizes its IO-binding buffers from these names.
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", dims.vocab_size])]
     for i in range(dims.n_layer):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
@@ -272,8 +304,14 @@ def build(weights, dims: Dims, folder: str, *, untied_lm_head: bool = False) -> 
                 f"present.{i}.{kv}", f32, ["batch_size", H, "total_sequence_length", D]))
     # How many final positions get logits: 1 in generation (the LM head is a third of the
     # model; computing it for every prompt position is wasted), 0 = all (evaluation).
-    # A required input: onnxruntime's IO binding cannot bind an overridable initializer.
+    # An optional input: a graph input with an initializer of the same name is a default
+    # that a feed overrides. The default 0 keeps Hugging Face's meaning (logits for every
+    # position), so consumers that never feed it (Optimum's ORTModelForCausalLM,
+    # transformers.js) work. IO binding can bind it with `bind_ortvalue_input` (not
+    # `bind_cpu_input`, which looks the name up among the required inputs only; see
+    # tests/test_interop.py).
     inputs.append(helper.make_tensor_value_info("logits_to_keep", i64, []))
+    inits.append(onnx.numpy_helper.from_array(np.array(LOGITS_TO_KEEP_DEFAULT, np.int64), "logits_to_keep"))
 
     graph = helper.make_graph(nodes, "gpt2", inputs, outputs, initializer=inits)
     model = helper.make_model(

@@ -100,7 +100,8 @@ def render(manifest: dict) -> str:
     lines += [
         "",
         "fp32 must agree with PyTorch to max |logit difference| <= 1e-3 on random prompts of mixed lengths "
-        "(prefill and cached decode steps with left padding), or the export fails.",
+        "(prefill and cached decode steps, right-padded with a per-row cache as the gpt2onnx runtime runs them "
+        "and left-padded as Hugging Face generate batches them), or the export fails.",
         "",
     ]
     fid = manifest.get("fidelity")

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
 from .._version import package_versions
 from ..errors import ExportError, Gpt2OnnxError, ParityError, UnsupportedModelError
+from ..progress import Progress
 
 PRECISIONS = ("fp32", "int8")
 
@@ -47,31 +46,6 @@ class ExportConfig:
             raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ExportError(f"seed must be a non-negative integer, got {self.seed!r}")
-
-
-class _Progress:
-    """The long steps on stderr: 'gpt2onnx export: quantize int8 (step 5/7) 00:42' (tqdm)."""
-
-    def __init__(self, total: int, enabled: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, disable=not enabled, file=sys.stderr, leave=True,
-                        bar_format="gpt2onnx export: {desc} (step {n_fmt}/{total_fmt}) {elapsed}")
-
-    def step(self, desc: str) -> None:
-        """Start step `desc` (the previous one is done)."""
-        self.bar.set_description_str(desc, refresh=False)
-        self.bar.update(1)
-
-    def note(self, desc: str) -> None:
-        """Change the current step's description (no new step)."""
-        self.bar.set_description_str(desc, refresh=True)
-
-    def close(self, ok: bool) -> None:
-        if ok:
-            self.bar.set_description_str("done", refresh=False)
-        self.bar.refresh()
-        self.bar.close()
 
 
 def _tokenizer(cfg: ExportConfig, src, vocab_size: int):
@@ -150,7 +124,8 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
     remove_stale_temps(cfg.outdir)  # folders of killed exports; moves a parked old folder back
     out = check_outdir(cfg)
     parent = os.path.dirname(out)
-    bar = _Progress(8 if precision == "int8" else 6, progress)  # before mkdtemp: a Ctrl-C here leaves nothing
+    bar = Progress("gpt2onnx export", total=8 if precision == "int8" else 6, unit="steps", enabled=progress,
+                   bar_format="gpt2onnx export: {desc} (step {n_fmt}/{total_fmt}) {elapsed}")  # before mkdtemp
     ok = False
     try:
         tmp = tempfile.mkdtemp(prefix=temp_prefix(out), dir=parent)
@@ -165,12 +140,12 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
                               "permissions of the output path") from e
         raise
     finally:
-        bar.close(ok)
+        bar.close("done" if ok else None)
 
 
-def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
+def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     from .. import artifact
-    from . import graph, modelcard, parity, policy, sources
+    from . import graph, hfcompat, modelcard, parity, policy, sources
     from .quantize import INT8, calibrate, outlier_channels
 
     t0 = time.perf_counter()
@@ -209,9 +184,11 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
             f"the fp32 graph differs from PyTorch by {fp32['max_abs_diff']:.3g} (> {parity.FP32_TOLERANCE}); "
             "this is a gpt2onnx bug for this model, please report it with the model's config.json"
         )
+    fresh = [s for s in steps if s.fresh]
     par = {"fp32_max_abs_diff": fp32["max_abs_diff"], "fp32_top1_agreement": fp32["top1_agreement"],
-           "prompts": int(steps[0].feeds["input_ids"].shape[0]), "decode_steps": len(steps) - 1,
-           "positions": fp32["positions"]}
+           "prompts": int(fresh[0].feeds["input_ids"].shape[0]), "decode_steps": len(steps) // len(fresh) - 1,
+           "positions": fp32["positions"], "paddings": ", ".join(s.padding for s in fresh),
+           "fp32_max_abs_diff_by_padding": fp32["max_abs_diff_by_padding"]}
     quant = fid = None
     if cfg.precision == "int8":
         quant, par["int8"], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
@@ -220,8 +197,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
 
     bar.step("write tokenizer, config, manifest")
     tok.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_json, f, indent=2, default=str)
+    hfcompat.write(tmp, config_json, tok, eos=eos, bos=bos)  # config.json and what Optimum / AutoTokenizer read
     manifest = {
         "name": name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

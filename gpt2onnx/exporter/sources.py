@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UnsupportedModelError
+from ..errors import ModelDownloadError, UnsupportedModelError
 
 # The published GPT-2 sizes. Their configs are written here so `--random-weights`
 # needs no network: all share vocab 50257 and context 1024.
@@ -23,6 +23,19 @@ KNOWN = {
     "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
 }
 PREFIXES = ("openai-community/", "distilbert/")
+# How messages name the random-weights option: the Python argument (the CLI rewords it as
+# its --random-weights flag, see `cli_hint`).
+RANDOM_WEIGHTS_HINT = "random_weights=True"
+RANDOM_WEIGHTS_FLAG = "--random-weights"
+
+
+def cli_hint(message: str) -> str:
+    """A message of this module as the command line says it (its flag, not the Python argument).
+
+    >>> cli_hint("pass random_weights=True to benchmark")
+    'pass --random-weights to benchmark'
+    """
+    return message.replace(RANDOM_WEIGHTS_HINT, RANDOM_WEIGHTS_FLAG)
 
 
 @dataclass
@@ -88,9 +101,9 @@ def _check_hub_reachable(source: str) -> None:
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
     except OSError:
-        raise UnsupportedModelError(
+        raise ModelDownloadError(
             f"{source!r} is not in the local Hugging Face cache and {url.hostname} cannot be reached; "
-            "pass a local save_pretrained folder, or --random-weights to benchmark without weights"
+            f"pass a local save_pretrained folder, or {RANDOM_WEIGHTS_HINT} to benchmark without weights"
         ) from None
 
 
@@ -133,7 +146,7 @@ def load(source: str, *, random_weights: bool = False, seed: int = 0) -> Source:
                     "pytorch_model.bin.index.json")):
             raise UnsupportedModelError(
                 f"{source!r} has a config but no weights (model.safetensors or pytorch_model.bin); "
-                "save the model with save_pretrained, or pass --random-weights"
+                f"save the model with save_pretrained, or pass {RANDOM_WEIGHTS_HINT}"
             )
     try:
         if not is_dir:
@@ -152,9 +165,10 @@ def load(source: str, *, random_weights: bool = False, seed: int = 0) -> Source:
         raise
     except (OSError, ValueError, RuntimeError) as e:
         where = "local folder" if is_dir else "Hugging Face Hub"
-        raise UnsupportedModelError(
+        error = UnsupportedModelError if is_dir else ModelDownloadError
+        raise error(
             f"could not load {source!r} from the {where} ({str(e).splitlines()[0][:160]}); "
-            "pass a local save_pretrained folder, or --random-weights to benchmark without weights"
+            f"pass a local save_pretrained folder, or {RANDOM_WEIGHTS_HINT} to benchmark without weights"
         ) from None
     revision = getattr(config, "_commit_hash", None)
     return Source(model, config, name or os.path.basename(os.path.abspath(source)),
