@@ -349,3 +349,13 @@ def test_cli(tmp_path, tiny_int8, capsys):
     assert rc == 1 and err.count("\n") == 1 and "nope.jsonl' does not exist" in err
     rc = cli.main(["batch", tiny_int8, str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"), "--params", "{"])
     assert rc == 1 and "--params is not valid JSON" in capsys.readouterr().err
+
+
+def test_cli_progress_in_a_log_is_plain_lines(tiny_int8, tmp_path):
+    """Under nohup / CI (stderr not a terminal) the job reports progress as whole lines, no \\r redraws."""
+    make_input(tmp_path / "in.jsonl", 12, seed=2)
+    r = subprocess.run([sys.executable, "-m", "gpt2onnx", "batch", tiny_int8, str(tmp_path / "in.jsonl"),
+                        str(tmp_path / "out.jsonl"), "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr
+    assert any(line.startswith("gpt2onnx batch: 12/12 rows (100%)") for line in r.stderr.splitlines()), r.stderr

@@ -61,7 +61,8 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
         batch_size: prompts per model call; prompts of similar length are batched.
         params: job defaults (a `GenerationParams` or a dict of overrides); a line's
             own parameters win.
-        progress: tqdm bar on stderr; None shows it when stderr is a terminal.
+        progress: progress on stderr (a bar on a terminal, a plain line every 10 s
+            elsewhere); None shows it only when stderr is a terminal.
         threads: intra-op threads when `model_or_dir` is a folder.
         batching: ``"continuous"`` (default: a finished row's slot is refilled at once)
             or ``"static"``; the output is the same, continuous is faster on mixed jobs.
@@ -114,7 +115,7 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
             tokens += sum(r.out.get("generated_tokens", 0) for r in ready)
             if bar is not None:
                 bar.update(len(ready))
-                bar.set_postfix_str(f"{tokens / (time.perf_counter() - t_run):.1f} tok/s", refresh=False)
+                bar.set_postfix(f"{tokens / (time.perf_counter() - t_run):.1f} tok/s")
     finally:
         writer.close()
         if bar is not None:
@@ -144,6 +145,6 @@ def _progress_bar(progress: bool | None, *, total: int, initial: int):
     show = sys.stderr.isatty() if progress is None else bool(progress)
     if not show:
         return None
-    from tqdm import tqdm
+    from ..progress import Progress  # a bar on a terminal, plain periodic lines in a log
 
-    return tqdm(total=total, initial=initial, unit="row", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    return Progress("gpt2onnx batch", total=total, unit="rows", initial=initial)

@@ -41,7 +41,7 @@ def _batch(a) -> int:
     from ..batch import run_batch
 
     s = run_batch(a.model_dir, a.input, a.output, batch_size=a.batch_size, params=param_overrides(a),
-                  progress=False if a.no_progress else None, threads=a.threads,
+                  progress=not a.no_progress, threads=a.threads,
                   batching=a.batching)
     done = f", {s.skipped_already_done} already done" if s.skipped_already_done else ""
     print(f"{a.output}: {s.ok} ok, {s.errors} errors{done}; {s.tokens} tokens in {s.seconds:.1f} s "
