@@ -11,11 +11,38 @@ replaces a file it owns: manifests, bench records, batch state, Azure ML batch o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import socket
 import tempfile
+
+
+@contextlib.contextmanager
+def new_folder(outdir: str, *, prefix: str = ".new-"):
+    """Build a folder in a temporary folder beside `outdir`; on success it replaces `outdir` whole.
+
+    On any error (or Ctrl-C) the temporary folder is removed and `outdir` is left as it was.
+
+    >>> import tempfile, os
+    >>> out = os.path.join(tempfile.mkdtemp(), "kit")
+    >>> with new_folder(out) as tmp:
+    ...     open(os.path.join(tmp, "a.txt"), "w").close()
+    >>> os.listdir(out)
+    ['a.txt']
+    """
+    parent = os.path.dirname(os.path.abspath(outdir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(outdir):
+            shutil.rmtree(outdir)
+        os.replace(tmp, outdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: str, text: str) -> None:

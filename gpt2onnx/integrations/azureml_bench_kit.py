@@ -25,10 +25,10 @@ import os
 import re
 import shlex
 import shutil
-import tempfile
 from collections.abc import Sequence
 
 from ..errors import Gpt2OnnxError, InvalidRequestError
+from ..fsutil import new_folder
 from .azureml_kit import BASE_IMAGE
 
 NODE_ENV = {  # the job's environment variables -> what run_bench.sh does with them
@@ -301,10 +301,7 @@ def write_bench_kit(outdir: str, *, skus: Sequence[str], model: str = "gpt2", pr
     env = node_env(model=model, precisions=precisions, random_weights=random_weights, bench_args=bench_args)
     reqs = _requirements()
     torch_pin = next((ln for ln in _constraints().splitlines() if ln.startswith("torch==")), "torch")
-    parent = os.path.dirname(os.path.abspath(outdir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".bench-kit-", dir=parent)
-    try:
+    with new_folder(outdir, prefix=".bench-kit-") as tmp:
         pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # gpt2onnx/
         shutil.copytree(pkg, os.path.join(tmp, "code", "gpt2onnx"), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         _write(tmp, "code/run_bench.sh", RUN_BENCH_SH, executable=True)
@@ -323,12 +320,6 @@ def write_bench_kit(outdir: str, *, skus: Sequence[str], model: str = "gpt2", pr
             hours = estimate_hours(precisions=len(precisions), batch_sizes=batch_sizes, prompt_tokens=prompt_tokens,
                                    new_tokens=new_tokens, baselines=baselines, repeats=repeats, warmup=warmup)
             _write(tmp, "COST.md", cost_table(names, hours, prices))
-        if os.path.exists(outdir):
-            shutil.rmtree(outdir)
-        os.replace(tmp, outdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return outdir
 
 

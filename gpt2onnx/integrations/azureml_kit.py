@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 from ..cpu import THREADS_ENV
 from ..errors import Gpt2OnnxError
+from ..fsutil import new_folder
 from .azureml import CARD_REQUEST
 
 
@@ -54,10 +54,7 @@ def write_kit(model_dir: str, outdir: str, *, instance_type: str = "Standard_F4s
     model_name = model_name or _azure_name(f"{manifest.name}-{manifest.precision}-onnx")
     if os.path.exists(outdir) and not force:
         raise Gpt2OnnxError(f"{outdir!r} exists; pass --force to replace it")
-    parent = os.path.dirname(os.path.abspath(outdir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kit-", dir=parent)
-    try:
+    with new_folder(outdir, prefix=".kit-") as tmp:
         pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # gpt2onnx/
         shutil.copytree(pkg, os.path.join(tmp, "code", "gpt2onnx"),
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -90,12 +87,6 @@ def write_kit(model_dir: str, outdir: str, *, instance_type: str = "Standard_F4s
                "  WORKER_COUNT: \"1\"  # one process; its onnxruntime threads use every core\n"
                "request_settings:\n  request_timeout_ms: 90000\n  max_concurrent_requests_per_instance: 1\n")
         _write(tmp, "sample-request.json", json.dumps(CARD_REQUEST, indent=2) + "\n")
-        if os.path.exists(outdir):
-            shutil.rmtree(outdir)
-        os.replace(tmp, outdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return outdir
 
 
