@@ -40,6 +40,9 @@ def session_options(threads: int):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    # No CPU arena: it keeps the prefill's peak activations for the session's life. Measured on
+    # 124M int8, b8 x 128-token prompts: peak RSS 478 -> 443 MB, decode not slower.
+    so.enable_cpu_mem_arena = False
     return so
 
 
