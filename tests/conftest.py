@@ -25,6 +25,7 @@ SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
 if os.path.isdir(SHARED_DATA):  # eval finds its data sets through $GPT2ONNX_DATA only
     os.environ.setdefault("GPT2ONNX_DATA", os.path.normpath(SHARED_DATA))
 WIKI_SLICE = os.path.join(HERE, "data", "wiki_slice.txt")
+BENCH_FIXTURES = os.path.join(HERE, "fixtures", "bench")  # bench records from three SKUs
 TOKENIZER_VOCAB = 900  # below both tiny models' vocab sizes
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=1000, n_positions=64)
