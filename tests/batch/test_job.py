@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from gpt2onnx import cli
 from gpt2onnx.batch import state as batchoutput
 from gpt2onnx.batch import BatchError, BatchSummary, run_batch
 from gpt2onnx.batch.rows import NO_PROMPT
+from gpt2onnx.errors import ArtifactError
+
+from damaged_folders import SURFACE_CASES
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 
@@ -292,6 +296,17 @@ def test_unwritable_output_is_one_clear_error(job, gen, tmp_path):
     d, _ = job
     with pytest.raises(BatchError, match="check the output folder exists"):
         run_batch(gen, d / "in.jsonl", tmp_path / "no" / "such" / "out.jsonl", progress=False)
+
+
+@pytest.mark.parametrize("name", SURFACE_CASES)
+def test_run_batch_refuses_before_writing_rows(damaged, probed, tmp_path, name):
+    """A damaged model folder (tests/damaged_folders.py) is refused with load's line before any row."""
+    assert probed[name]["load"][0] == "ArtifactError"  # safe in process: the subprocess survived it
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a"}\n')
+    with pytest.raises(ArtifactError, match=re.escape(probed[name]["load"][1][:40])):
+        run_batch(damaged[name], src, tmp_path / "out.jsonl", progress=False)
+    assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_bytes() == b""
 
 
 def test_disk_full_keeps_rows_written_and_resumes(job, gen, tmp_path, monkeypatch):
