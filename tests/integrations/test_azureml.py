@@ -206,7 +206,8 @@ def test_first_requests_race_init_and_load_once(tiny_int8, tmp_path, monkeypatch
         return real_load(*a, **k)
 
     monkeypatch.setattr(runtime, "load", counting_load)
-    body = json.dumps({"input_data": ["The tower is", "In 1998 the", ""], "params": {"max_new_tokens": 6, "do_sample": True, "seed": 2}})
+    body = json.dumps({"input_data": ["The tower is", "In 1998 the", ""],
+                       "params": {"max_new_tokens": 6, "do_sample": True, "seed": 2}})
     results = []
     barrier = threading.Barrier(8)
 
@@ -217,6 +218,7 @@ def test_first_requests_race_init_and_load_once(tiny_int8, tmp_path, monkeypatch
     in_threads(worker, 8, wait_s=WAIT_S)
     assert len(loads) == 1
     assert len(results) == 8 and all(r == results[0] for r in results) and len(results[0]) == 3
+
 
 # -- deployment kit -------------------------------------------------------------------
 
