@@ -7,7 +7,7 @@ Pure numpy, one row at a time, in the order transformers applies its processors:
 
 Each step is equivalent to transformers' `RepetitionPenaltyLogitsProcessor`,
 `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` (with
-`min_tokens_to_keep=1`); `tests/test_sampling.py` compares the distributions.
+`min_tokens_to_keep=1`); `tests/runtime/test_sampling.py` compares the distributions.
 
 Why the code is shaped the way it is (V = 50,257 and this runs every decode step):
 

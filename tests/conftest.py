@@ -12,9 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -25,6 +26,7 @@ SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
 if os.path.isdir(SHARED_DATA):  # eval finds its data sets through $GPT2ONNX_DATA only
     os.environ.setdefault("GPT2ONNX_DATA", os.path.normpath(SHARED_DATA))
 WIKI_SLICE = os.path.join(HERE, "data", "wiki_slice.txt")
+BENCH_FIXTURES = os.path.join(HERE, "fixtures", "bench")  # bench records from three SKUs
 TOKENIZER_VOCAB = 900  # below both tiny models' vocab sizes
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=1000, n_positions=64)
@@ -177,3 +179,62 @@ def gpt2_124m(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("gpt2-124m")
     return {p: gpt2onnx.export("gpt2", str(root / p), precision=p, random_weights=True, progress=False) and
             str(root / p) for p in ("fp32", "int8")}
+
+
+# -- helpers of the reliability cases (bad input, damaged folders, crashes, concurrency) -------
+
+
+def in_threads(fn: Callable[[int], object], n: int, *, wait_s: float = 120) -> None:
+    """Run fn(0) ... fn(n - 1) in n threads; fail if one hangs (bounded wait) or raises."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(wait_s)
+    assert not any(t.is_alive() for t in threads), "a thread hangs"
+    assert not errors, errors
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 KiB tmpfs: yields (path, remount(kib | 'ro' | 'rw')). Where none can be mounted (not root)
+    it yields (an empty folder, None), and the disk-full tests inject OSError(ENOSPC) instead."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        yield mnt, None
+        return
+
+    def remount(opt) -> None:
+        opt = f"size={opt}k" if isinstance(opt, int) else opt
+        subprocess.run(["mount", "-o", f"remount,{opt}", str(mnt)], check=True, capture_output=True)
+
+    try:
+        yield mnt, remount
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def damaged(tiny_int8, tmp_path_factory) -> dict:
+    """{case: folder}: a copy of tiny-int8 damaged in each way of `damaged_folders.DAMAGE` (read only)."""
+    from damaged_folders import make_damaged
+
+    return make_damaged(tiny_int8, tmp_path_factory.mktemp("damaged"))
+
+
+@pytest.fixture(scope="session")
+def probed(damaged) -> dict:
+    """{case: what loading it gave}, every damaged folder loaded in a subprocess first (see damaged_folders.probe)."""
+    from damaged_folders import probe
+
+    return probe(damaged)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line unless --debug
         if args.debug:
             traceback.print_exc()
-        print(f"gpt2onnx: internal error: {e.__class__.__name__}: {str(e)[:200]} "
+        print(f"gpt2onnx: internal error: {e.__class__.__name__}: {' '.join(str(e).split())[:200]} "
               "(rerun with --debug for the traceback and please report it)", file=sys.stderr)
         return 3
 

@@ -309,7 +309,7 @@ def build(weights, dims: Dims, folder: str, *, untied_lm_head: bool = False) -> 
     # position), so consumers that never feed it (Optimum's ORTModelForCausalLM,
     # transformers.js) work. IO binding can bind it with `bind_ortvalue_input` (not
     # `bind_cpu_input`, which looks the name up among the required inputs only; see
-    # tests/test_interop.py).
+    # tests/exporter/test_hfcompat.py).
     inputs.append(helper.make_tensor_value_info("logits_to_keep", i64, []))
     inits.append(onnx.numpy_helper.from_array(np.array(LOGITS_TO_KEEP_DEFAULT, np.int64), "logits_to_keep"))
 

@@ -1,26 +1,21 @@
-"""Damaged model folders: each is refused at load with one line that says what to do.
+"""Damaged model folders: one table of ways to damage a tiny export, and a loader that survives them.
 
-Every damaged folder is loaded in a SUBPROCESS first (API, `gpt2onnx generate`,
-`gpt2onnx inspect`), so a native crash in onnxruntime would show up as a failed test
-naming the folder, not as a dead test run. Decisions are in docs/reliability.md.
+Shared by tests/runtime/test_artifact_damaged.py (every case, every surface of the CLI) and
+the batch and Azure ML tests (a sample of cases, `SURFACE_CASES`). The `damaged` and
+`probed` fixtures (conftest.py) build the folders once per session and load each in a
+subprocess first, so a native crash in onnxruntime fails a test naming the folder instead of
+killing the test run. Decisions are in docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 
-import pytest
-
-import gpt2onnx
 from gpt2onnx import artifact
-from gpt2onnx.integrations import azureml
-from gpt2onnx.batch import run_batch
-from gpt2onnx.errors import ArtifactError
 
 
 def _manifest(d, change) -> None:
@@ -173,8 +168,10 @@ for name, folder, verify in json.load(sys.stdin):
 """
 
 
-def _probe(cases: list) -> dict:
-    """Load each (name, folder, verify_hashes) in one subprocess; a crash fails naming the folder."""
+def probe(folders: dict) -> dict:
+    """Load every damaged folder ({case: folder}) in one subprocess, with the API, `gpt2onnx generate`
+    and `gpt2onnx inspect`; returns {case: results}. A native crash fails naming the folder."""
+    cases = [[name, folders[name], verify] for name, _, verify, _ in DAMAGE]
     r = subprocess.run([sys.executable, "-c", PROBE], input=json.dumps(cases), capture_output=True, text=True,
                        timeout=300)
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
@@ -182,138 +179,17 @@ def _probe(cases: list) -> dict:
     assert r.returncode == 0, f"the loader died (rc {r.returncode}) on {last}: {r.stderr[-2000:]}"
     return {x["name"]: x for x in lines if "start" not in x}
 
+# The other surfaces (run_batch, Azure ML init) refuse the same folders with the same line.
+SURFACE_CASES = ["data-flipped-byte", "manifest-newer", "optimum-folder", "tokenizer-of-another-model",
+                 "dims-n_layer-string"]
 
-@pytest.fixture(scope="module")
-def damaged(tiny_int8, tmp_path_factory):
-    root = tmp_path_factory.mktemp("damaged")
+
+def make_damaged(tiny_int8: str, root) -> dict:
+    """Copy `tiny_int8` once per case of `DAMAGE` under `root` and damage it; returns {case: folder}."""
     folders = {}
-    for name, damage, verify, _ in DAMAGE:
+    for name, damage, _, _ in DAMAGE:
         d = str(root / name)
         shutil.copytree(tiny_int8, d)
         damage(d)
         folders[name] = d
     return folders
-
-
-@pytest.fixture(scope="module")
-def probed(damaged):
-    return _probe([[name, damaged[name], verify] for name, _, verify, _ in DAMAGE])
-
-
-@pytest.mark.parametrize("name,damage,verify,err", DAMAGE, ids=IDS)
-def test_refused_at_load_with_one_line(probed, name, damage, verify, err):
-    got = probed[name]
-    kind, message = got["load"]
-    if err is None:
-        assert kind == "ok", got  # see docs/reliability.md: a flipped weight goes undetected without hashes
-        return
-    assert kind == "ArtifactError", got
-    assert re.search(err, message) and "\n" not in message, message
-    if verify:
-        # inspect checks the manifest, sizes and sha256 only: it passes a folder whose files match a
-        # manifest rewritten after the damage; loading is what parses the graph and the tokenizer.
-        for cmd in ("generate",) if name in CONTENT_ONLY else ("generate", "inspect"):
-            rc, stderr = got[cmd]
-            assert rc == 1 and stderr.count("\n") == 1 and stderr.startswith("gpt2onnx: error: "), (cmd, got)
-            assert "Traceback" not in stderr and "internal error" not in stderr, stderr
-
-
-def test_not_a_folder(tmp_path, tiny_int8, capsys):
-    with pytest.raises(ArtifactError, match=r"is a file; pass the model folder that holds it"):
-        gpt2onnx.load(os.path.join(tiny_int8, "model.onnx"))
-    with pytest.raises(ArtifactError, match=r"does not exist; export one with 'gpt2onnx export SOURCE"):
-        gpt2onnx.load(str(tmp_path / "nope"))
-    from gpt2onnx import cli
-
-    assert cli.main(["generate", str(tmp_path / "nope"), "hi"]) == 1
-    assert capsys.readouterr().err.count("\n") == 1
-
-
-def test_flipped_weight_without_hashes_goes_undetected_but_inspect_finds_it(damaged, capsys):
-    """The documented trade-off of verify_hashes=False: sizes are checked, content is not."""
-    from gpt2onnx import cli
-
-    d = damaged["data-flipped-byte-hashes-off"]
-    gpt2onnx.load(d, threads=1, verify_hashes=False).generate("hi", max_new_tokens=2)
-    assert cli.main(["inspect", d, "--no-hash"]) == 0
-    assert cli.main(["inspect", d]) == 1
-    assert "does not match its sha256" in capsys.readouterr().err
-
-
-FUZZ = r"""
-import json, os, shutil, sys
-import gpt2onnx
-src, work, mode, offsets = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-shutil.copytree(src, work)
-model = os.path.join(work, "model.onnx")
-orig = open(model, "rb").read()
-counts = {}
-for off in offsets:
-    b = bytearray(orig)
-    if mode == "flip":
-        b[off] ^= 0xFF
-    else:
-        b = b[:off]
-    with open(model, "wb") as f:
-        f.write(b)
-    print(mode, off, flush=True)  # the last line names the offset if this process dies
-    try:
-        g = gpt2onnx.load(work, threads=1, verify_hashes=False)
-        g.generate(["hi there", "a"], max_new_tokens=3)
-        kind = "ok"
-    except gpt2onnx.Gpt2OnnxError as e:
-        assert "\n" not in str(e), str(e)
-        kind = "clear error"
-    counts[kind] = counts.get(kind, 0) + 1
-print(json.dumps(counts))
-"""
-
-
-@pytest.mark.parametrize("which,mode", [("tiny_int8", "flip"), ("tiny_fp32", "flip"), ("tiny_int8", "truncate")])
-def test_damaged_graph_without_hashes_never_crashes(which, mode, request, tmp_path):
-    """Flip or cut model.onnx at spread offsets and load with verify_hashes=False: a clear
-    error or a working model, never a segfault or another exception (load or generate)."""
-    src = request.getfixturevalue(which)
-    size = os.path.getsize(os.path.join(src, "model.onnx"))
-    offsets = list(range(1, size, max(1, size // 150)))
-    r = subprocess.run([sys.executable, "-c", FUZZ, src, str(tmp_path / "m"), mode, json.dumps(offsets)],
-                       capture_output=True, text=True, timeout=300)
-    last = r.stdout.strip().splitlines()[-1:] or ["?"]
-    assert r.returncode == 0, f"died (rc {r.returncode}) at {last[0]}: {r.stderr[-2000:]}"
-    counts = json.loads(last[0])
-    assert sum(counts.values()) == len(offsets) and set(counts) <= {"ok", "clear error"}, counts
-    assert counts.get("clear error", 0) > 0
-
-
-# -- the other surfaces refuse the same folders ------------------------------------------------
-
-SURFACE_CASES = ["data-flipped-byte", "manifest-newer", "optimum-folder", "tokenizer-of-another-model",
-                 "dims-n_layer-string"]
-
-
-@pytest.mark.parametrize("name", SURFACE_CASES)
-def test_run_batch_refuses_before_writing_rows(damaged, probed, tmp_path, name):
-    assert probed[name]["load"][0] == "ArtifactError"  # safe in process: the subprocess survived it
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"prompt": "a"}\n')
-    with pytest.raises(ArtifactError, match=re.escape(probed[name]["load"][1][:40])):
-        run_batch(damaged[name], src, tmp_path / "out.jsonl", progress=False)
-    assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_bytes() == b""
-
-
-@pytest.mark.parametrize("name", SURFACE_CASES)
-def test_azureml_init_refuses(damaged, probed, tmp_path, monkeypatch, name):
-    """The deployment fails to start (its log shows the line) instead of answering with a broken model."""
-    root = tmp_path / "azureml-models" / "m" / "1"
-    root.mkdir(parents=True)
-    os.symlink(damaged[name], root / "model")
-    monkeypatch.setenv("AZUREML_MODEL_DIR", str(root))
-    monkeypatch.setenv("GPT2ONNX_THREADS", "1")
-    monkeypatch.setattr(azureml, "_generator", None)
-    if name == "optimum-folder":  # no manifest: not found as a model folder at all
-        with pytest.raises(ArtifactError, match="no gpt2onnx model folder"):
-            azureml.init()
-    else:
-        with pytest.raises(ArtifactError, match=re.escape(probed[name]["load"][1][-40:])):
-            azureml.init()
-    assert azureml._generator is None

@@ -1,20 +1,18 @@
-"""Crashes: batch jobs and exports killed at chosen moments, full and read-only disks.
+"""Crashes of a batch job: SIGKILL at chosen moments and at random points, a full or read-only disk.
 
-tests/test_batch.py kills a job at three output sizes. Here a hook parks the job at an
-exact moment (model load, state file half-written, mid-line, right after an fsync, in
-the middle of the repair a resume does) before the SIGKILL; a job is killed again and
-again at random points; and `gpt2onnx export` gets SIGINT and SIGKILL. After every
-crash the rerun must give each input row exactly once, equal to an uninterrupted run.
+A hook parks the job at an exact moment (model load, state file half-written, mid-line,
+right after an fsync, in the middle of the repair a resume does) before the SIGKILL; a
+job is killed again and again at random points. After every crash the rerun must give
+each input row exactly once, equal to an uninterrupted run. (Interrupted exports are in
+tests/exporter/test_pipeline_crashes.py.)
 """
 
 from __future__ import annotations
 
 import errno
-import glob
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +21,9 @@ import time
 import pytest
 
 import gpt2onnx
-from gpt2onnx import artifact, cli, fsutil
+from gpt2onnx import cli
 from gpt2onnx.batch import BatchError, run_batch
-from gpt2onnx.errors import ExportError
+from gpt2onnx.batch import state as batchoutput
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 WAIT_S = 60  # bound on waiting for a hook or a subprocess; nothing here should come close
@@ -155,9 +153,12 @@ def _run_until_parked(cmd, hook: str, marker) -> None:
             os.remove(marker)
 
 
-def _finish(cmd) -> str:
+def _finish(cmd, out) -> str:
+    """Rerun the job to the end; it reports the complete rows the killed runs left as already done."""
+    done = out.read_bytes().count(b"\n") if out.exists() else 0  # a torn last row is not done
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=WAIT_S * 2)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert (f", {done} already done" in r.stdout) if done else ("already done" not in r.stdout), (done, r.stdout)
     return r.stdout
 
 
@@ -192,7 +193,7 @@ def test_batch_sigkill_at_exact_moments_then_rerun(job, tiny_int8, tmp_path, hoo
             assert not after.endswith(b"\n"), "the hook should leave a torn row"
         if hook == "after-fsync-1" and before:  # the resume's first fsync is its repair of the torn tail
             assert after.endswith(b"\n") and before.startswith(after) and len(after) < len(before)
-    assert " ok, " in _finish(cmd)
+    assert " ok, " in _finish(cmd, out)
     _check_complete(out, ref)
 
 
@@ -224,173 +225,48 @@ def test_batch_killed_again_and_again_at_random_points(job, tiny_int8, tmp_path)
         if proc.returncode == 0:
             break
     assert kills >= 3, f"only {kills} kills landed inside the job"
-    _finish(cmd)
+    _finish(cmd, out)
     _check_complete(out, ref)
 
 
-# -- full and read-only disks ------------------------------------------------------------------
+# -- a full or read-only disk ----------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 16 KiB tmpfs (root only; skipped elsewhere). Yields (path, remount(kib | 'ro' | 'rw'))."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:80]}); the monkeypatched tests cover it")
-
-    def remount(opt: str) -> None:
-        opt = f"size={opt}k" if isinstance(opt, int) else opt
-        subprocess.run(["mount", "-o", f"remount,{opt}", str(mnt)], check=True, capture_output=True)
-
-    try:
-        yield mnt, remount
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def test_batch_on_a_full_disk_keeps_rows_and_resumes(job, gen, small_disk, tiny_int8, capsys):
+def test_batch_on_a_full_disk_keeps_rows_and_resumes(job, gen, small_disk, tiny_int8, monkeypatch, capsys):
+    """A full disk stops the job with one line, the rows written so far stay, and once there is room the same
+    command finishes the job. On a real 16 KiB tmpfs where one can be mounted (root), with a read-only step;
+    elsewhere the disk "fills" with OSError(ENOSPC) from the 11th fsync (the state file, then 10 writes)."""
     d, ref = job
     mnt, remount = small_disk
+    real_fsync = os.fsync
+    if remount is None:
+        calls = [0]
+
+        def fsync(fd):
+            calls[0] += 1
+            if calls[0] > 10:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_fsync(fd)
+
+        monkeypatch.setattr(batchoutput.os, "fsync", fsync)
     out = mnt / "out.jsonl"
     assert os.path.getsize(d / "ref.jsonl") > 16 * 1024, "the job must not fit the small disk"
     rc = cli.main(["batch", tiny_int8, str(d / "in.jsonl"), str(out), "--batch-size", "4", "--threads", "1",
-                            "--no-progress"])
+                   "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "No space left on device" in err and "rows written so far are kept" in err and "rerun the same" in err
     kept = read_rows(out)  # every line complete
     assert len(kept) >= 10 and kept == ref[: len(kept)]
-    remount("ro")  # a read-only disk: refused before anything is touched
-    with pytest.raises(BatchError, match=r"cannot open output .*Read-only file system.*writable"):
-        run_batch(gen, d / "in.jsonl", out, batch_size=4, progress=False)
-    assert read_rows(out) == kept
-    remount("rw")
-    remount(4096)  # space freed: the same command finishes the job
+    if remount is None:
+        monkeypatch.setattr(batchoutput.os, "fsync", real_fsync)  # space freed
+    else:
+        remount("ro")  # a read-only disk: refused before anything is touched
+        with pytest.raises(BatchError, match=r"cannot open output .*Read-only file system.*writable"):
+            run_batch(gen, d / "in.jsonl", out, batch_size=4, progress=False)
+        assert read_rows(out) == kept
+        remount("rw")
+        remount(4096)  # space freed: the same command finishes the job
     s = run_batch(gen, d / "in.jsonl", out, batch_size=4, progress=False)
     assert s.skipped_already_done == len(kept)
     _check_complete(out, ref)
-
-
-def test_export_to_a_full_or_read_only_disk_leaves_nothing(tiny_src, small_disk, capsys):
-    mnt, remount = small_disk
-    assert cli.main(["export", tiny_src, str(mnt / "m"), "--quiet"]) == 1
-    err = capsys.readouterr().err
-    assert err == ("gpt2onnx: error: writing the export failed (No space left on device); check free disk space "
-                   "and permissions of the output path\n"), err
-    assert os.listdir(mnt) == []  # neither the folder nor a temporary one
-    remount("ro")
-    with pytest.raises(ExportError, match=r"cannot write in .*; choose a writable output path"):
-        gpt2onnx.export(tiny_src, str(mnt / "m"), progress=False)
-
-
-def test_export_disk_full_simulated(tiny_src, tmp_path, monkeypatch):
-    """Where no tmpfs can be mounted: ENOSPC from the last write of the export."""
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(artifact, "write_manifest", full)
-    with pytest.raises(ExportError, match=r"writing the export failed \(No space left on device\)"):
-        gpt2onnx.export(tiny_src, str(tmp_path / "m"), progress=False)
-    assert os.listdir(tmp_path) == []
-
-
-# -- interrupted exports ------------------------------------------------------------------------
-
-
-def _export_and_signal(src, out, sig, when) -> tuple[int, str]:
-    """Run `gpt2onnx export` and send `sig` once its temporary folder reaches the state `when`."""
-    parent, name = os.path.dirname(out), os.path.basename(out)
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2onnx", "export", src, out, "--precision", "int8", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while proc.poll() is None:
-            tmp = glob.glob(os.path.join(parent, f".{name}.tmp-*"))
-            if tmp and when(tmp[0]):
-                proc.send_signal(sig)
-                break
-            assert time.monotonic() < deadline, "the export never reached the moment"
-            time.sleep(0.002)
-        assert proc.poll() is None or proc.returncode in (-sig, 130), "the export finished before the signal"
-        return proc.wait(WAIT_S), proc.stderr.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT_S)
-        proc.stderr.close()
-
-
-MOMENTS = {
-    "tmp-created": lambda tmp: True,  # before the model is loaded (torch is still importing)
-    "fp32-graph-written": lambda tmp: os.path.exists(os.path.join(tmp, "fp32", "model.onnx.data")),
-    "int8-graph-written": lambda tmp: os.path.exists(os.path.join(tmp, "model.onnx")),  # int8 parity running
-}
-
-
-@pytest.mark.parametrize("when", ["tmp-created", "fp32-graph-written"])
-def test_export_sigint_leaves_nothing(tiny_src, tmp_path, when):
-    out = str(tmp_path / "out")
-    rc, err = _export_and_signal(tiny_src, out, signal.SIGINT, MOMENTS[when])
-    assert rc == 130 and err == "gpt2onnx: interrupted\n", (rc, err)
-    assert os.listdir(tmp_path) == []
-
-
-def test_export_sigkill_leaves_a_temp_folder_that_the_next_export_removes(tiny_src, tmp_path):
-    out = str(tmp_path / "out")
-    left = []
-    for when in ("tmp-created", "int8-graph-written"):
-        rc, _ = _export_and_signal(tiny_src, out, signal.SIGKILL, MOMENTS[when])
-        assert rc == -signal.SIGKILL
-        # no OUTDIR, nothing half-done in its place; one temporary folder: each export removes the dead ones first
-        now = os.listdir(tmp_path)
-        assert len(now) == 1 and now[0].startswith(".out.tmp-") and now[0] not in left, (left, now)
-        left = now
-    gpt2onnx.export(tiny_src, out, progress=False)  # not confused, and it cleans up after the dead one
-    assert os.listdir(tmp_path) == ["out"]
-    gpt2onnx.load(out, threads=1).generate("hi", max_new_tokens=2)
-
-
-def test_stale_temp_cleanup_spares_live_exports_and_restores_a_parked_folder(tiny_int8, tmp_path):
-    out = str(tmp_path / "out")
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait(WAIT_S)
-    try:
-        host = fsutil.temp_prefix(out).split(".tmp-")[1].rsplit("-", 2)[0]
-        running = tmp_path / f".out.tmp-{host}-{live.pid}-abc"
-        stale = tmp_path / f".out.tmp-{host}-{dead.pid}-def"
-        other_host = tmp_path / f".out.tmp-elsewhere-{dead.pid}-ghi"
-        legacy = tmp_path / ".out.tmp-k2j4h5"  # from a gpt2onnx before host and pid were recorded
-        parked = tmp_path / f".out.old-{host}-{dead.pid}-jkl"  # killed inside a --force swap
-        for p in (running, stale, other_host, legacy, parked):
-            p.mkdir()
-        shutil.copytree(tiny_int8, parked / "x")
-        assert sorted(fsutil.remove_stale_temps(out)) == sorted([stale.name, parked.name])
-        assert sorted(os.listdir(tmp_path)) == sorted([running.name, other_host.name, legacy.name, "out"])
-        artifact.verify(out)  # the previous model folder is back where it was
-    finally:
-        live.kill()
-        live.wait(WAIT_S)
-
-
-def test_ctrl_c_inside_the_force_swap_puts_the_old_folder_back(tiny_src, tiny_int8, tmp_path, monkeypatch):
-    """--force parks the old folder, then renames the new one into place: interrupted between the two,
-    the old one comes back (nothing lost) and no temporary folder stays."""
-    out = str(tmp_path / "out")
-    shutil.copytree(tiny_int8, out)
-    before = artifact.read_manifest(out).to_dict()["created"]
-    real_rename = os.rename
-
-    def rename(src, dst):
-        if os.path.basename(str(src)).startswith(".out.tmp-") and str(dst) == out:
-            raise KeyboardInterrupt
-        real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(KeyboardInterrupt):
-        gpt2onnx.export(tiny_src, out, force=True, progress=False)
-    monkeypatch.setattr(os, "rename", real_rename)
-    assert os.listdir(tmp_path) == ["out"]
-    assert artifact.verify(out).to_dict()["created"] == before

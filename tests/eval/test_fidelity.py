@@ -12,6 +12,8 @@ from gpt2onnx.eval import fidelity
 from gpt2onnx.eval.fidelity import measure
 from gpt2onnx.exporter.policy import GATE, check, gate_text
 
+from conftest import WIKI_SLICE
+
 
 def _session(path: str):
     import onnxruntime as ort
@@ -51,7 +53,7 @@ def test_fp32_against_itself_is_perfect(fp32):
 def test_fidelity_task_fp32_folder_vs_itself(tiny_fp32):
     from gpt2onnx.eval import evaluate
 
-    data = os.path.join(os.path.dirname(__file__), "data", "wiki_slice.txt")
+    data = WIKI_SLICE
     r = evaluate(tiny_fp32, "fidelity", data=data, reference=tiny_fp32, limit=20, progress=False, threads=1)
     assert r["top1_agreement"] == 1.0 and r["mean_kl"] == 0.0 and r["ppl_ratio"] == 1.0
     assert r["greedy_identical"] == 1.0 and r["gate_missed"] == []
@@ -234,7 +236,7 @@ def test_a_reference_of_another_model_is_refused_in_one_line(tiny_int8, tmp_path
     from gpt2onnx.errors import InvalidRequestError
     from gpt2onnx.eval import evaluate
 
-    data = os.path.join(os.path.dirname(__file__), "data", "wiki_slice.txt")
+    data = WIKI_SLICE
     distil_src = save_tiny_gpt2(str(tmp_path / "distil"), n_layer=1)
     distil = str(tmp_path / "distil-fp32")
     gpt2onnx.export(distil_src, distil, progress=False)

@@ -1,23 +1,26 @@
-"""Batch jobs: order, error rows, crash safety (torn lines, SIGKILL at any moment), refusals."""
+"""Batch jobs: order, error rows, resuming (torn last line, rows done in any order, Ctrl-C), refusals.
+
+SIGKILL at exact moments and at random points, and a full disk: tests/batch/test_job_crashes.py.
+"""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
-import signal
+import re
 import subprocess
 import sys
-import time
 
 import pytest
 
 import gpt2onnx
 from gpt2onnx import cli
-from gpt2onnx.batch import state as batchoutput
 from gpt2onnx.batch import BatchError, BatchSummary, run_batch
 from gpt2onnx.batch.rows import NO_PROMPT
+from gpt2onnx.errors import ArtifactError
+
+from damaged_folders import SURFACE_CASES
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 
@@ -208,52 +211,6 @@ def test_interrupted_in_process_then_resumed(job, gen, tmp_path, monkeypatch):
     assert without_timing(read_rows(tmp_path / "out.jsonl")) == without_timing(ref)
 
 
-KILLER = """
-import sys
-from gpt2onnx.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-@pytest.fixture(scope="module")
-def big_job(tmp_path_factory, gen):
-    d = tmp_path_factory.mktemp("big")
-    make_input(d / "in.jsonl", 700, seed=5)
-    run_batch(gen, d / "in.jsonl", d / "ref.jsonl", batch_size=4, progress=False)
-    return d, without_timing(read_rows(d / "ref.jsonl"))
-
-
-@pytest.mark.parametrize("kill_at", [0.0, 0.3, 0.7])
-def test_sigkill_at_any_moment_then_rerun_gives_every_row_once(big_job, tiny_int8, tmp_path, kill_at):
-    """SIGKILL the job once the output reaches `kill_at` of its final size (0: as soon as it starts)."""
-    d, ref = big_job
-    out = tmp_path / "out.jsonl"
-    kill_after_bytes = int(kill_at * os.path.getsize(d / "ref.jsonl"))
-    cmd = [sys.executable, "-c", KILLER, "batch", tiny_int8, str(d / "in.jsonl"), str(out),
-           "--batch-size", "4", "--threads", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out.exists() and out.stat().st_size >= kill_after_bytes:  # exists: the state file is written
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, "the job finished before it could be killed: " + proc.stderr.read().decode()
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(10)
-        proc.stderr.close()
-    killed_at = out.read_bytes().count(b"\n")
-    assert killed_at < len(ref)
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"{killed_at} already done" in rerun.stdout or killed_at == 0
-    rows = read_rows(out)
-    assert len(rows) == len(ref)
-    assert without_timing(rows) == ref
-
-
 def test_refuses_output_of_another_job(job, gen, tmp_path):
     d, _ = job
     out = tmp_path / "out.jsonl"
@@ -294,25 +251,15 @@ def test_unwritable_output_is_one_clear_error(job, gen, tmp_path):
         run_batch(gen, d / "in.jsonl", tmp_path / "no" / "such" / "out.jsonl", progress=False)
 
 
-def test_disk_full_keeps_rows_written_and_resumes(job, gen, tmp_path, monkeypatch):
-    d, ref = job
-    out = tmp_path / "out.jsonl"
-    real_fsync, calls = os.fsync, [0]
-
-    def fsync(fd):
-        calls[0] += 1
-        if calls[0] > 4:  # the state file, then 3 batches, then the disk is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
-    monkeypatch.setattr(batchoutput.os, "fsync", fsync)
-    with pytest.raises(BatchError, match="No space left on device.*rerun the same command"):
-        run_batch(gen, d / "in.jsonl", out, batch_size=4, progress=False)
-    kept = read_rows(out)
-    assert len(kept) >= 3 and without_timing(kept) == without_timing(ref[: len(kept)])
-    monkeypatch.setattr(batchoutput.os, "fsync", real_fsync)
-    run_batch(gen, d / "in.jsonl", out, batch_size=4, progress=False)
-    assert without_timing(read_rows(out)) == without_timing(ref)
+@pytest.mark.parametrize("name", SURFACE_CASES)
+def test_run_batch_refuses_before_writing_rows(damaged, probed, tmp_path, name):
+    """A damaged model folder (tests/damaged_folders.py) is refused with load's line before any row."""
+    assert probed[name]["load"][0] == "ArtifactError"  # safe in process: the subprocess survived it
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a"}\n')
+    with pytest.raises(ArtifactError, match=re.escape(probed[name]["load"][1][:40])):
+        run_batch(damaged[name], src, tmp_path / "out.jsonl", progress=False)
+    assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_bytes() == b""
 
 
 def test_bad_arguments(job, gen, tmp_path):

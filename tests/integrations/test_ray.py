@@ -15,6 +15,8 @@ from gpt2onnx.batch.rows import NO_PROMPT
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
 from gpt2onnx.integrations.ray import Gpt2OnnxPredictor, generate_dataset
 
+from conftest import REPO
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 N_PROMPTS = 240
@@ -190,7 +192,7 @@ def test_example_reads_parquet_and_writes_json(ray_local, tiny_int8, tmp_path):
     rows = _requests()[:20]
     pq.write_table(pa.Table.from_pylist([{"id": r["id"], "prompt": r["prompt"]} for r in rows]),
                    str(tmp_path / "in.parquet"))
-    example = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "ray_batch.py"))
+    example = runpy.run_path(os.path.join(REPO, "examples", "ray_batch.py"))
     assert example["main"]([tiny_int8, str(tmp_path / "in.parquet"), str(tmp_path / "out"), "--actors", "1",
                             "--params", json.dumps(PARAMS)]) == 0
     out = [json.loads(line) for f in glob.glob(str(tmp_path / "out" / "*.json")) for line in open(f)]

@@ -13,7 +13,7 @@ from outliers import inject_outliers
 import gpt2onnx
 from gpt2onnx import artifact
 from gpt2onnx.cli import main
-from gpt2onnx.errors import ArtifactError, ExportError, ParityError, UnsupportedModelError
+from gpt2onnx.errors import ExportError, ParityError, UnsupportedModelError
 
 from conftest import save_tiny_gpt2
 
@@ -235,24 +235,6 @@ def test_cli_export_and_inspect(tiny_src, tmp_path, capsys):
     assert main(["inspect", out, "--no-hash"]) == 0
     assert main(["inspect", str(tmp_path / "none")]) == 1
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_manifest_format_checks(tiny_fp32, tmp_path):
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(tiny_fp32, copy)
-    m = json.loads((copy / "gpt2onnx.json").read_text())
-    m["format_version"] = artifact.FORMAT_VERSION + 1
-    (copy / "gpt2onnx.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="newer than this gpt2onnx.*upgrade"):
-        artifact.verify(str(copy))
-    (copy / "gpt2onnx.json").write_text("{")
-    with pytest.raises(ArtifactError, match="not valid JSON"):
-        artifact.verify(str(copy))
-    (copy / "gpt2onnx.json").unlink()
-    with pytest.raises(ArtifactError, match="not a gpt2onnx export"):
-        artifact.verify(str(copy))
 
 
 def test_int8_fidelity_is_recorded(tiny_int8):

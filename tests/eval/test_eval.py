@@ -16,8 +16,8 @@ from gpt2onnx.eval import fidelity
 from gpt2onnx.errors import Gpt2OnnxError, InvalidRequestError
 from gpt2onnx.eval import DataError, evaluate, lambada, read_lambada, read_text, wikitext2_text
 
-HERE = os.path.dirname(__file__)
-WIKI_SLICE = os.path.join(HERE, "data", "wiki_slice.txt")
+from conftest import REPO, WIKI_SLICE
+
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_wikitext2_and_lambada_do_not_import_torch(tiny_fp32, wiki_small, tmp_pa
 
 def test_train_small_recipe_runs_and_learns(tmp_path):
     spec = importlib.util.spec_from_file_location(
-        "train_small", os.path.join(os.path.dirname(HERE), "export", "train_small.py"))
+        "train_small", os.path.join(REPO, "export", "train_small.py"))
     ts = importlib.util.module_from_spec(spec)
     sys.modules["train_small"] = ts  # dataclasses look their module up there
     try:

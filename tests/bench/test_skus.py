@@ -10,8 +10,9 @@ import pytest
 from gpt2onnx.bench import skus
 from gpt2onnx.errors import Gpt2OnnxError, InvalidRequestError
 
+from conftest import REPO
+
 CARD = "/work/shared/seeds/002_c6dbc762f0944603.txt"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024**3
 
 # Independent of the TOML: Azure's published vCPU / memory (GiB) of each size.

@@ -18,7 +18,8 @@ import pytest
 
 from gpt2onnx.cli import build_parser
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO as ROOT
+
 README = os.path.join(ROOT, "README.md")
 # What scripts/quickstart.sh leaves behind (scripts/setup.sh makes .venv with `python -m venv`).
 QUICKSTART = {"models/gpt2-int8", ".venv", ".venv/bin/activate", ".venv/bin/gpt2onnx"}
@@ -99,7 +100,7 @@ def check_other(words: list[str], files: Files) -> None:
     elif words[0] == "printf":
         pass
     else:
-        pytest.fail(f"README: no check for a `{words[0]}` line; teach tests/test_readme.py about it")
+        pytest.fail(f"README: no check for a `{words[0]}` line; teach tests/cli/test_readme.py about it")
 
 
 def test_every_shell_command_of_the_readme_works_after_the_quickstart():

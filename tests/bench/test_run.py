@@ -151,7 +151,7 @@ def test_missing_source_folder_makes_an_error_row(tiny_int8, tmp_path):
     assert "no longer exists" in torch_row["error"] and "gone" in torch_row["error"]
 
 
-# Slowest test of the file (~15 s): Optimum's export + its int8 quantization, then both runs.
+@pytest.mark.slow  # Optimum's own export + its int8 quantization, then both runs
 def test_optimum_baselines_fp32_and_int8_cached(tiny_int8, tmp_path):
     rec = bench.run_bench(tiny_int8, baselines=["optimum"], out_dir=str(tmp_path), **{**SMALL, "new_tokens": 3})
     rows = {(r["runtime"], r["precision"]): r for r in rec["results"]}

@@ -11,7 +11,8 @@ import pytest
 from gpt2onnx.bench import record as results, report
 from gpt2onnx.errors import ArtifactError, Gpt2OnnxError, InvalidRequestError
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "bench")
+from conftest import BENCH_FIXTURES as FIXTURES
+
 NAMES = ("f4s_v2.json", "d4as_v4.json", "e4s_v3.json")
 F4S_CPU = "Intel(R) Xeon(R) Platinum 8272CL CPU @ 2.60GHz"
 

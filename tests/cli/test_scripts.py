@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO as ROOT
+
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")) + glob.glob(os.path.join(ROOT, "bench", "*.sh"))
                  + [os.path.join(ROOT, ".ci", "run")])
 
@@ -19,6 +20,7 @@ def test_shell_scripts_parse(script):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow  # a 124M export (random weights: no Hub here), then a generation
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, ".venv", "bin", "gpt2onnx")),
                     reason="the quickstart runs in the repository's .venv (scripts/setup.sh makes it)")
 def test_quickstart_exports_generates_and_reports_latency(tmp_path):

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from gpt2onnx import runtime
 from gpt2onnx.integrations import azureml, azureml_kit
 from gpt2onnx.errors import ArtifactError, Gpt2OnnxError
 
-from conftest import azmlinfsrv, deployment_root
+from conftest import azmlinfsrv, deployment_root, in_threads
+from damaged_folders import SURFACE_CASES
+
+WAIT_S = 120  # bound on a thread's wait; nothing here comes close
 
 
 @pytest.fixture
@@ -76,6 +82,23 @@ def test_init_errors(tmp_path, tiny_int8, monkeypatch):
         azureml.init()
     assert azureml._generator is None
 
+
+@pytest.mark.parametrize("name", SURFACE_CASES)
+def test_azureml_init_refuses(damaged, probed, tmp_path, monkeypatch, name):
+    """The deployment fails to start (its log shows the line) instead of answering with a broken model."""
+    root = tmp_path / "azureml-models" / "m" / "1"
+    root.mkdir(parents=True)
+    os.symlink(damaged[name], root / "model")
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(root))
+    monkeypatch.setenv("GPT2ONNX_THREADS", "1")
+    monkeypatch.setattr(azureml, "_generator", None)
+    if name == "optimum-folder":  # no manifest: not found as a model folder at all
+        with pytest.raises(ArtifactError, match="no gpt2onnx model folder"):
+            azureml.init()
+    else:
+        with pytest.raises(ArtifactError, match=re.escape(probed[name]["load"][1][-40:])):
+            azureml.init()
+    assert azureml._generator is None
 
 # -- run() in process -----------------------------------------------------------------
 
@@ -168,6 +191,33 @@ def test_concurrent_requests(scoring):
     for t in threads:
         t.join(60)
     assert not errors and len(results) == 12 and all(r == expected for r in results)
+
+
+def test_first_requests_race_init_and_load_once(tiny_int8, tmp_path, monkeypatch):
+    """Eight scoring threads arrive before init(): the model is loaded exactly once."""
+    monkeypatch.setenv("AZUREML_MODEL_DIR", deployment_root(tmp_path, tiny_int8))
+    monkeypatch.setenv("GPT2ONNX_THREADS", "1")
+    monkeypatch.setattr(azureml, "_generator", None)
+    loads, real_load = [], runtime.load
+
+    def counting_load(*a, **k):
+        loads.append(a)
+        time.sleep(0.2)  # widen the race
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(runtime, "load", counting_load)
+    body = json.dumps({"input_data": ["The tower is", "In 1998 the", ""],
+                       "params": {"max_new_tokens": 6, "do_sample": True, "seed": 2}})
+    results = []
+    barrier = threading.Barrier(8)
+
+    def worker(_):
+        barrier.wait(WAIT_S)
+        results.append(azureml.run(body))
+
+    in_threads(worker, 8, wait_s=WAIT_S)
+    assert len(loads) == 1
+    assert len(results) == 8 and all(r == results[0] for r in results) and len(results[0]) == 3
 
 
 # -- deployment kit -------------------------------------------------------------------

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from gpt2onnx.bench import record as results
 from gpt2onnx.errors import ArtifactError
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "bench")
+from conftest import BENCH_FIXTURES as FIXTURES
+
 
 
 def fixture(name: str = "f4s_v2.json") -> dict:

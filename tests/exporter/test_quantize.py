@@ -1,0 +1,150 @@
+"""exporter/quantize: the recipes tried, block sizes, outlier channels, the exact outlier split, int8 blocks.
+
+Unit level, on numbers and a one-MatMul graph made here. Whether int8 exports meet the
+fidelity gate on real text is tests/eval/test_fidelity.py's job.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gpt2onnx.exporter.policy import cpu_session
+from gpt2onnx.exporter.quantize import (FALLBACK_BLOCK, INT8, Int8Recipe, blockwise_int8, fit_block,
+                                        outlier_channels, recipes_to_try, split_outliers)
+
+
+@pytest.mark.parametrize("n,block,fit", [(768, 128, 128), (1600, 128, 64), (1280, 128, 128), (32, 128, 32),
+                                         (48, 128, 16), (48, 32, 16), (100, 32, None), (8, 16, None),
+                                         (1024, 16, 16)])
+def test_fit_block_halves_down_to_16(n, block, fit):
+    assert fit_block(block, n) == fit
+    if fit is not None:
+        assert n % fit == 0 and fit <= block and block % fit == 0
+
+
+@pytest.mark.parametrize("n_embd,blocks", [
+    (768, [128, 32]),  # gpt2: the shipped recipe, then the finer fallback
+    (1600, [64, 32]),  # gpt2-xl: 1600 = 64 x 25
+    (32, [32]),  # the tiny test model: both shrink to 32, tried once
+    (48, [16]),  # odd dims: 16 divides 48, nothing larger does
+    (100, [128, 32]),  # no power of two >= 16 divides it: onnxruntime pads a partial block
+])
+def test_recipes_to_try_shrink_to_fit_n_embd(n_embd, blocks):
+    recipes = recipes_to_try(n_embd=n_embd)
+    assert [r.block_size for r in recipes] == blocks
+    assert all(r == Int8Recipe(**{**INT8.to_json(), "block_size": r.block_size}) for r in recipes)  # only the block
+
+
+def test_recipes_to_try_keep_a_custom_recipe_and_never_coarsen_it():
+    custom = Int8Recipe(block_size=64, outlier_ratio=4.0, max_outliers=2)
+    recipes = recipes_to_try(custom, n_embd=768)
+    assert [r.block_size for r in recipes] == [64, FALLBACK_BLOCK]
+    assert {(r.outlier_ratio, r.max_outliers, r.accuracy_level) for r in recipes} == {(4.0, 2, 4)}
+    assert [r.block_size for r in recipes_to_try(Int8Recipe(block_size=16), n_embd=768)] == [16]  # finer than 32
+    assert recipes_to_try(None, 768) == recipes_to_try(INT8, 768)
+
+
+def test_recipe_json_is_what_the_manifest_records(tiny_int8):
+    from gpt2onnx import artifact
+
+    recorded = artifact.read_manifest(tiny_int8).quantization
+    assert INT8.to_json().keys() <= recorded.keys()
+    assert recorded["scheme"] == "MatMulNBits" and recorded["bits"] == 8 and recorded["block_size"] == 32
+
+
+def calibration(k: int, outliers: dict[int, float]) -> np.ndarray:
+    """|max| of K input channels: 1 (the median), the given channels set to the given values."""
+    a = np.ones(k, np.float32)
+    for i, v in outliers.items():
+        a[i] = v
+    return a
+
+
+def test_outlier_channels_on_a_synthetic_calibration():
+    stats = {
+        "h.0.attn.c_attn.weight": calibration(64, {3: 50.0, 40: 9.0, 17: 200.0}),
+        "h.0.mlp.c_fc.weight": calibration(64, {}),  # no outliers: no entry, no extra nodes
+        "h.1.mlp.c_proj.weight": calibration(256, {5: 5.9, 9: 6.0}),  # not > 6 x the median
+        "lm_head.weight_t": np.zeros(64, np.float32),  # a dead input: no median to compare with
+    }
+    assert outlier_channels(stats) == {"h.0.attn.c_attn.weight": [3, 17, 40]}  # sorted channel ids
+    assert outlier_channels(stats, Int8Recipe(outlier_ratio=20.0)) == {"h.0.attn.c_attn.weight": [3, 17]}
+    assert outlier_channels(stats, Int8Recipe(outlier_ratio=5.0)) == {"h.0.attn.c_attn.weight": [3, 17, 40],
+                                                                      "h.1.mlp.c_proj.weight": [5, 9]}
+
+
+def test_outlier_channels_keep_the_largest_max_outliers():
+    values = {i: 10.0 + i for i in range(0, 40, 2)}  # 20 outliers, channel 38 the largest
+    found = outlier_channels({"w": calibration(64, values)}, Int8Recipe(max_outliers=3))
+    assert found == {"w": [34, 36, 38]}
+    assert len(outlier_channels({"w": calibration(64, values)})["w"]) == INT8.max_outliers
+
+
+def one_matmul(k: int = 8, n: int = 5, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
+    """Y = X @ W, W (k, n) an initializer named like an exported weight."""
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+    node = helper.make_node("MatMul", ["X", "h.0.mlp.c_fc.weight"], ["Y"], name="h.0.fc")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["B", n])],
+                          initializer=[numpy_helper.from_array(w, "h.0.mlp.c_fc.weight")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, tmp_path, name: str) -> np.ndarray:
+    path = str(tmp_path / f"{name}.onnx")
+    onnx.save_model(model, path)
+    return cpu_session(path).run(["Y"], {"X": x})[0]
+
+
+def test_split_outliers_is_exact_and_names_the_fp32_matmul(tmp_path):
+    """X @ W == (X * mask) @ W_inliers + X[:, outliers] @ W[outliers]; the outlier MatMul stays fp32."""
+    model, w = one_matmul()
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    x[:, [1, 6]] *= 300  # the outlier channels
+    before = run(model, x, tmp_path, "before")
+    np.testing.assert_allclose(before, x @ w, rtol=1e-5, atol=1e-3)
+    keep = split_outliers(model, {"h.0.mlp.c_fc.weight": [1, 6], "not.in.graph": [0]})
+    assert keep == ["h.0.fc/outlier_matmul"]
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Mul", "Gather", "MatMul", "MatMul", "Add"]
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert not inits["h.0.mlp.c_fc.weight"][[1, 6]].any()  # outlier rows zeroed in the inlier weight
+    np.testing.assert_array_equal(inits["h.0.mlp.c_fc.weight.outlier_rows"], w[[1, 6]])
+    np.testing.assert_array_equal(inits["h.0.mlp.c_fc.weight.inlier_mask"], [1, 0, 1, 1, 1, 1, 0, 1])
+    np.testing.assert_allclose(run(model, x, tmp_path, "after"), before, rtol=1e-5, atol=1e-3)
+
+
+def test_split_outliers_without_outliers_changes_nothing():
+    model, _ = one_matmul()
+    before = model.SerializeToString()
+    assert split_outliers(model, {}) == []
+    assert model.SerializeToString() == before
+
+
+def test_blockwise_int8_round_trip_within_half_a_step():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((6, 64)).astype(np.float32)
+    w[0, :16] = 0.0  # an all-zero block
+    w[1, 20] = 40.0  # one large value: only its own block's scale grows
+    q, scales = blockwise_int8(w, 16)
+    assert q.dtype == np.uint8 and q.shape == (6, 64) and scales.shape == (6, 4) and scales.dtype == np.float32
+    assert scales[0, 0] == 1.0 and (q[0, :16] == 128).all()
+    assert scales[1, 1] == pytest.approx(40.0 / 127) and scales[1, 2] < 0.1
+    deq = (q.astype(np.float32) - 128) * np.repeat(scales, 16, axis=1)
+    assert (np.abs(deq - w) <= np.repeat(scales, 16, axis=1) / 2 + 1e-6).all()
+    assert q.min() >= 1 and q.max() <= 255  # symmetric: -127 .. 127 around 128
+
+
+def test_int8_folder_has_matmulnbits_and_an_8bit_embedding(tiny_int8):
+    import os
+
+    model = onnx.load(os.path.join(tiny_int8, "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert "MatMul" not in ops  # every MatMul, the LM head included, is MatMulNBits (a random model has no outliers)
+    assert ops.count("MatMulNBits") == 4 * 2 + 1
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gather.attribute}
+    assert gather.input[0] == "wte.weight_q8" and attrs["bits"] == 8 and attrs["block_size"] == 32
