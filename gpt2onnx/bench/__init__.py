@@ -5,7 +5,7 @@
 >>> print(format_table(rec))                                                     # doctest: +SKIP
 
 Modules: `run` (`run_bench`: the grid, the record), `worker` (one measurement in a fresh
-process: ``python -m gpt2onnx.bench.worker``), `runs` (which baselines can run, the
+process: ``python -m gpt2onnx.bench.worker``), `ovgenai` (the OpenVINO GenAI baseline in it), `runs` (which baselines can run, the
 worker call, result rows, weight bytes), `env` (the machine, memory bandwidth), `record`
 (the record schema, load/dump, ratios), `table` (a record as a terminal table), `report`
 (records of many machines -> report.md/html with plots and a VM recommendation), `skus`

@@ -7,7 +7,7 @@ The benchmark runner writes these with `dump`; `gpt2onnx.report` reads many with
      "sku": "Standard_F4s_v2" | null, "projection": false,
      "environment": {cpu_model, physical_cores, logical_cores, isa{avx2, avx512f,
                      avx512_vnni, avx_vnni, amx}, cgroup_cpu_quota, affinity, memory_gib,
-                     os, python, versions{gpt2onnx, onnxruntime, numpy, ...},
+                     os, python, versions{gpt2onnx, onnxruntime, numpy, ..., openvino-genai},
                      git_revision, memory_bandwidth_gbs},
      "model": {name, precision, random_weights, n_params, size_bytes,
                weight_bytes_per_token},
@@ -18,6 +18,7 @@ The benchmark runner writes these with `dump`; `gpt2onnx.report` reads many with
                   floor_ratio, error}, ...],
      "quality": {...}}            # optional, e.g. {"wikitext2_ppl": 29.9}
 
+`runtime` is one of `RUNTIMES` (gpt2onnx and its baselines pytorch, optimum, openvino).
 A result row with `error` set is a run that failed (typically a baseline); its
 figures may be null. Unknown keys are rejected so typos surface; `versions` and
 `quality` are open.
@@ -37,7 +38,7 @@ from ..fsutil import atomic_write
 
 SCHEMA = "gpt2onnx.bench/1"
 SCHEMA_VERSION = 1
-RUNTIMES = ("gpt2onnx", "pytorch", "optimum")
+RUNTIMES = ("gpt2onnx", "pytorch", "optimum", "openvino")
 PRECISIONS = ("fp32", "int8")
 
 # field -> type spec: "int", "num", "bool", "str", "?x" (x or null), "[int]", "{str}",

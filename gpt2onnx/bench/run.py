@@ -1,4 +1,4 @@
-"""Measure a model folder on this machine, against PyTorch and Optimum in the same run.
+"""Measure a model folder on this machine, against PyTorch, Optimum and OpenVINO GenAI in the same run.
 
     >>> from gpt2onnx.bench import run_bench, format_table
     >>> rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")  # doctest: +SKIP
@@ -6,7 +6,8 @@
 
 For every threads x batch size x prompt length, each runtime runs in turn — gpt2onnx,
 then transformers `generate` on PyTorch fp32, then Optimum's `ORTModelForCausalLM` fp32
-and int8 — each in a fresh process (`gpt2onnx.bench.worker`), so its load time and peak
+and int8, then (opt-in) OpenVINO GenAI's `LLMPipeline` on optimum-intel's int8 export
+(`gpt2onnx.bench.ovgenai`) — each in a fresh process (`gpt2onnx.bench.worker`), so its load time and peak
 RSS (the worker's own VmHWM) are its own. Every runtime gets the same weights (the
 PyTorch model is rebuilt from the source the manifest names), the same prompt token
 ids, the same thread count, greedy decoding and exactly `new_tokens` tokens per row. Each process warms up, then times
@@ -43,12 +44,14 @@ from .. import artifact, cpu
 from . import record as _results
 from . import skus as _skus
 from .env import BANDWIDTH_MIB, environment, measure_bandwidth
-from .runs import (call_worker, missing_packages, model_bytes, model_weight_bytes, optimum_isa, result_row,
-                        source_fingerprint, source_spec)
+from .runs import (baseline_python, call_worker, missing_packages, model_bytes, model_weight_bytes, optimum_isa,
+                   result_row, source_fingerprint, source_spec)
 from ..errors import InvalidRequestError
 
-BASELINES = ("pytorch", "optimum")
-_EXTRA_HINT = "pip install 'gpt2onnx[export]'"
+BASELINES = ("pytorch", "optimum", "openvino")
+DEFAULT_BASELINES = ("pytorch", "optimum")  # openvino is opt-in: its packages are installed apart
+_HINTS = {"pytorch": "pip install 'gpt2onnx[export]'", "optimum": "pip install 'gpt2onnx[export]'",
+          "openvino": "bash scripts/install_openvino.sh"}
 
 
 # -- inputs ---------------------------------------------------------------------------
@@ -125,7 +128,8 @@ def record_path(record: dict, out_dir: str) -> str:
 
 def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[int] = (1, 8),
               prompt_tokens: Sequence[int] = (32, 128), new_tokens: int = 128, threads: Sequence[int] | None = None,
-              baselines: Sequence[str] = BASELINES, repeats: int = 3, warmup: int = 1, out_dir: str | None = "results",
+              baselines: Sequence[str] = DEFAULT_BASELINES, repeats: int = 3, warmup: int = 1,
+              out_dir: str | None = "results",
               progress: bool = True, bandwidth_mib: int = BANDWIDTH_MIB) -> dict:
     """Benchmark a model folder and its baselines; write and return the record.
 
@@ -136,10 +140,12 @@ def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[i
         batch_sizes, prompt_tokens: the grid; prompts are exactly that many tokens.
         new_tokens: tokens generated per row (EOS ignored), at least 2.
         threads: intra-op thread counts to run (default: the physical cores).
-        baselines: any of ``pytorch``, ``optimum`` (fp32 and Optimum's int8).
+        baselines: any of ``pytorch``, ``optimum`` (fp32 and Optimum's int8), ``openvino``
+            (OpenVINO GenAI on optimum-intel's int8 export; run with ``$GPT2ONNX_OPENVINO_PYTHON``
+            when set, see `gpt2onnx.bench.runs.baseline_python`).
         repeats, warmup: timed and untimed runs per runtime and configuration.
-        out_dir: where the record is written (None: not written); Optimum exports
-            are cached in ``<out_dir>/.cache``.
+        out_dir: where the record is written (None: not written); Optimum and OpenVINO
+            exports are cached in ``<out_dir>/.cache``.
         progress: a progress bar on stderr.
         bandwidth_mib: size of the array for the bandwidth measurement.
 
@@ -184,20 +190,23 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
     runtimes: list[tuple[str, str]] = [("gpt2onnx", precision)]
     runtimes += [("pytorch", "fp32")] * ("pytorch" in baselines)
     runtimes += [("optimum", "fp32"), ("optimum", "int8")] * ("optimum" in baselines)
+    runtimes += [("openvino", "int8")] * ("openvino" in baselines)
     skip: dict[str, str] = {}  # baseline -> why it is not run
     source, why = source_spec(manifest) if baselines else (None, None)
     for b in baselines:
         missing = missing_packages(b)
         if missing:
-            skip[b] = f"not run: needs {', '.join(missing)} ({_EXTRA_HINT})"
+            skip[b] = f"not run: needs {', '.join(missing)} ({_HINTS[b]})"
         elif source is None:
             skip[b] = f"not run: {why}"
     configs = [(t, b, p) for t in threads for b in batch_sizes for p in prompt_tokens]
     optimum_prep = "optimum" in baselines and "optimum" not in skip
+    openvino_prep = "openvino" in baselines and "openvino" not in skip
 
-    scratch = None if out_dir is not None or not optimum_prep else tempfile.TemporaryDirectory(prefix="gpt2onnx-")
-    bar = Progress("gpt2onnx bench", total=1 + optimum_prep + len(configs) * len(runtimes), unit="runs",
-                   enabled=progress)
+    scratch = None if out_dir is not None or not (optimum_prep or openvino_prep) else \
+        tempfile.TemporaryDirectory(prefix="gpt2onnx-")
+    bar = Progress("gpt2onnx bench", total=1 + optimum_prep + openvino_prep + len(configs) * len(runtimes),
+                   unit="runs", enabled=progress)
     try:
         bar.set_postfix("memory bandwidth")
         bandwidth = measure_bandwidth(threads=max(threads), mib=bandwidth_mib)
@@ -218,6 +227,18 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
                 optimum_dirs = {"fp32": (prep["fp32_dir"], "model.onnx"),
                                 "int8": (prep["int8_dir"], "model_quantized.onnx")}
             bar.update()
+        ov_dir = None
+        if openvino_prep:
+            bar.set_postfix("optimum-intel export to OpenVINO int8 (cached)")
+            cache = os.path.join(out_dir or scratch.name, ".cache", "openvino", source_fingerprint(source, manifest))
+            prep = call_worker({"mode": "prepare-openvino", "source": source, "cache_dir": cache}, max(threads),
+                               python=baseline_python("openvino"))
+            if "error" in prep:
+                skip["openvino"] = f"OpenVINO export failed: {prep['error']}"
+            else:
+                ov_dir = prep["ov_dir"]
+                env["versions"].update({k: v for k, v in prep["versions"].items() if k not in env["versions"]})
+            bar.update()
         ours_bytes = model_weight_bytes(model_dir, manifest)
         rows = []
         for cfg in configs:
@@ -232,7 +253,9 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
                            "warmup": warmup, "repeats": repeats, "source": source}
                     if runtime == "optimum":
                         job["optimum_dir"], job["optimum_file"] = optimum_dirs[prec]
-                    out = call_worker(job, t)
+                    elif runtime == "openvino":
+                        job["ov_dir"] = ov_dir
+                    out = call_worker(job, t, python=baseline_python(runtime))
                     if runtime == "gpt2onnx" and "error" not in out:
                         out["weight_bytes_per_token"] = ours_bytes
                 rows.append(result_row(runtime, prec, cfg, new_tokens, out, bandwidth))

@@ -7,9 +7,11 @@
 >>> result_row("gpt2onnx", "int8", (4, 1, 32), 128, out, bandwidth_gbs=20.0)      # doctest: +SKIP
 {'runtime': 'gpt2onnx', 'precision': 'int8', 'batch_size': 1, ..., 'floor_ratio': 1.8, 'error': None}
 
-Baselines (PyTorch, Optimum) are rebuilt from the source model the manifest names
-(`source_spec`) and need the export extra (`missing_packages` names what is not installed);
-Optimum's export + int8 is cached under a fingerprint of its inputs. A result row holds
+Baselines (PyTorch, Optimum, OpenVINO GenAI) are rebuilt from the source model the
+manifest names (`source_spec`) and need the export extra, OpenVINO also its own packages
+(`missing_packages` names what is not installed, in the interpreter `baseline_python`
+runs that baseline with); the Optimum and OpenVINO exports are cached under a fingerprint
+of their inputs. A result row holds
 percentiles of the worker's timings and the bandwidth floor ratio, for which
 `onnx_weight_bytes` counts the weight bytes a decode step reads.
 """
@@ -29,7 +31,10 @@ from collections.abc import Sequence
 from .. import cpu
 from .env import PACKAGE_DIR, versions
 
-_NEEDS = {"pytorch": ("torch", "transformers"), "optimum": ("torch", "transformers", "onnx", "optimum.onnxruntime")}
+_NEEDS = {"pytorch": ("torch", "transformers"), "optimum": ("torch", "transformers", "onnx", "optimum.onnxruntime"),
+          "openvino": ("openvino_genai", "openvino", "optimum.intel", "nncf", "torch", "transformers", "tokenizers")}
+_PIP_NAMES = {"openvino_genai": "openvino-genai", "optimum.intel": "optimum-intel"}  # where the module name is not
+OPENVINO_PYTHON_ENV = "GPT2ONNX_OPENVINO_PYTHON"
 _FIGURES = ("load_s", "tokenize_ms", "first_token_ms", "token_ms", "tokens_per_s", "peak_rss_mb", "floor_ratio")
 
 
@@ -92,15 +97,49 @@ def model_bytes(manifest) -> int:
 # -- baselines ------------------------------------------------------------------------
 
 
-def missing_packages(baseline: str) -> list[str]:
+def baseline_python(baseline: str) -> str:
+    """The interpreter a baseline's worker runs in.
+
+    The parent's own, except for ``openvino`` when ``$GPT2ONNX_OPENVINO_PYTHON`` names
+    another (a venv that has OpenVINO next to gpt2onnx's export extra).
+    """
+    if baseline == "openvino":
+        return os.environ.get(OPENVINO_PYTHON_ENV) or sys.executable
+    return sys.executable
+
+
+def _find_missing(mods: Sequence[str]) -> list[str]:
     out = []
-    for mod in _NEEDS[baseline]:
+    for mod in mods:
         try:
             if importlib.util.find_spec(mod) is None:
                 out.append(mod)
         except (ImportError, ValueError):
             out.append(mod)
     return out
+
+
+def missing_packages(baseline: str) -> list[str]:
+    """The packages (pip names) a baseline needs that its interpreter (`baseline_python`) lacks.
+
+    Another interpreter is asked in a subprocess; one that cannot run is named as missing.
+    """
+    python = baseline_python(baseline)
+    mods = _NEEDS[baseline]
+    if python == sys.executable:
+        missing = _find_missing(mods)
+    else:
+        probe = ("import importlib.util, json, sys\n"
+                 "def gone(m):\n"
+                 "    try:\n        return importlib.util.find_spec(m) is None\n"
+                 "    except (ImportError, ValueError):\n        return True\n"
+                 "print(json.dumps([m for m in sys.argv[1:] if gone(m)]))")
+        try:
+            p = subprocess.run([python, "-c", probe, *mods], capture_output=True, text=True, timeout=120)
+            missing = json.loads(p.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.SubprocessError, IndexError, json.JSONDecodeError):
+            return [f"a working Python at ${OPENVINO_PYTHON_ENV}={python}"]
+    return [_PIP_NAMES.get(m, m) for m in missing]
 
 
 def source_spec(manifest) -> tuple[dict | None, str | None]:
@@ -142,12 +181,13 @@ def optimum_isa() -> str:
     return "avx512_vnni" if isa["avx512_vnni"] else ("avx512" if isa["avx512f"] else "avx2")
 
 
-def call_worker(job: dict, threads: int) -> dict:
+def call_worker(job: dict, threads: int, python: str | None = None) -> dict:
+    """Run one job in a fresh ``python -m gpt2onnx.bench.worker`` (`python`: default this interpreter)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(PACKAGE_DIR), os.environ.get("PYTHONPATH"))
                                           if p))
-    p = subprocess.run([sys.executable, "-m", "gpt2onnx.bench.worker"], input=json.dumps(job),
+    p = subprocess.run([python or sys.executable, "-m", "gpt2onnx.bench.worker"], input=json.dumps(job),
                        capture_output=True, text=True, env=env)
     lines = p.stdout.strip().splitlines()
     try:

@@ -5,17 +5,22 @@ and peak RSS (VmHWM at the end) belong to that runtime alone. The job is one
 JSON object on stdin; the answer is one JSON object on stdout (anything a library
 prints goes to stderr instead)::
 
-    {"mode": "run", "runtime": "gpt2onnx" | "pytorch" | "optimum", "model_dir": ...,
+    {"mode": "run", "runtime": "gpt2onnx" | "pytorch" | "optimum" | "openvino", "model_dir": ...,
      "batch_size": 8, "prompt_tokens": 32, "new_tokens": 128, "threads": 4,
      "warmup": 1, "repeats": 3,
      "source": {"id", "random_weights", "seed"},          # pytorch only
-     "optimum_dir": ..., "optimum_file": "model.onnx"}     # optimum only
+     "optimum_dir": ..., "optimum_file": "model.onnx",     # optimum only
+     "ov_dir": ...}                                        # openvino only
     -> {"load_s", "tokenize_ms": [..], "first_token_ms": [..], "step_ms": [..],
         "total_s": [..], "peak_rss_mb", "weight_bytes_per_token"}  or  {"error": "one line"}
 
     {"mode": "prepare-optimum", "source": {...}, "cache_dir": ..., "isa": "avx2"}
     -> {"fp32_dir", "int8_dir"}: Optimum's export of the source and Optimum's own
        dynamic int8 quantization of it, cached (reruns return at once).
+
+    {"mode": "prepare-openvino", "source": {...}, "cache_dir": ...}
+    -> {"ov_dir", "versions"}: optimum-intel's int8 OpenVINO IR of the source, cached
+       (the OpenVINO GenAI baseline lives in `gpt2onnx.bench.ovgenai`).
 
 Every run is greedy and generates exactly ``new_tokens`` per row (EOS never stops it).
 Time to first token starts before the prompt text is tokenized, for every runtime.
@@ -92,7 +97,7 @@ def _peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def _measure(job: dict, tokenize: Callable[[], object], once: Callable[[], Timing]) -> dict:
+def measure(job: dict, tokenize: Callable[[], object], once: Callable[[], Timing]) -> dict:
     """Warm up, then time `repeats` runs; raw samples (the parent takes percentiles)."""
     for _ in range(job["warmup"]):
         once()
@@ -137,7 +142,7 @@ def _run_gpt2onnx(job: dict) -> dict:
             raise RuntimeError(f"rows generated {counts} tokens, expected {n} each")
         return t0, stamps, t_end
 
-    out = _measure(job, lambda: [gen.tokenizer.encode(p) for p in prompts], once)
+    out = measure(job, lambda: [gen.tokenizer.encode(p) for p in prompts], once)
     return dict(out, load_s=load_s)
 
 
@@ -182,7 +187,7 @@ def _hf_measure(job: dict, model, load_s: float) -> dict:
         return t0, s.times[1:], t_end
 
     tokenize = lambda: tok(prompts, return_tensors="pt", return_token_type_ids=False)  # noqa: E731
-    return dict(_measure(job, tokenize, once), load_s=load_s)
+    return dict(measure(job, tokenize, once), load_s=load_s)
 
 
 def _torch_threads(n: int) -> None:
@@ -195,7 +200,7 @@ def _torch_threads(n: int) -> None:
         pass
 
 
-def _load_source(spec: dict):
+def load_source(spec: dict):
     from ..exporter import sources
 
     return sources.load(spec["id"], random_weights=spec["random_weights"], seed=spec["seed"] or 0)
@@ -217,7 +222,7 @@ def torch_weight_bytes(model) -> int:
 def _run_pytorch(job: dict) -> dict:
     _torch_threads(job["threads"])
     t = time.perf_counter()
-    model = _load_source(job["source"]).model
+    model = load_source(job["source"]).model
     load_s = time.perf_counter() - t
     return dict(_hf_measure(job, model, load_s), weight_bytes_per_token=torch_weight_bytes(model))
 
@@ -251,7 +256,7 @@ def _prepare_optimum(job: dict) -> dict:
     if not os.path.isfile(os.path.join(fp32_dir, "model.onnx")):
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        src = _load_source(job["source"])
+        src = load_source(job["source"])
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             src.model.save_pretrained(os.path.join(tmp, "torch"))
             del src
@@ -276,7 +281,13 @@ def _prepare_optimum(job: dict) -> dict:
     return {"fp32_dir": fp32_dir, "int8_dir": int8_dir}
 
 
-RUNNERS = {"gpt2onnx": _run_gpt2onnx, "pytorch": _run_pytorch, "optimum": _run_optimum}
+def _run_openvino(job: dict) -> dict:
+    from .ovgenai import run_openvino
+
+    return run_openvino(job)
+
+
+RUNNERS = {"gpt2onnx": _run_gpt2onnx, "pytorch": _run_pytorch, "optimum": _run_optimum, "openvino": _run_openvino}
 
 
 def _one_line(e: BaseException) -> str:
@@ -293,6 +304,10 @@ def main() -> int:
         job = json.loads(sys.stdin.read())
         if job["mode"] == "prepare-optimum":
             out = _prepare_optimum(job)
+        elif job["mode"] == "prepare-openvino":
+            from .ovgenai import prepare_openvino
+
+            out = prepare_openvino(job)
         elif job["mode"] == "batch-job":
             from .jobbench import measure_job
 

@@ -84,7 +84,8 @@ def add_parsers(subparsers) -> None:
     """Register ``bench``, ``skus`` and ``report``."""
     from ..bench import BANDWIDTH_MIB  # noqa: F401
 
-    b = subparsers.add_parser("bench", help="measure a model folder (and PyTorch/Optimum baselines) on this machine")
+    b = subparsers.add_parser("bench",
+                              help="measure a model folder (and PyTorch/Optimum/OpenVINO baselines) on this machine")
     b.add_argument("model_dir", help="model folder written by 'gpt2onnx export'")
     b.add_argument("--sku", help="the Azure VM size this machine is (default: $GPT2ONNX_SKU; never guessed)")
     b.add_argument("--batch-sizes", default="1,8", metavar="N[,M]", help="batch sizes to measure")
@@ -93,7 +94,8 @@ def add_parsers(subparsers) -> None:
     b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, EOS ignored")
     b.add_argument("--threads", metavar="N[,M]", help="intra-op thread counts (default: physical cores)")
     b.add_argument("--baselines", default="pytorch,optimum",
-                   help="comma list of pytorch, optimum; or none")
+                   help="comma list of pytorch, optimum, openvino (OpenVINO GenAI: bash scripts/install_openvino.sh, "
+                        "or a venv named by $GPT2ONNX_OPENVINO_PYTHON); or none")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
     b.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     b.add_argument("--out", default="results", help="folder for the result JSON (cwd-relative)")

@@ -186,7 +186,7 @@ def test_doctests():
     (dict(new_tokens=1), "new tokens"),
     (dict(repeats=0), "repeats"),
     (dict(threads=[0]), "threads"),
-    (dict(baselines=["tensorflow"]), "unknown baseline 'tensorflow'; choose from pytorch, optimum"),
+    (dict(baselines=["tensorflow"]), "unknown baseline 'tensorflow'; choose from pytorch, optimum, openvino"),
     (dict(sku="Standard_Z9"), "unknown SKU"),
 ])
 def test_bad_arguments(tiny_int8, tmp_path, kwargs, match):
