@@ -12,8 +12,10 @@ runtime), in the interpreter `gpt2onnx.bench.runs.baseline_python` names::
 The export is optimum-intel's: the source the manifest names, converted to OpenVINO IR
 (stateful KV cache) with int8 weights (NNCF weight compression, ``bits=8``: int8
 asymmetric per output channel), cached per source and tool versions. The pipeline runs
-on the CPU with ``INFERENCE_NUM_THREADS`` = the bench's threads and prefix caching off
-(on by default, it would serve the repeated prompt's prefill from cache after the warm-up).
+on the CPU with ``INFERENCE_NUM_THREADS`` = the bench's threads, prefix caching off (on
+by default, it would serve the repeated prompt's prefill from cache after the warm-up)
+and a scheduler budget that prefills the whole batch in one step (the default 256 tokens
+would split 8 x 128 prompt tokens over steps, so rows would start decoding at different steps).
 It gets token ids, not text: the prompts are the other runtimes' (`make_prompts`),
 tokenized with the model folder's tokenizer.json inside the timed span, as for them.
 Greedy, EOS ignored, ``min_new_tokens`` = ``max_new_tokens``: exactly new_tokens per row.
@@ -104,13 +106,17 @@ def run_openvino(job: dict) -> dict:
     import openvino_genai as genai
     from tokenizers import Tokenizer
 
+    b, n, p = job["batch_size"], job["new_tokens"], job["prompt_tokens"]
     sched = genai.SchedulerConfig()
     sched.enable_prefix_caching = False
+    # The whole batch's prompts in one prefill step, as every runtime does: past the default
+    # budget (256 tokens) the scheduler splits the prefill over steps and rows start late.
+    sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, b * p)
+    sched.max_num_seqs = max(sched.max_num_seqs, b)
     t = time.perf_counter()
     pipe = genai.LLMPipeline(job["ov_dir"], "CPU", scheduler_config=sched, INFERENCE_NUM_THREADS=job["threads"])
     load_s = time.perf_counter() - t
     tok = Tokenizer.from_file(os.path.join(job["model_dir"], "tokenizer.json"))
-    b, n, p = job["batch_size"], job["new_tokens"], job["prompt_tokens"]
     prompts = make_prompts(tok, n_tokens=p, batch=b)
     config = genai.GenerationConfig()
     config.max_new_tokens = config.min_new_tokens = n
