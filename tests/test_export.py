@@ -145,7 +145,7 @@ def test_interrupted_export_leaves_nothing(tiny_src, tmp_path, monkeypatch, exc)
     def boom(*a, **k):
         raise exc("stop")
 
-    monkeypatch.setattr(q, "quantize_int8", boom)
+    monkeypatch.setattr(q, "quantize_model", boom)
     with pytest.raises(exc):
         gpt2onnx.export(tiny_src, str(tmp_path / "out"), precision="int8", progress=False)
     assert os.listdir(tmp_path) == []

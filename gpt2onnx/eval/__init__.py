@@ -39,7 +39,7 @@ def fidelity_verdict(figures: dict, manifest: dict, vocab_size: int) -> list[str
     """
     from ..exporter.policy import check, gate_for
 
-    gate, _ = gate_for(figures, vocab_size, manifest.source.random_weights)
+    gate, _ = gate_for(figures, vocab_size, manifest.source.random_weights, manifest.precision)
     return check(figures, gate)
 
 
@@ -147,8 +147,10 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
                                           "compare models of the same family")
             window = min(gen.n_positions, ref_positions, MAX_LENGTH)
             out.update(desc)
+            from ..exporter.policy import DECISIVE_MARGIN
+
             out.update(fidelity.measure(ref, gen.session, ids, window=window, stride=window // 2, limit=limit,
-                                        progress=progress))
+                                        progress=progress, margin=DECISIVE_MARGIN))
             plen = min(64, window // 4)
             prompts = fidelity.spaced_prompts(ids, count=FIDELITY_PROMPTS, length=plen)
             out.update(fidelity.greedy_agreement(ref, gen.session, prompts, new_tokens=min(32, window - plen)))
@@ -176,13 +178,16 @@ def format_result(r: dict) -> str:
     else:
         gate = "passed" if not r["gate_missed"] else "MISSED: " + "; ".join(r["gate_missed"])
         lines += [f"reference  {r['reference']} ({r['reference_precision']})",
-                  f"top-1      {r['top1_agreement']:.4f} agreement over {r['positions']:,} positions",
+                  f"top-1      {r['top1_agreement']:.4f} agreement over {r['positions']:,} positions; "
+                  + (f"{r['decisive_top1_agreement']:.4f}" if r.get("decisive_top1_agreement") is not None else "n/a")
+                  + f" on the {r.get('decisive_share', 0):.1%} decisive ones (fp32 margin >= "
+                  f"{r.get('decisive_margin', 0):g} nats)",
                   f"KL         mean {r['mean_kl']:.3g}, p99 {r['p99_kl']:.3g}, max {r['max_kl']:.3g} nats "
                   "(ref || model)",
                   f"perplexity {r['ppl']:.4f} vs {r['ppl_ref']:.4f} (ratio {r['ppl_ratio']:.4f})",
                   f"greedy     {r['greedy_identical']:.3f} of {r['greedy_prompts']} continuations identical "
                   f"({r['greedy_new_tokens']} tokens), mean matching prefix {r['greedy_prefix_mean']:.1f}",
-                  f"int8 gate  {gate}"]
+                  f"{r['precision'] + ' gate':<10} {gate}"]
     lines.append(f"time       {r['seconds']:.1f} s")
     return "\n".join(lines)
 
