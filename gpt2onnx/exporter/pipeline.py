@@ -172,7 +172,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
 def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
     from .. import artifact
     from . import graph, modelcard, parity, policy, sources
-    from .quantize import INT8, calibrate, outlier_channels
+    from .quantize import calibrate, outlier_channels, recipes_to_try
 
     t0 = time.perf_counter()
     bar.step("load model")
@@ -194,7 +194,8 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: _Progress) -> dict:
     gate_ids = outliers = None
     if quantized:  # which MatMul inputs have outlier channels (see quantize.py)
         gate_ids = tok.encode(policy.gate_text()).ids
-        outliers = outlier_channels(calibrate(src.model, gate_ids[:policy.CALIBRATION_TOKENS], window=window), INT8)
+        first = recipes_to_try(n_embd=dims.n_embd, precision=cfg.precision)[0]  # its outlier_ratio and cap
+        outliers = outlier_channels(calibrate(src.model, gate_ids[:policy.CALIBRATION_TOKENS], window=window), first)
     config_json = src.config.to_dict()
     eos = src.config.eos_token_id if src.config.eos_token_id is not None else tok.token_to_id("<|endoftext|>")
     bos = src.config.bos_token_id if src.config.bos_token_id is not None else eos
