@@ -26,16 +26,18 @@ def test_tiny_int4_export_passes_parity_and_its_gate_and_generates(tiny_int4, ti
     m = read_manifest(tiny_int4).to_dict()
     q = m["quantization"]
     assert m["precision"] == "int4" and q["bits"] == 4 and q["scheme"] == "MatMulNBits"
-    assert q["algorithm"] in ("rtn", "gptq") and q["lm_head"] == q["embedding"] == "int8" and q["shared_table"]
-    assert m["parity"]["int4"]["top1_agreement"] == 1.0 and m["parity"]["int4"]["mean_kl"] < 1e-3
+    assert q["algorithm"] == "rtn" and q["lm_head"] == q["embedding"] and q["shared_table"]
+    assert m["parity"]["int4"]["top1_agreement"] > 0.95 and m["parity"]["int4"]["mean_kl"] < GATE_INT4["mean_kl"]
     fid = m["fidelity"]
     assert fid["status"] == "passed" and fid["missed"] == [] and fid["decisive_margin"] == DECISIVE_MARGIN
     assert set(fid["gate"]) <= set(GATE_INT4) and fid["gate"]["mean_kl"] == GATE_INT4["mean_kl"]
     nodes = _graph(tiny_int4).graph.node
     bits = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-    assert bits == {4, 8}  # transformer MatMuls at 4 bits, the LM head (the token table) at 8
+    table_bits = int(q["lm_head"].removeprefix("int"))
+    assert bits == {4, table_bits}  # transformer MatMuls at 4 bits, the LM head (the token table) at its own
     head = next(n for n in nodes if n.name == "lm_head")
-    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == table_bits
+    assert [t["lm_head"] for t in q["tried"]] == ["int4"]  # the 4-bit table passed: the ladder stopped there
     sizes = {p: os.path.getsize(os.path.join(p, "model.onnx.data")) for p in (tiny_int4, tiny_int8)}
     assert sizes[tiny_int4] < sizes[tiny_int8]
     gen = gpt2onnx.load(tiny_int4)
@@ -58,10 +60,11 @@ def test_one_token_table_serves_embedding_and_lm_head(tiny_int8, tiny_int4, prec
     m = read_manifest(folder).to_dict()
     v, e = m["dims"]["vocab_size"], m["dims"]["n_embd"]
     table = next(i for i in g.initializer if i.name == "wte.weight_q")
-    assert list(table.dims)[0] == v and np.prod(table.dims) == v * e  # 8 bits: one byte per weight
+    bits = int(m["quantization"]["lm_head"].removeprefix("int"))
+    assert list(table.dims)[0] == v and np.prod(table.dims) == v * e * bits // 8
     # The data file holds the table's bytes once: no other tensor of (V, E) weights at any bit width.
     lengths = [int(d.value) for i in g.initializer for d in i.external_data if d.key == "length"]
-    assert sum(n >= v * e // 2 for n in lengths) == 1, sorted(lengths)[-3:]
+    assert sum(n >= v * e * bits // 8 for n in lengths) == 1, sorted(lengths)[-3:]
 
 
 def test_shared_table_gives_the_same_logits_as_a_private_copy(tiny_int4, tmp_path):

@@ -74,7 +74,7 @@ def render(manifest: dict) -> str:
            f"{'symmetric' if q['symmetric'] else 'asymmetric (uint8 zero points)'}, "
            f"accuracy_level {q['accuracy_level']}; LM head {q['lm_head']}, embeddings {q['embedding']}"
            + (f" (one token table for both, block {q['table_block_size']})" if q.get("shared_table") else "")
-           + (f"; calibration: {q['calibration']}" if q.get("calibration") else "") if q else "") + " |",
+           if q else "") + " |",
         f"| files | {total_mb:.1f} MB in total (see gpt2onnx.json for sizes and sha256) |",
         f"| graph | one decoder with KV cache, opset {manifest.get('opset')}, onnxruntime contrib ops |",
         "",

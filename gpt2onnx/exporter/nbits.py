@@ -1,18 +1,13 @@
 """The weight passes of a quantized graph: MatMulNBits by algorithm, and the one token table.
 
-`quantize_matmuls` turns the transformer's MatMuls into ``MatMulNBits`` with one of
-onnxruntime's weight quantizers (``QuantRecipe.algorithm``):
-
-- ``"rtn"``: round-to-nearest per block (onnxruntime's default C++ quantizer),
-  symmetric or with uint8 zero points. Calibration-free, honours the exclusions.
-- ``"gptq"``: GPTQ (Frantar et al. 2022), onnxruntime's port of Intel Neural
-  Compressor's, calibrated on token windows the caller gives (a slice of text disjoint
-  from the gate's). Called through ``gptq_quantize`` with our own weight config:
-  ``MatMulNBitsQuantizer``'s GPTQ path drops ``nodes_to_exclude`` (it marks excluded
-  nodes "fp32" for RTN and k-quant only), so it would quantize the fp32 outlier
-  MatMuls of the split and the LM head to 4 bits.
-- ``"hqq"``: half-quadratic quantization (Badri & Shaji 2023), calibration-free, 4 bits
-  only. It writes *float* zero points; see docs/quality.md for what that costs.
+`quantize_matmuls` turns the transformer's MatMuls into ``MatMulNBits`` with
+onnxruntime's round-to-nearest block quantizer (``QuantRecipe.algorithm = "rtn"``),
+symmetric or with uint8 zero points; it honours the exclusions (the fp32 outlier
+MatMuls of the split, the LM head). onnxruntime 1.32's other weight quantizers were
+measured and dropped (docs/quality.md, "int4"): its GPTQ returns round-to-nearest's
+weights bit for bit (the error feedback reads the zero side of its triangular inverse
+Hessian) and its ``MatMulNBitsQuantizer`` GPTQ path ignores ``nodes_to_exclude``;
+HQQ writes float zero points, which put MatMulNBits on a path ~30x slower here.
 
 `tie_table` then quantizes GPT-2's token table (V, E), which is both the token
 embedding and the LM head, once, and lets both nodes read it::
@@ -35,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-ALGORITHMS = ("rtn", "gptq", "hqq")
+ALGORITHMS = ("rtn",)  # see the module docstring for the ones dropped
 HEAD = "lm_head"  # name of the LM head MatMul in `graph.build(..., untied_lm_head=True)`
 HEAD_WEIGHT = "lm_head.weight_t"  # its (E, V) weight
 
@@ -53,55 +48,21 @@ def fit_block(block: int, n: int) -> int | None:
     return None
 
 
-def quantize_matmuls(model: onnx.ModelProto, recipe, exclude: list[str], calibration=None) -> onnx.ModelProto:
-    """Every MatMul with a constant weight -> MatMulNBits (`recipe`), except the nodes named in `exclude`.
-
-    `calibration` (GPTQ only): a list of feeds dicts for the whole graph.
-    """
-    from onnxruntime.quantization.matmul_nbits_quantizer import (HQQWeightOnlyQuantConfig,
-                                                                  MatMulNBitsQuantizer)
+def quantize_matmuls(model: onnx.ModelProto, recipe, exclude: list[str]) -> onnx.ModelProto:
+    """Every MatMul with a constant weight -> MatMulNBits (`recipe`), except the nodes named in `exclude`."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     log = logging.getLogger("onnxruntime.quantization")
     old_level = log.level
     log.setLevel(logging.ERROR)
     try:
-        if recipe.algorithm == "gptq":
-            return _gptq(model, recipe, exclude, calibration)
-        kw = {}
-        if recipe.algorithm == "hqq":
-            kw["algo_config"] = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=recipe.bits,
-                                                         op_types_to_quantize=("MatMul",))
         q = MatMulNBitsQuantizer(model, bits=recipe.bits, block_size=recipe.block_size,
                                  is_symmetric=recipe.symmetric, accuracy_level=recipe.accuracy_level,
-                                 nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",), **kw)
+                                 nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
         q.process()
     finally:
         log.setLevel(old_level)
-    model = q.model.model
-    if recipe.algorithm == "hqq":  # HQQ's nodes carry no accuracy_level (= fp32 activations): set the recipe's
-        for node in model.graph.node:
-            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
-                node.attribute.append(helper.make_attribute("accuracy_level", recipe.accuracy_level))
-    return model
-
-
-def _gptq(model: onnx.ModelProto, recipe, exclude: list[str], calibration) -> onnx.ModelProto:
-    from onnxruntime.quantization.neural_compressor.weight_only import gptq_quantize
-
-    if not calibration:
-        raise ValueError("GPTQ needs calibration feeds")
-    if recipe.bits != 4:
-        raise ValueError("onnxruntime's GPTQ writes MatMulNBits for 4 bits only")
-    inits = {i.name for i in model.graph.initializer}
-    config = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits:
-            config[node.name] = "fp32" if node.name in exclude else {
-                "bits": 4, "group_size": recipe.block_size, "scheme": "sym" if recipe.symmetric else "asym"}
-    out = gptq_quantize(model, [(feeds, None) for feeds in calibration], weight_config=config, num_bits=4,
-                        group_size=recipe.block_size, scheme="sym" if recipe.symmetric else "asym", n_samples=-1,
-                        accuracy_level=recipe.accuracy_level)
-    return out.model
+    return q.model.model
 
 
 def head_is_tied(model: onnx.ModelProto) -> bool:

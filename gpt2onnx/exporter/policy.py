@@ -129,40 +129,6 @@ def cpu_session(path: str):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def calibration_feeds(fp32_path: str, gate_ids, window: int) -> list[dict]:
-    """GPTQ's calibration: windows of the gate text *after* the windows the gate measures.
-
-    Up to `GPTQ_TOKENS` tokens in windows of at most 512, each a full feeds dict of the
-    fp32 graph (empty cache); [] when the text has nothing left after the gate's windows.
-    """
-    import numpy as np
-    import onnx
-
-    from ..eval.fidelity import windows
-
-    ids = np.asarray(gate_ids, np.int64)
-    start = list(windows(ids.size, window, window // 2))[:GATE_WINDOWS][-1].end
-    model = onnx.load(fp32_path, load_external_data=False)
-    inputs = {i.name: i for i in model.graph.input}
-    past = [n for n in inputs if n.startswith("past_key_values.")]
-    dims = [d.dim_value for d in inputs[past[0]].type.tensor_type.shape.dim] if past else []
-    size = min(window, 512)
-    feeds = []
-    for a in range(start, min(ids.size, start + GPTQ_TOKENS) - 1, size):
-        seq = ids[a:a + size][None, :]  # (1, S)
-        s = seq.shape[1]
-        f = {"input_ids": seq, "attention_mask": np.ones((1, s), np.int64),
-             "position_ids": np.arange(s, dtype=np.int64)[None, :]}
-        f.update((n, np.zeros((1, dims[1], 0, dims[3]), np.float32)) for n in past)
-        if "logits_to_keep" in inputs:
-            f["logits_to_keep"] = np.array(1, np.int64)
-        feeds.append(f)
-    return feeds
-
-
-GPTQ_TOKENS = 2048  # calibration tokens of GPTQ (disjoint from the gate's windows)
-
-
 def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, gate_ids, window: int,
                    random_weights: bool, bar) -> tuple[dict, dict, dict]:
     """Quantize to `cfg.precision`, then gate on real text; a miss retries with the next recipe.
@@ -176,19 +142,15 @@ def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, g
     precision = cfg.precision
     ref = None  # made after the first quantization: the quantizer and an fp32 session at once would double the peak
     stride = window // 2
-    tried, calibration = [], None
+    tried = []
     for i, recipe in enumerate(quantize.recipes_to_try(n_embd=dims.n_embd, precision=precision)):
-        if recipe.algorithm == "gptq":
-            calibration = calibration or calibration_feeds(fp32_path, gate_ids, window)
-            if not calibration:
-                continue  # no text left after the gate's windows to calibrate on
-        what = f"block {recipe.block_size}" + (f" {recipe.algorithm}" if recipe.algorithm != "rtn" else "")
+        what = f"block {recipe.block_size}" + (f", {recipe.lm_head} table" if precision == "int4" else "")
         if i == 0:
             bar.step(f"quantize {precision}")
         else:
             bar.note(f"quantize {precision} again with {what} ({tried[-1]['what']} missed the fidelity gate)")
         table: dict = {}
-        session = cpu_session(quantize.quantize_model(fp32_path, tmp, recipe, outliers, calibration, report=table))
+        session = cpu_session(quantize.quantize_model(fp32_path, tmp, recipe, outliers, report=table))
         if ref is None:
             ref = cpu_session(fp32_path)
         if i == 0:
@@ -213,8 +175,6 @@ def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, g
     par = {"max_abs_diff": q["max_abs_diff"], "top1_agreement": q["top1_agreement"],
            "mean_kl": q["mean_kl"], "max_kl": q["max_kl"]}
     quant = dict(recipe.to_json(), **table, outlier_channels={k: v for k, v in sorted(outliers.items())},
-                 calibration=(f"GPTQ: {sum(f['input_ids'].shape[1] for f in calibration)} tokens of the gate text "
-                              "after the gate's windows" if recipe.algorithm == "gptq" else None),
                  tried=tried)
     fid = dict(figures, text="gpt2onnx/data/gate_text.txt (WikiText-2 test tail)", window=window, stride=stride,
                gate=gate, gated=why, missed=missed,

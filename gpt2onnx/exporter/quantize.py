@@ -43,7 +43,7 @@ class QuantRecipe:
     block_size: int = 128  # weights per scale along K; smaller = more accurate, more scales, slower
     symmetric: bool = True  # no zero points (weights centred on 0); False = a uint8 zero point per block
     accuracy_level: int = 4  # 4 = int8 activations per block -> int8 dot-product kernels
-    algorithm: str = "rtn"  # how the MatMul weights are rounded: rtn, gptq or hqq (see nbits)
+    algorithm: str = "rtn"  # how the MatMul weights are rounded: round-to-nearest (see nbits for the others tried)
     lm_head: str = "int8"  # the tied token table as LM head: "int8" or "int4" (the same table as the embedding)
     embedding: str = "int8"  # the token table as GatherBlockQuantized (position table: 1 M, stays fp32)
     table_block_size: int = 128  # block of the token table
@@ -69,9 +69,11 @@ Int8Recipe = QuantRecipe  # the name before int4 existed
 INT8 = QuantRecipe(block_size=128)  # shipped: decode 11 % faster than block 32 here (see docs/quality.md)
 FALLBACK_BLOCK = 32  # the exporter retries with this block size when INT8 misses the fidelity gate
 
-# The int4 ladder, tried in order until one passes the int4 gate (docs/quality.md, "int4").
-INT4 = QuantRecipe(bits=4, block_size=32, symmetric=False)
-INT4_LADDER = (INT4, replace(INT4, block_size=16), replace(INT4, block_size=16, algorithm="gptq"))
+# The int4 ladder, tried in order until one passes the int4 gate (docs/quality.md, "int4"):
+# the 4-bit token table first (embedding and LM head), then the 8-bit table, then a finer block.
+INT4 = QuantRecipe(bits=4, block_size=32, symmetric=True, lm_head="int4", embedding="int4", table_block_size=32)
+INT4_TABLE8 = replace(INT4, lm_head="int8", embedding="int8", table_block_size=128)
+INT4_LADDER = (INT4, INT4_TABLE8, replace(INT4_TABLE8, block_size=16))
 
 
 def recipes_to_try(recipe: QuantRecipe | None = None, n_embd: int = 768, *, precision: str = "int8"
@@ -87,8 +89,8 @@ def recipes_to_try(recipe: QuantRecipe | None = None, n_embd: int = 768, *, prec
     [128, 32]
     >>> [r.block_size for r in recipes_to_try(n_embd=1600)]
     [64, 32]
-    >>> [(r.block_size, r.algorithm) for r in recipes_to_try(precision="int4")]
-    [(32, 'rtn'), (16, 'rtn'), (16, 'gptq')]
+    >>> [(r.block_size, r.lm_head) for r in recipes_to_try(precision="int4")]
+    [(32, 'int4'), (32, 'int8'), (16, 'int8')]
     """
     def fit(r: QuantRecipe, block: int | None = None) -> QuantRecipe:
         return replace(r, block_size=fit_block(block or r.block_size, n_embd) or (block or r.block_size),
@@ -104,20 +106,18 @@ def recipes_to_try(recipe: QuantRecipe | None = None, n_embd: int = 768, *, prec
 
 
 def quantize_model(fp32_path: str, out_folder: str, recipe: QuantRecipe = INT8,
-                   outliers: dict[str, list[int]] | None = None, calibration: list[dict] | None = None,
-                   report: dict | None = None) -> str:
+                   outliers: dict[str, list[int]] | None = None, report: dict | None = None) -> str:
     """Quantize the fp32 graph at `fp32_path` into `out_folder`/model.onnx (+ data).
 
     `outliers` maps MatMul weight names to input channels kept in fp32 (see
-    `outlier_channels`); by default there are none. `calibration` (GPTQ only): feeds
-    dicts of the fp32 graph, on text the gate does not measure. The LM head takes the
+    `outlier_channels`); by default there are none. The LM head takes the
     token table (`nbits.tie_table`), so the MatMul pass leaves it alone; what that did
     (shared table or not) goes into `report` when given.
     """
     model = onnx.load(fp32_path)
     tied = head_is_tied(model)  # before the split zeroes the head's outlier rows
     keep_fp32 = split_outliers(model, outliers or {})
-    model = quantize_matmuls(model, recipe, keep_fp32 + ["lm_head"], calibration)
+    model = quantize_matmuls(model, recipe, keep_fp32 + ["lm_head"])
     table = tie_table(model, recipe.table_bits, recipe.table_block_size, recipe.accuracy_level, tied)
     if report is not None:
         report.update(table)
