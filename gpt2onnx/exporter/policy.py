@@ -169,7 +169,8 @@ def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, g
             break
     if missed and not cfg.accept_fidelity_miss:
         raise FidelityError(f"the {precision} graph misses the fidelity gate on real text ({'; '.join(missed)}); "
-                            "export fp32 (or int8) instead, or pass --accept-fidelity-miss to keep it "
+                            f"export {'fp32' if precision == 'int8' else 'int8 or fp32'} instead, "
+                            "or pass --accept-fidelity-miss to keep it "
                             "(recorded in the manifest)")
     q = parity.compare(steps, parity.run_onnx(session, steps, dims))
     par = {"max_abs_diff": q["max_abs_diff"], "top1_agreement": q["top1_agreement"],
