@@ -70,10 +70,11 @@ INT8 = QuantRecipe(block_size=128)  # shipped: decode 11 % faster than block 32 
 FALLBACK_BLOCK = 32  # the exporter retries with this block size when INT8 misses the fidelity gate
 
 # The int4 ladder, tried in order until one passes the int4 gate (docs/quality.md, "int4"):
-# the 4-bit token table first (embedding and LM head), then the 8-bit table, then a finer block.
+# the 4-bit token table first (embedding and LM head), then the 8-bit table, then a finer block with
+# zero points (the most faithful body measured: block 16 asymmetric, docs/quality.md).
 INT4 = QuantRecipe(bits=4, block_size=32, symmetric=True, lm_head="int4", embedding="int4", table_block_size=32)
 INT4_TABLE8 = replace(INT4, lm_head="int8", embedding="int8", table_block_size=128)
-INT4_LADDER = (INT4, INT4_TABLE8, replace(INT4_TABLE8, block_size=16))
+INT4_LADDER = (INT4, INT4_TABLE8, replace(INT4_TABLE8, block_size=16, symmetric=False))
 
 
 def recipes_to_try(recipe: QuantRecipe | None = None, n_embd: int = 768, *, precision: str = "int8"
