@@ -67,7 +67,7 @@ class Manifest:
     """A model folder's ``gpt2onnx.json``, checked and typed. Make with `read_manifest` or `verify`."""
 
     name: str
-    precision: str  # "fp32" or "int8"
+    precision: str  # "fp32", "int8" or "int4"
     dims: Dims
     source: Source
     eos_token_id: int
@@ -77,9 +77,9 @@ class Manifest:
     files: dict  # name -> {"bytes", "sha256"}
     n_params: int
     format_version: int
-    quantization: dict | None = None  # the int8 recipe, outlier channels, recipes tried
-    parity: dict = field(default_factory=dict)  # fp32 (and int8) figures against PyTorch
-    fidelity: dict | None = None  # the int8 gate's figures and verdict
+    quantization: dict | None = None  # the int8/int4 recipe, outlier channels, recipes tried
+    parity: dict = field(default_factory=dict)  # fp32 (and int8/int4) figures against PyTorch
+    fidelity: dict | None = None  # the int8/int4 gate's figures and verdict
     tags: dict = field(default_factory=dict)
     tools: dict = field(default_factory=dict)  # versions of the tools that made the folder
     opset: int | None = None

@@ -92,6 +92,15 @@ def tiny_int8(tiny_src, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_int4(tiny_src, tmp_path_factory) -> str:
+    import gpt2onnx
+
+    out = str(tmp_path_factory.mktemp("models") / "tiny-int4")
+    gpt2onnx.export(tiny_src, out, precision="int4", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_torch(tiny_src):
     """The PyTorch model the tiny exports came from."""
     from transformers import GPT2LMHeadModel
@@ -170,7 +179,7 @@ def azmlinfsrv(kit: str, model_root: str, workdir, *, ready_s: float) -> Iterato
 
 @pytest.fixture(scope="session")
 def gpt2_124m(tmp_path_factory) -> dict:
-    """The 124M architecture with seeded random weights, exported once per session: {"fp32": dir, "int8": dir}.
+    """The 124M architecture with seeded random weights, exported once per session: {"fp32"|"int8"|"int4": dir}.
 
     For the real-scale (`slow`) tests: a property that holds at 32 dimensions can fail at 768.
     """
@@ -178,7 +187,7 @@ def gpt2_124m(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("gpt2-124m")
     return {p: gpt2onnx.export("gpt2", str(root / p), precision=p, random_weights=True, progress=False) and
-            str(root / p) for p in ("fp32", "int8")}
+            str(root / p) for p in ("fp32", "int8", "int4")}
 
 
 # -- helpers of the reliability cases (bad input, damaged folders, crashes, concurrency) -------

@@ -39,7 +39,7 @@ from ..fsutil import atomic_write
 SCHEMA = "gpt2onnx.bench/1"
 SCHEMA_VERSION = 1
 RUNTIMES = ("gpt2onnx", "pytorch", "optimum", "openvino")
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int4")
 
 # field -> type spec: "int", "num", "bool", "str", "?x" (x or null), "[int]", "{str}",
 # "dict" (any), a tuple of allowed strings, or a nested spec dict.

@@ -95,7 +95,7 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("export", help="export GPT-2 to an ONNX model folder (fp32 or int8), verified against PyTorch")
     e.add_argument("source", help="hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) or save_pretrained folder")
     e.add_argument("outdir", help="model folder to create")
-    e.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="weight precision of the graph")
+    e.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32", help="weight precision of the graph")
     e.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     e.add_argument("--random-weights", action="store_true",
                    help="seeded random weights instead of loading them (benchmarks only: the text is meaningless)")

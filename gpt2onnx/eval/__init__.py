@@ -44,7 +44,7 @@ def fidelity_gate(figures: dict, manifest, vocab_size: int) -> tuple[dict, str, 
     """(thresholds applied, why those, what missed them), by the exporter's `gate_for` + `check`."""
     from ..exporter.policy import check, gate_for
 
-    gate, why = gate_for(figures, vocab_size, manifest.source.random_weights)
+    gate, why = gate_for(figures, vocab_size, manifest.source.random_weights, manifest.precision)
     return gate, why, check(figures, gate)
 
 
@@ -162,8 +162,10 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
             _same_model(ref_dims, m.dims, str(desc["reference"]), os.fspath(model_dir))
             window = min(gen.n_positions, ref_dims["n_positions"], MAX_LENGTH)
             out.update(desc)
+            from ..exporter.policy import DECISIVE_MARGIN
+
             out.update(fidelity.measure(ref, gen.session, ids, window=window, stride=window // 2, limit=limit,
-                                        progress=progress))
+                                        progress=progress, margin=DECISIVE_MARGIN))
             plen = min(64, window // 4)
             prompts = fidelity.spaced_prompts(ids, count=FIDELITY_PROMPTS, length=plen)
             out.update(fidelity.greedy_agreement(ref, gen.session, prompts, new_tokens=min(32, window - plen)))
@@ -195,13 +197,16 @@ def format_result(r: dict) -> str:
                                if k == "mean_kl" else f"{k} within [{1 / v:.4g}, {v}]" for k, v in r["gate"].items())
             gate += f" (the exporter's gate, {r['gated']}: {limits})"
         lines += [f"reference  {r['reference']} ({r['reference_precision']})",
-                  f"top-1      {r['top1_agreement']:.4f} agreement over {r['positions']:,} positions",
+                  f"top-1      {r['top1_agreement']:.4f} agreement over {r['positions']:,} positions; "
+                  + (f"{r['decisive_top1_agreement']:.4f}" if r.get("decisive_top1_agreement") is not None else "n/a")
+                  + f" on the {r.get('decisive_share', 0):.1%} decisive ones (fp32 margin >= "
+                  f"{r.get('decisive_margin', 0):g} nats)",
                   f"KL         mean {r['mean_kl']:.3g}, p99 {r['p99_kl']:.3g}, max {r['max_kl']:.3g} nats "
                   "(ref || model)",
                   f"perplexity {r['ppl']:.4f} vs {r['ppl_ref']:.4f} (ratio {r['ppl_ratio']:.4f})",
                   f"greedy     {r['greedy_identical']:.3f} of {r['greedy_prompts']} continuations identical "
                   f"({r['greedy_new_tokens']} tokens), mean matching prefix {r['greedy_prefix_mean']:.1f}",
-                  f"int8 gate  {gate}"]
+                  f"{r['precision'] + ' gate':<10} {gate}"]
     lines.append(f"time       {r['seconds']:.1f} s")
     return "\n".join(lines)
 

@@ -17,6 +17,9 @@ At every scored position both sessions see the same window; we compare the refer
 next-token distribution p with the model's q:
 
 - ``top1_agreement``: fraction of positions where argmax p == argmax q;
+- ``decisive_top1_agreement``: the same, on the *decisive* positions only: those where
+  p's favourite beats its runner-up by at least `margin` nats of log-prob (elsewhere a
+  flip is a near-tie); ``decisive_share`` is the fraction of positions that are decisive;
 - ``mean_kl`` / ``p99_kl``: KL(p || q) in nats, mean and 99th percentile;
 - ``ppl_ratio``: perplexity of the model / of the reference on those same tokens.
 
@@ -160,7 +163,7 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "windows"):
 # -- the measurements -----------------------------------------------------------------
 
 def measure(ref_session, session, token_ids, *, window: int, stride: int, limit: int | None = None,
-            progress: bool = False) -> dict:
+            progress: bool = False, margin: float = 0.05) -> dict:
     """Compare `session` with `ref_session` on every scored position of real text.
 
     Args:
@@ -171,9 +174,13 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
         stride: step between windows; each window scores about `stride` new tokens.
         limit: use only the first `limit` windows.
         progress: show a progress bar on stderr.
+        margin: log-prob lead (nats) of the reference's favourite over its runner-up
+            that makes a position decisive (the gate passes ``policy.DECISIVE_MARGIN``).
 
     Returns:
-        ``top1_agreement``, ``mean_kl``, ``p99_kl``, ``max_kl`` (nats, KL(ref || model)),
+        ``top1_agreement``, ``decisive_top1_agreement`` (None without decisive
+        positions), ``decisive_share``, ``decisive_margin``, ``mean_kl``, ``p99_kl``,
+        ``max_kl`` (nats, KL(ref || model)),
         ``ppl_ref``, ``ppl``, ``ppl_ratio`` (model / ref, on the same tokens), ``positions``
         and ``windows``.
 
@@ -186,7 +193,7 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
         raise ValueError("need at least 2 tokens to measure")
     ref_spec, spec = SessionSpec.of(ref_session), SessionSpec.of(session)
     wins = list(windows(ids.size, window, stride))[:limit]
-    agree, kls = [], []
+    agree, kls, decisive = [], [], []
     nll_ref = nll = 0.0
     with progress_bar(len(wins), "fidelity", progress) as bar:
         for w in wins:
@@ -201,13 +208,18 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
                 nll_ref -= float(lp[rows, t].sum())
                 nll -= float(lq[rows, t].sum())
                 agree.append(lp.argmax(-1) == lq.argmax(-1))
+                top2 = np.partition(lp, -2, axis=-1)[:, -2:]  # (rows, 2): runner-up, favourite
+                decisive.append(top2[:, 1] - top2[:, 0] >= margin)
                 kls.append(np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0))  # rounding can dip below 0
             bar.update(1)
-    agree_a, kl = np.concatenate(agree), np.concatenate(kls)
+    agree_a, kl, dec = np.concatenate(agree), np.concatenate(kls), np.concatenate(decisive)
     n = int(agree_a.size)
     ppl_ref, ppl = float(np.exp(nll_ref / n)), float(np.exp(nll / n))
     return {
         "top1_agreement": float(agree_a.mean()),
+        "decisive_top1_agreement": float(agree_a[dec].mean()) if dec.any() else None,
+        "decisive_share": float(dec.mean()),
+        "decisive_margin": float(margin),
         "mean_kl": float(kl.mean()),
         "p99_kl": float(np.percentile(kl, 99)),
         "max_kl": float(kl.max()),

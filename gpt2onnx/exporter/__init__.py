@@ -5,7 +5,8 @@
 
 Modules, in pipeline order: `sources` (load a hub id / folder / random weights),
 `graph` (build the decoder graph), `parity` (PyTorch reference and the fp32 check),
-`quantize` (int8 recipes, outlier split), `policy` (the fidelity gate and its retry),
+`quantize` (int8/int4 recipes, outlier split), `nbits` (MatMulNBits
+algorithms, the shared token table), `policy` (the fidelity gate and its retry),
 `modelcard` (MODEL_CARD.md and tags), `publish` (atomic folder write), and `pipeline`
 (`export`, which runs them in order). Importing this package imports no torch.
 """

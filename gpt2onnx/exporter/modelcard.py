@@ -70,9 +70,11 @@ def render(manifest: dict) -> str:
         f"vocab {d['vocab_size']}, context {d['n_positions']} |",
         f"| parameters | {manifest.get('n_params', 0) / 1e6:.1f} M |",
         f"| precision | {manifest['precision']}"
-        + (f" — {q['scheme']} {q['bits']}-bit, block {q['block_size']}, "
-           f"{'symmetric' if q['symmetric'] else 'asymmetric'}, accuracy_level {q['accuracy_level']}, "
-           f"LM head {q['lm_head']}, embeddings {q['embedding']}" if q else "") + " |",
+        + (f" — {q['scheme']} {q['bits']}-bit {q.get('algorithm', 'rtn').upper()}, block {q['block_size']}, "
+           f"{'symmetric' if q['symmetric'] else 'asymmetric (uint8 zero points)'}, "
+           f"accuracy_level {q['accuracy_level']}; LM head {q['lm_head']}, embeddings {q['embedding']}"
+           + (f" (one token table for both, block {q['table_block_size']})" if q.get("shared_table") else "")
+           if q else "") + " |",
         f"| files | {total_mb:.1f} MB in total (see gpt2onnx.json for sizes and sha256) |",
         f"| graph | one decoder with KV cache, opset {manifest.get('opset')}, onnxruntime contrib ops |",
         "",
@@ -106,20 +108,28 @@ def render(manifest: dict) -> str:
     ]
     fid = manifest.get("fidelity")
     if fid:
-        lines += ["## int8 fidelity against fp32 (measured at export, on real text)", "",
+        precision = manifest["precision"]
+        lines += [f"## {precision} fidelity against fp32 (measured at export, on real text)", "",
                   "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in fid.items() if not isinstance(v, (dict, list))]
-        rule = {"top1_agreement": ">= {}", "mean_kl": "<= {}", "ppl_ratio": "within [1/{0}, {0}]"}  # as fidelity.check
+        rule = {"top1_agreement": ">= {}", "mean_kl": "<= {}", "ppl_ratio": "within [1/{0}, {0}]",  # as policy.check
+                "decisive_top1_agreement": ">= {} (positions where fp32's favourite leads by >= "
+                                           f"{fid.get('decisive_margin', 0):g} nats)"}
         gate = ", ".join(f"{k} {rule.get(k, '{}').format(v)}" for k, v in fid.get("gate", {}).items())
         lines += ["", f"Gate ({fid.get('gated', '')}): {gate}."]
         if fid.get("missed"):
-            lines.append(f"**WARNING: this int8 export MISSED the gate ({'; '.join(fid['missed'])}) and was kept "
+            lines.append(f"**WARNING: this {precision} export MISSED the gate ({'; '.join(fid['missed'])}) and was kept "
                          "with --accept-fidelity-miss. Prefer the fp32 export where output quality matters.**")
         split = (manifest.get("quantization") or {}).get("outlier_channels") or {}
         lines.append(f"Outlier input channels kept in fp32 (calibrated at export): {sum(map(len, split.values()))} "
                      f"channels in {len(split)} MatMuls." if split else
-                     "No outlier activation channels were found at calibration; every MatMul is fully int8.")
+                     "No outlier activation channels were found at calibration; every MatMul is fully quantized.")
+        tried = (manifest.get("quantization") or {}).get("tried") or []
+        if len(tried) > 1:
+            lines.append("Recipes tried, in order: " + "; ".join(
+                f"{t.get('what', t['block_size'])} ({'missed: ' + ', '.join(t['missed']) if t['missed'] else 'passed'})"
+                for t in tried) + ".")
         lines.append("")
     zs = ZERO_SHOT.get(name)
     if zs:

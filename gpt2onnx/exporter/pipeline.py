@@ -24,7 +24,8 @@ from .._version import package_versions
 from ..errors import ExportError, Gpt2OnnxError, ParityError, UnsupportedModelError
 from ..progress import Progress
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int4")
+QUANTIZED = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,13 @@ class ExportConfig:
 
     source: str  # hub id or local save_pretrained folder
     outdir: str  # the model folder to create
-    precision: str = "fp32"  # "fp32" or "int8"
+    precision: str = "fp32"  # "fp32", "int8" or "int4"
     force: bool = False  # replace an existing outdir
     random_weights: bool = False  # seeded random weights instead of loading them
     seed: int = 0  # seed of the random weights
     tokenizer: str | None = None  # folder with tokenizer.json or vocab.json + merges.txt
     progress: bool = True  # show progress on stderr
-    accept_fidelity_miss: bool = False  # finish an int8 export that misses the gate (recorded as such)
+    accept_fidelity_miss: bool = False  # finish an int8/int4 export that misses its gate (recorded as such)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -90,7 +91,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
             ``distilgpt2``; ``openai-community/`` prefix optional) or a local folder
             written by ``save_pretrained``.
         outdir: the model folder to create (refused if it exists, unless `force`).
-        precision: ``"fp32"`` or ``"int8"``.
+        precision: ``"fp32"``, ``"int8"`` or ``"int4"`` (4-bit MatMuls, 8-bit token table).
         force: replace an existing `outdir`.
         random_weights: build the architecture with seeded random weights (benchmarks
             where the weights are unavailable; the folder says so everywhere).
@@ -98,7 +99,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         tokenizer: folder with ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``
             (default: the source's own, or GPT-2's shipped one for random weights).
         progress: show the steps on stderr.
-        accept_fidelity_miss: finish an int8 export that misses the fidelity gate;
+        accept_fidelity_miss: finish an int8/int4 export that misses its fidelity gate;
             the manifest and model card then say "gate missed, accepted".
 
     Returns:
@@ -108,8 +109,8 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         UnsupportedModelError: the source is missing or not GPT-2.
         ExportError: the output cannot be written.
         ParityError: the fp32 graph does not reproduce PyTorch within 1e-3.
-        FidelityError: the int8 graph misses the gate of `gpt2onnx.exporter.policy` on real
-            text (unless `accept_fidelity_miss`).
+        FidelityError: the int8/int4 graph misses its gate of `gpt2onnx.exporter.policy` on
+            real text (unless `accept_fidelity_miss`).
 
     >>> m = export("gpt2", "out/gpt2", random_weights=True)   # doctest: +SKIP
     >>> m["parity"]["fp32_max_abs_diff"] < 1e-3                # doctest: +SKIP
@@ -124,7 +125,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
     remove_stale_temps(cfg.outdir)  # folders of killed exports; moves a parked old folder back
     out = check_outdir(cfg)
     parent = os.path.dirname(out)
-    bar = Progress("gpt2onnx export", total=8 if precision == "int8" else 6, unit="steps", enabled=progress,
+    bar = Progress("gpt2onnx export", total=8 if precision in QUANTIZED else 6, unit="steps", enabled=progress,
                    bar_format="gpt2onnx export: {desc} (step {n_fmt}/{total_fmt}) {elapsed}")  # before mkdtemp
     ok = False
     try:
@@ -146,7 +147,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
 def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     from .. import artifact
     from . import graph, hfcompat, modelcard, parity, policy, sources
-    from .quantize import INT8, calibrate, outlier_channels
+    from .quantize import calibrate, outlier_channels, recipes_to_try
 
     t0 = time.perf_counter()
     bar.step("load model")
@@ -156,18 +157,20 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     n_params = sum(p.numel() for p in src.model.parameters())
 
     bar.step("build ONNX graph")
-    fp32_dir = os.path.join(tmp, "fp32") if cfg.precision == "int8" else tmp
+    quantized = cfg.precision in QUANTIZED
+    fp32_dir = os.path.join(tmp, "fp32") if quantized else tmp
     os.makedirs(fp32_dir, exist_ok=True)
     fp32_path = graph.build(sources.numpy_weights(src.model), dims, fp32_dir,
-                            untied_lm_head=cfg.precision == "int8")
+                            untied_lm_head=quantized)
 
     bar.step("record PyTorch reference")
     steps = parity.reference(src.model)
     window = min(dims.n_positions, 1024)
     gate_ids = outliers = None
-    if cfg.precision == "int8":  # which MatMul inputs have outlier channels (see quantize.py)
+    if quantized:  # which MatMul inputs have outlier channels (see quantize.py)
         gate_ids = tok.encode(policy.gate_text()).ids
-        outliers = outlier_channels(calibrate(src.model, gate_ids[:policy.CALIBRATION_TOKENS], window=window), INT8)
+        first = recipes_to_try(n_embd=dims.n_embd, precision=cfg.precision)[0]  # its outlier_ratio and cap
+        outliers = outlier_channels(calibrate(src.model, gate_ids[:policy.CALIBRATION_TOKENS], window=window), first)
     config_json = src.config.to_dict()
     eos = src.config.eos_token_id if src.config.eos_token_id is not None else tok.token_to_id("<|endoftext|>")
     bos = src.config.bos_token_id if src.config.bos_token_id is not None else eos
@@ -190,8 +193,8 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
            "positions": fp32["positions"], "paddings": ", ".join(s.padding for s in fresh),
            "fp32_max_abs_diff_by_padding": fp32["max_abs_diff_by_padding"]}
     quant = fid = None
-    if cfg.precision == "int8":
-        quant, par["int8"], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
+    if quantized:
+        quant, par[cfg.precision], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
                                             source_info["random_weights"], bar)
         shutil.rmtree(fp32_dir)
 
@@ -211,7 +214,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
         "io": graph.io_names(dims.n_layer),
         "opset": graph.OPSET,
         "parity": par,
-        "fidelity": fid if cfg.precision == "int8" else None,
+        "fidelity": fid if quantized else None,
         "tools": _versions(),
         "export_seconds": None,
     }

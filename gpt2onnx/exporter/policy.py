@@ -1,12 +1,13 @@
-"""The int8 policy: which recipe, the fidelity gate on real text, and the retry.
+"""The quantization policy: which recipe, the fidelity gates on real text, and the retry.
 
 >>> check({"top1_agreement": 0.995, "mean_kl": 0.002, "ppl_ratio": 1.003})
 []
 
 The exporter quantizes with the first recipe of `quantize.recipes_to_try`, measures the
-int8 graph against the fp32 one on `gate_text` (`gpt2onnx.eval.fidelity.measure`), and
-judges the figures with `gate_for` + `check`. A miss retries with the next (finer)
-recipe; the last miss raises `FidelityError` unless the user accepted it. ``gpt2onnx
+quantized graph against the fp32 one on `gate_text` (`gpt2onnx.eval.fidelity.measure`),
+and judges the figures with `gate_for` + `check` (int8 and int4 have their own
+thresholds, `GATES`). A miss retries with the next recipe (finer block, then another
+algorithm); the last miss raises `FidelityError` unless the user accepted it. ``gpt2onnx
 eval --task fidelity`` applies the same `gate_for` + `check`, so one model gets one verdict.
 
 `gate_text` is the real text shipped for the gate: the last 30,238 bytes of the
@@ -28,6 +29,21 @@ GATE = {
     "ppl_ratio": 1.01,  # at most 1 % apart, either way (see `check`)
 }
 
+# Thresholds of the int4 gate (issue #16). 4-bit blocks round weights on 16 levels
+# instead of 256, so int4 cannot meet int8's gate and is not meant to: it buys size and
+# decode speed with a bounded, measured loss. The bounds say what "bounded" means:
+GATE_INT4 = {
+    # At least, on decisive positions only (below). Plain top-1 counts near-ties, where
+    # fp32 itself barely prefers its favourite and any rounding flips it; that punishes
+    # weak or uncertain models for noise. Where fp32 has a clear favourite, int4 must keep it.
+    "decisive_top1_agreement": 0.95,
+    "mean_kl": 0.05,  # at most, nats: 5x int8's bound; the distribution may blur, not change
+    "ppl_ratio": 1.05,  # at most 5 % apart, either way (see `check`): a user-visible cost, capped
+}
+DECISIVE_MARGIN = 0.05  # nats of log-prob by which fp32's favourite must beat its runner-up to count as decisive
+DECISIVE_MIN_SHARE = 0.5  # decisive top-1 is gated only when at least half the positions are decisive
+GATES = {"int8": GATE, "int4": GATE_INT4}  # by precision; other folders (fp32 vs fp32) get int8's
+
 
 def gate_text() -> str:
     """The real text of the exporter's int8 gate (WikiText-2 test, CC BY-SA 3.0).
@@ -42,25 +58,38 @@ GATE_WINDOWS = 4  # windows of the gate text the exporter measures (4 x 1024/512
 CALIBRATION_TOKENS = 512  # first tokens of the gate text that `quantize.calibrate` sees
 
 
-def gate_for(figures: dict, vocab_size: int, random_weights: bool) -> tuple[dict, str]:
-    """The thresholds that mean something for this model, and why.
+def gate_for(figures: dict, vocab_size: int, random_weights: bool, precision: str = "int8") -> tuple[dict, str]:
+    """The thresholds that mean something for this model at this precision, and why.
 
     Top-1 agreement and the perplexity ratio judge a model that predicts something. A
     random or untrained GPT-2 predicts an almost uniform distribution (perplexity near
     or above its vocabulary size): its argmax is noise that int8 flips at 5 % of
     positions while the KL stays ~1e-4. Such models are gated on ``mean_kl`` alone.
+    The int4 gate's decisive top-1 applies only when at least `DECISIVE_MIN_SHARE` of
+    the positions are decisive (a model that is mostly unsure has too few of them).
 
     >>> gate_for({"ppl_ref": 57800.0}, 50257, True)[1]
     'random weights: mean_kl only'
     >>> gate_for({"ppl_ref": 29.4}, 50257, False)[0] == GATE
     True
+    >>> gate_for({"ppl_ref": 29.4, "decisive_share": 0.7}, 50257, False, "int4")[0] == GATE_INT4
+    True
+    >>> gate_for({"ppl_ref": 900.0, "decisive_share": 0.3}, 50257, False, "int4")
+    ({'mean_kl': 0.05, 'ppl_ratio': 1.05}, 'full gate but top-1: decisive positions 30 % < 50 %')
     """
+    base = GATES.get(precision, GATE)
     if random_weights:
-        return {"mean_kl": GATE["mean_kl"]}, "random weights: mean_kl only"
+        return {"mean_kl": base["mean_kl"]}, "random weights: mean_kl only"
     if figures["ppl_ref"] > vocab_size / 4:
-        return ({"mean_kl": GATE["mean_kl"]},
+        return ({"mean_kl": base["mean_kl"]},
                 f"untrained-looking reference (perplexity {figures['ppl_ref']:.0f} > vocabulary / 4): mean_kl only")
-    return dict(GATE), "full gate"
+    gate = dict(base)
+    share = figures.get("decisive_share")
+    if "decisive_top1_agreement" in gate and (share is None or share < DECISIVE_MIN_SHARE):
+        del gate["decisive_top1_agreement"]
+        return gate, (f"full gate but top-1: decisive positions {100 * (share or 0):.0f} % "
+                      f"< {100 * DECISIVE_MIN_SHARE:.0f} %")
+    return gate, "full gate"
 
 
 def check(figures: dict, gate: dict | None = None) -> list[str]:
@@ -76,8 +105,10 @@ def check(figures: dict, gate: dict | None = None) -> list[str]:
     """
     gate = GATE if gate is None else gate
     missed = []
-    if "top1_agreement" in gate and not figures["top1_agreement"] >= gate["top1_agreement"]:
-        missed.append(f"top1_agreement {figures['top1_agreement']:.4g} < {gate['top1_agreement']}")
+    for key in ("top1_agreement", "decisive_top1_agreement"):
+        if key in gate and not (figures[key] is not None and figures[key] >= gate[key]):
+            missed.append(f"{key} {figures[key] if figures[key] is None else format(figures[key], '.4g')} "
+                          f"< {gate[key]}")
     if "mean_kl" in gate and not figures["mean_kl"] <= gate["mean_kl"]:
         missed.append(f"mean_kl {figures['mean_kl']:.4g} > {gate['mean_kl']}")
     if "ppl_ratio" in gate:
@@ -99,44 +130,53 @@ def cpu_session(path: str):
 
 
 def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, gate_ids, window: int,
-              random_weights: bool, bar) -> tuple[dict, dict, dict]:
-    """Quantize, then gate on real text; a miss retries with the finer fallback recipe.
+                   random_weights: bool, bar) -> tuple[dict, dict, dict]:
+    """Quantize to `cfg.precision`, then gate on real text; a miss retries with the next recipe.
 
-    Returns the quantization record, the int8 parity figures and the fidelity record;
-    raises FidelityError when the last recipe misses too (unless accepted).
+    Returns the quantization record, the parity figures and the fidelity record; raises
+    FidelityError when the last recipe misses too (unless accepted).
     """
     from ..eval import fidelity
-    from . import parity
-    from .quantize import INT8, quantize_int8, recipes_to_try
+    from . import parity, quantize
 
+    precision = cfg.precision
     ref = None  # made after the first quantization: the quantizer and an fp32 session at once would double the peak
     stride = window // 2
     tried = []
-    for i, recipe in enumerate(recipes_to_try(INT8, dims.n_embd)):
+    for i, recipe in enumerate(quantize.recipes_to_try(n_embd=dims.n_embd, precision=precision)):
+        what = f"block {recipe.block_size}" + (f", {recipe.lm_head} table" if precision == "int4" else "")
         if i == 0:
-            bar.step("quantize int8")
+            bar.step(f"quantize {precision}")
         else:
-            bar.note(f"quantize int8 again with block {recipe.block_size} (block {tried[-1]['block_size']} "
-                     "missed the fidelity gate)")
-        session = cpu_session(quantize_int8(fp32_path, tmp, recipe, outliers))
+            bar.note(f"quantize {precision} again with {what} ({tried[-1]['what']} missed the fidelity gate)")
+        table: dict = {}
+        session = cpu_session(quantize.quantize_model(fp32_path, tmp, recipe, outliers, report=table))
         if ref is None:
             ref = cpu_session(fp32_path)
         if i == 0:
-            bar.step("int8 fidelity gate on real text")
-        figures = fidelity.measure(ref, session, gate_ids, window=window, stride=stride, limit=GATE_WINDOWS)
-        gate, why = gate_for(figures, dims.vocab_size, random_weights)
+            bar.step(f"{precision} fidelity gate on real text")
+        figures = fidelity.measure(ref, session, gate_ids, window=window, stride=stride, limit=GATE_WINDOWS,
+                                   margin=DECISIVE_MARGIN)
+        gate, why = gate_for(figures, dims.vocab_size, random_weights, precision)
         missed = check(figures, gate)
-        tried.append({"block_size": recipe.block_size, "top1_agreement": figures["top1_agreement"],
-                      "mean_kl": figures["mean_kl"], "missed": missed})
+        tried.append({"what": what, "algorithm": recipe.algorithm, "block_size": recipe.block_size,
+                      "symmetric": recipe.symmetric, "lm_head": recipe.lm_head,
+                      "top1_agreement": figures["top1_agreement"],
+                      "decisive_top1_agreement": figures["decisive_top1_agreement"],
+                      "decisive_share": figures["decisive_share"], "mean_kl": figures["mean_kl"],
+                      "ppl_ratio": figures["ppl_ratio"], "missed": missed})
         if not missed:
             break
     if missed and not cfg.accept_fidelity_miss:
-        raise FidelityError(f"the int8 graph misses the fidelity gate on real text ({'; '.join(missed)}); "
-                            "export fp32 instead, or pass --accept-fidelity-miss to keep it (recorded in the manifest)")
+        raise FidelityError(f"the {precision} graph misses the fidelity gate on real text ({'; '.join(missed)}); "
+                            f"export {'fp32' if precision == 'int8' else 'int8 or fp32'} instead, "
+                            "or pass --accept-fidelity-miss to keep it "
+                            "(recorded in the manifest)")
     q = parity.compare(steps, parity.run_onnx(session, steps, dims))
     par = {"max_abs_diff": q["max_abs_diff"], "top1_agreement": q["top1_agreement"],
            "mean_kl": q["mean_kl"], "max_kl": q["max_kl"]}
-    quant = dict(recipe.to_json(), outlier_channels={k: v for k, v in sorted(outliers.items())}, tried=tried)
+    quant = dict(recipe.to_json(), **table, outlier_channels={k: v for k, v in sorted(outliers.items())},
+                 tried=tried)
     fid = dict(figures, text="gpt2onnx/data/gate_text.txt (WikiText-2 test tail)", window=window, stride=stride,
                gate=gate, gated=why, missed=missed,
                status="missed, accepted with --accept-fidelity-miss" if missed else "passed")

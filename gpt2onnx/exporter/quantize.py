@@ -1,14 +1,15 @@
-"""int8 weight formats for the exported graph.
+"""Quantized weight formats for the exported graph: recipes, the outlier split, the driver.
 
-The shipped recipe (`INT8`) uses onnxruntime's own weight quantizer to turn every MatMul,
-the LM head included, into ``MatMulNBits`` with 8-bit, block-wise symmetric weights.
+A recipe (`QuantRecipe`) says how the transformer's MatMuls become onnxruntime's
+``MatMulNBits`` (bits, block, zero points, algorithm: see `nbits`) and at how many bits
+the token table serves as embedding and LM head (stored once for both: `nbits.tie_table`).
 ``accuracy_level=4`` lets onnxruntime run those MatMuls on int8 dot-product kernels
 (VNNI / AMX where the CPU has them); it is ~30x faster here than the float path
 (``accuracy_level`` unset dequantizes each weight matrix on every call).
 
 ``accuracy_level=4`` also quantizes the *activations* to int8, per block along K (the
-weight block: 128 values). Trained GPT-2 has a few activation channels hundreds of times
-larger than the rest; sharing a block's int8 grid with one of them rounds its 127
+weight block). Trained GPT-2 has a few activation channels hundreds of times
+larger than the rest; sharing a block's int8 grid with one of them rounds its
 neighbours to a few levels.
 So before quantizing, the exporter measures every MatMul input on real text
 (`calibrate`) and splits each MatMul whose input has such channels (LLM.int8()'s
@@ -22,7 +23,6 @@ A model without outliers (random weights, say) gets no extra nodes and loses no 
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import asdict, dataclass, replace
 
@@ -31,95 +31,97 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import EXTERNAL_DATA
+from .nbits import ALGORITHMS, fit_block, head_is_tied, quantize_matmuls, tie_table
 
 
 @dataclass(frozen=True)
-class Int8Recipe:
-    """How the int8 graph is made (recorded in the manifest)."""
+class QuantRecipe:
+    """How a quantized graph is made (recorded in the manifest's ``quantization``)."""
 
     scheme: str = "MatMulNBits"  # onnxruntime contrib op with block-wise quantized weights
-    bits: int = 8
+    bits: int = 8  # of the transformer MatMuls
     block_size: int = 128  # weights per scale along K; smaller = more accurate, more scales, slower
-    symmetric: bool = True  # no zero points: int8 weights centred on 0
+    symmetric: bool = True  # no zero points (weights centred on 0); False = a uint8 zero point per block
     accuracy_level: int = 4  # 4 = int8 activations per block -> int8 dot-product kernels
-    lm_head: str = "int8"  # the 38 M-parameter LM head is quantized too
-    embedding: str = "int8"  # token table as GatherBlockQuantized (position table: 1 M, stays fp32)
+    algorithm: str = "rtn"  # how the MatMul weights are rounded: round-to-nearest (see nbits for the others tried)
+    lm_head: str = "int8"  # the tied token table as LM head: "int8" or "int4" (the same table as the embedding)
+    embedding: str = "int8"  # the token table as GatherBlockQuantized (position table: 1 M, stays fp32)
+    table_block_size: int = 128  # block of the token table
     outlier_ratio: float = 6.0  # an input channel whose calibrated |max| is > this x the median's stays fp32
     max_outliers: int = 16  # per MatMul, the largest first
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.lm_head != self.embedding:
+            raise ValueError("the LM head and the embedding share one table: give them the same precision")
+
+    @property
+    def table_bits(self) -> int:
+        return int(self.lm_head.removeprefix("int"))
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-INT8 = Int8Recipe(block_size=128)  # shipped: decode 11 % faster than block 32 here (see docs/quality.md)
+Int8Recipe = QuantRecipe  # the name before int4 existed
+
+INT8 = QuantRecipe(block_size=128)  # shipped: decode 11 % faster than block 32 here (see docs/quality.md)
 FALLBACK_BLOCK = 32  # the exporter retries with this block size when INT8 misses the fidelity gate
 
+# The int4 ladder, tried in order until one passes the int4 gate (docs/quality.md, "int4"):
+# the 4-bit token table first (embedding and LM head), then the 8-bit table, then a finer block with
+# zero points (the most faithful body measured: block 16 asymmetric, docs/quality.md).
+INT4 = QuantRecipe(bits=4, block_size=32, symmetric=True, lm_head="int4", embedding="int4", table_block_size=32)
+INT4_TABLE8 = replace(INT4, lm_head="int8", embedding="int8", table_block_size=128)
+INT4_LADDER = (INT4, INT4_TABLE8, replace(INT4_TABLE8, block_size=16, symmetric=False))
 
-def recipes_to_try(recipe: Int8Recipe | None = None, n_embd: int = 768) -> list[Int8Recipe]:
-    """The recipes the exporter tries in order: `recipe` (default `INT8`), then the finer fallback.
 
-    Block sizes shrink to the largest power of two that divides `n_embd` (every MatMul's
-    K is n_embd or 4 x n_embd): onnxruntime pads a partial block, which would cost
-    memory for nothing (gpt2-xl's 1600 -> 64).
+def recipes_to_try(recipe: QuantRecipe | None = None, n_embd: int = 768, *, precision: str = "int8"
+                   ) -> list[QuantRecipe]:
+    """The recipes the exporter tries in order.
+
+    int8: `recipe` (default `INT8`), then the finer fallback block. int4: `INT4_LADDER`
+    (or `recipe` alone). Block sizes shrink to the largest power of two that divides
+    `n_embd` (every MatMul's K is n_embd or 4 x n_embd): onnxruntime pads a partial
+    block, which would cost memory for nothing (gpt2-xl's 1600 -> 64).
 
     >>> [r.block_size for r in recipes_to_try()]
     [128, 32]
     >>> [r.block_size for r in recipes_to_try(n_embd=1600)]
     [64, 32]
+    >>> [(r.block_size, r.lm_head) for r in recipes_to_try(precision="int4")]
+    [(32, 'int4'), (32, 'int8'), (16, 'int8')]
     """
+    def fit(r: QuantRecipe, block: int | None = None) -> QuantRecipe:
+        return replace(r, block_size=fit_block(block or r.block_size, n_embd) or (block or r.block_size),
+                       table_block_size=fit_block(r.table_block_size, n_embd) or r.table_block_size)
+
+    if precision == "int4":
+        ladder = [fit(r) for r in ([recipe] if recipe else INT4_LADDER)]
+        return [r for i, r in enumerate(ladder) if r not in ladder[:i]]
     recipe = recipe or INT8
-
-    def fit(block: int) -> int:
-        return fit_block(block, n_embd) or block
-
-    out = [replace(recipe, block_size=fit(recipe.block_size))]
-    finer = fit(min(FALLBACK_BLOCK, recipe.block_size))
-    return out if finer == out[0].block_size else out + [replace(recipe, block_size=finer)]
+    out = [fit(recipe)]
+    finer = fit(recipe, min(FALLBACK_BLOCK, recipe.block_size))
+    return out if finer == out[0] else out + [finer]
 
 
-def fit_block(block: int, n: int) -> int | None:
-    """The largest of block, block/2, ... (down to 16) that divides `n`; None if none does.
-
-    >>> fit_block(128, 768), fit_block(128, 1600), fit_block(32, 100)
-    (128, 64, None)
-    """
-    while block >= 16:
-        if n % block == 0:
-            return block
-        block //= 2
-    return None
-
-
-def quantize_int8(fp32_path: str, out_folder: str, recipe: Int8Recipe = INT8,
-                  outliers: dict[str, list[int]] | None = None) -> str:
+def quantize_model(fp32_path: str, out_folder: str, recipe: QuantRecipe = INT8,
+                   outliers: dict[str, list[int]] | None = None, report: dict | None = None) -> str:
     """Quantize the fp32 graph at `fp32_path` into `out_folder`/model.onnx (+ data).
 
     `outliers` maps MatMul weight names to input channels kept in fp32 (see
-    `outlier_channels`); by default there are none.
+    `outlier_channels`); by default there are none. The LM head takes the
+    token table (`nbits.tie_table`), so the MatMul pass leaves it alone; what that did
+    (shared table or not) goes into `report` when given.
     """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    old_level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        model = onnx.load(fp32_path)
-        keep_fp32 = split_outliers(model, outliers or {})
-        q = MatMulNBitsQuantizer(
-            model,
-            bits=recipe.bits,
-            block_size=recipe.block_size,
-            is_symmetric=recipe.symmetric,
-            accuracy_level=recipe.accuracy_level,
-            nodes_to_exclude=keep_fp32,
-            op_types_to_quantize=("MatMul",),
-        )
-        q.process()
-    finally:
-        log.setLevel(old_level)
-    model = q.model.model
-    if recipe.embedding == "int8":
-        _quantize_embedding(model, recipe.block_size)
+    model = onnx.load(fp32_path)
+    tied = head_is_tied(model)  # before the split zeroes the head's outlier rows
+    keep_fp32 = split_outliers(model, outliers or {})
+    model = quantize_matmuls(model, recipe, keep_fp32 + ["lm_head"])
+    table = tie_table(model, recipe.table_bits, recipe.table_block_size, recipe.accuracy_level, tied)
+    if report is not None:
+        report.update(table)
     path = os.path.join(out_folder, "model.onnx")
     for stale in (path, os.path.join(out_folder, EXTERNAL_DATA)):  # onnx appends to an existing data file
         if os.path.exists(stale):
@@ -163,7 +165,7 @@ def calibrate(model, token_ids, *, window: int) -> dict[str, np.ndarray]:
     return stats
 
 
-def outlier_channels(stats: dict[str, np.ndarray], recipe: Int8Recipe = INT8) -> dict[str, list[int]]:
+def outlier_channels(stats: dict[str, np.ndarray], recipe: QuantRecipe = INT8) -> dict[str, list[int]]:
     """The input channels of each MatMul to keep in fp32: |max| > ratio x the median channel's.
 
     >>> outlier_channels({"w": np.array([1.0, 1.2, 0.9, 40.0, 1.1])})
@@ -219,42 +221,3 @@ def split_outliers(model: onnx.ModelProto, outliers: dict[str, list[int]]) -> li
     del g.node[:]
     g.node.extend(nodes)
     return keep_fp32
-
-
-def blockwise_int8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per block of the last axis, stored as uint8 with zero point 128.
-
-    (R, C) float -> (R, C) uint8 and (R, C / block_size) float32 scales; C must be a
-    multiple of block_size. Dequantized: (q - 128) * scale.
-    """
-    r, c = w.shape
-    blocks = w.reshape(r, c // block_size, block_size)
-    scales = np.abs(blocks).max(-1) / 127.0  # (R, C/bs)
-    scales[scales == 0] = 1.0
-    q = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int16) + 128
-    return q.astype(np.uint8).reshape(r, c), scales.astype(np.float32)
-
-
-def _quantize_embedding(model: onnx.ModelProto, block_size: int) -> None:
-    """Replace the token-embedding Gather by an 8-bit GatherBlockQuantized.
-
-    Written here because onnxruntime's weight quantizer quantizes Gather only to 4 bits.
-    The block size is the largest power of two <= `block_size` that divides n_embd.
-    """
-    g = model.graph
-    node = next(n for n in g.node if n.op_type == "Gather" and n.input[0] == "wte.weight")
-    init = next(i for i in g.initializer if i.name == "wte.weight")
-    wte = numpy_helper.to_array(init)  # (V,E)
-    bs = fit_block(block_size, wte.shape[1])
-    if bs is None:
-        return  # n_embd not a multiple of 16: keep the fp32 table
-    q, scales = blockwise_int8(wte, bs)
-    g.initializer.remove(init)
-    g.initializer.extend([numpy_helper.from_array(q, "wte.weight_q8"),
-                          numpy_helper.from_array(scales, "wte.weight_scales")])
-    new = helper.make_node("GatherBlockQuantized", ["wte.weight_q8", node.input[1], "wte.weight_scales"],
-                           list(node.output), name=node.name, domain="com.microsoft",
-                           gather_axis=0, quantize_axis=1, block_size=bs, bits=8)
-    idx = list(g.node).index(node)
-    g.node.remove(node)
-    g.node.insert(idx, new)

@@ -200,13 +200,22 @@ def test_precisions_and_versions_are_separate_groups(tmp_path):
     for row in fp32["results"]:
         if row["runtime"] == "gpt2onnx":
             row["precision"], row["token_ms"]["p50"] = "fp32", 20.0
+    int4 = fixture("f4s_v2.json")
+    int4["model"]["precision"] = "int4"
+    for row in int4["results"]:
+        if row["runtime"] == "gpt2onnx":
+            row["precision"], row["token_ms"]["p50"] = "int4", 4.0
     ort = fixture("e4s_v3.json")
     ort["environment"]["versions"]["onnxruntime"] = "1.19.0"
-    paths = [*three(), write(tmp_path, "fp32.json", fp32), write(tmp_path, "ort.json", ort)]
+    paths = [*three(), write(tmp_path, "fp32.json", fp32), write(tmp_path, "int4.json", int4),
+             write(tmp_path, "ort.json", ort)]
     rep, md, _ = build(tmp_path, paths)
     heads = [ln for ln in md.splitlines() if ln.startswith("## Group")]
-    assert len(heads) == len(rep.recommendations) == 3
+    assert len(heads) == len(rep.recommendations) == 4
     assert sum(" fp32, " in h for h in heads) == 1 and sum(" int8, " in h for h in heads) == 2
+    assert sum(" int4, " in h for h in heads) == 1
+    int4_rows = [r for h, rows in tables(md) if h.startswith("### Latency") and " int4, " in h for r in rows]
+    assert {r["precision"] for r in int4_rows if r["runtime"] == "gpt2onnx"} == {"int4"}
     assert sum("onnxruntime 1.19.0" in h for h in heads) == 1
     fp32_rows = [r for h, rows in tables(md) if h.startswith("### Latency") and " fp32, " in h for r in rows]
     assert {r["precision"] for r in fp32_rows if r["runtime"] == "gpt2onnx"} == {"fp32"}

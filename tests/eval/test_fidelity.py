@@ -133,7 +133,7 @@ def _int8_figures(src_folder: str, work, recipes: dict, *, outliers: bool, mode:
     """fp32 vs each int8 recipe on the gate text; `split`: keep calibrated outlier channels in fp32."""
     from gpt2onnx import tokenizer
     from gpt2onnx.exporter import graph, sources
-    from gpt2onnx.exporter.quantize import calibrate, outlier_channels, quantize_int8
+    from gpt2onnx.exporter.quantize import calibrate, outlier_channels, quantize_model
 
     src = sources.load(src_folder)
     if outliers:
@@ -148,7 +148,7 @@ def _int8_figures(src_folder: str, work, recipes: dict, *, outliers: bool, mode:
     out = {"outlier_channels": found}
     for name, recipe in recipes.items():
         (work / name).mkdir()
-        q = _session(quantize_int8(fp32_path, str(work / name), recipe, found))
+        q = _session(quantize_model(fp32_path, str(work / name), recipe, found))
         out[name] = measure(ref, q, ids, window=64, stride=32, limit=40)
     return out
 

@@ -145,7 +145,7 @@ def test_interrupted_export_leaves_nothing(tiny_src, tmp_path, monkeypatch, exc)
     def boom(*a, **k):
         raise exc("stop")
 
-    monkeypatch.setattr(q, "quantize_int8", boom)
+    monkeypatch.setattr(q, "quantize_model", boom)
     with pytest.raises(exc):
         gpt2onnx.export(tiny_src, str(tmp_path / "out"), precision="int8", progress=False)
     assert os.listdir(tmp_path) == []
@@ -209,8 +209,8 @@ def test_output_errors(tiny_src, tmp_path):
         gpt2onnx.export(tiny_src, str(f / "sub" / "out"), progress=False)
     with pytest.raises(ExportError, match="not a folder"):
         gpt2onnx.export(tiny_src, str(f), force=True, progress=False)
-    with pytest.raises(ExportError, match="precision must be one of fp32, int8"):
-        gpt2onnx.export(tiny_src, str(tmp_path / "o"), precision="int4", progress=False)
+    with pytest.raises(ExportError, match="precision must be one of fp32, int8, int4"):
+        gpt2onnx.export(tiny_src, str(tmp_path / "o"), precision="int2", progress=False)
 
 
 def test_cli_export_and_inspect(tiny_src, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """A prompt gives the same tokens alone or in any batch (README promise), at real scale.
 
-The int8 MatMul kernels compute rows in pairs and an odd M's last row takes another
-kernel (see gpt2onnx._engine), so a row's tokens could depend on how many neighbours it
+The int8 and int4 MatMul kernels compute rows in pairs and an odd M's last row takes
+another kernel (see gpt2onnx._engine; the even-M rule covers int4 unchanged), so a row's tokens could depend on how many neighbours it
 has. Tiny models hide it (few near-ties); the 124M architecture shows it within a few
 dozen tokens. These tests run generation alone and in batches and compare token ids.
 """
@@ -49,7 +49,7 @@ CASES = [  # (prompt lengths in tokens, max_new_tokens per row): equal, mixed, r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
 @pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.7, "top_k": 0, "seed": 5}],
                          ids=["greedy", "sampled"])
 def test_alone_equals_batched_124m(gpt2_124m, precision, sampling):
@@ -59,12 +59,14 @@ def test_alone_equals_batched_124m(gpt2_124m, precision, sampling):
 
 
 @pytest.mark.slow
-def test_one_token_prompts_and_empty_prompt_124m(gpt2_124m):
-    gen = gpt2onnx.load(gpt2_124m["int8"], threads=2, verify_hashes=False)
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_one_token_prompts_and_empty_prompt_124m(gpt2_124m, precision):
+    gen = gpt2onnx.load(gpt2_124m[precision], threads=2, verify_hashes=False)
     _check_alone_equals_batched(gen, ["The", "", " of", "A"], (30, 30, 9, 30))
 
 
-def test_every_matmul_sees_an_even_number_of_rows(tiny_int8, monkeypatch):
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_every_matmul_sees_an_even_number_of_rows(tiny_int8, tiny_int4, monkeypatch, precision):
     """The rule behind the promise, checked on every step: rows x new tokens and rows x kept positions are even."""
     seen = []
     real = Engine.step
@@ -75,7 +77,7 @@ def test_every_matmul_sees_an_even_number_of_rows(tiny_int8, monkeypatch):
         return real(self, binding, ids, lengths, pos, last)
 
     monkeypatch.setattr(Engine, "step", step)
-    gen = gpt2onnx.load(tiny_int8, threads=1)
+    gen = gpt2onnx.load({"int8": tiny_int8, "int4": tiny_int4}[precision], threads=1)
     gen.generate(["a", "", "abc de", "abc de fg hi jk"], max_new_tokens=5)  # mixed lengths, odd and even
     gen.generate(["abc", "xyz"], max_new_tokens=3)  # equal odd lengths
     gen.generate_batch([gen.prepare("one row", max_new_tokens=4), gen.prepare("two", max_new_tokens=1),
