@@ -6,14 +6,17 @@ fidelity gate on real text is tests/eval/test_fidelity.py's job.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gpt2onnx.exporter.policy import cpu_session
-from gpt2onnx.exporter.quantize import (FALLBACK_BLOCK, INT8, Int8Recipe, blockwise_int8, fit_block,
-                                        outlier_channels, recipes_to_try, split_outliers)
+from gpt2onnx.exporter.nbits import blockwise_symmetric
+from gpt2onnx.exporter.quantize import FALLBACK_BLOCK, INT8, fit_block, outlier_channels, recipes_to_try, split_outliers
+from gpt2onnx.exporter.quantize import QuantRecipe as Int8Recipe
 
 
 @pytest.mark.parametrize("n,block,fit", [(768, 128, 128), (1600, 128, 64), (1280, 128, 128), (32, 128, 32),
@@ -35,7 +38,8 @@ def test_fit_block_halves_down_to_16(n, block, fit):
 def test_recipes_to_try_shrink_to_fit_n_embd(n_embd, blocks):
     recipes = recipes_to_try(n_embd=n_embd)
     assert [r.block_size for r in recipes] == blocks
-    assert all(r == Int8Recipe(**{**INT8.to_json(), "block_size": r.block_size}) for r in recipes)  # only the block
+    assert all(replace(r, table_block_size=INT8.table_block_size) == replace(INT8, block_size=r.block_size)
+               for r in recipes)  # only the blocks change (the token table's block shrinks the same way)
 
 
 def test_recipes_to_try_keep_a_custom_recipe_and_never_coarsen_it():
@@ -124,13 +128,14 @@ def test_split_outliers_without_outliers_changes_nothing():
     assert model.SerializeToString() == before
 
 
-def test_blockwise_int8_round_trip_within_half_a_step():
+def test_blockwise_8bit_round_trip_within_half_a_step():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((6, 64)).astype(np.float32)
     w[0, :16] = 0.0  # an all-zero block
     w[1, 20] = 40.0  # one large value: only its own block's scale grows
-    q, scales = blockwise_int8(w, 16)
-    assert q.dtype == np.uint8 and q.shape == (6, 64) and scales.shape == (6, 4) and scales.dtype == np.float32
+    q, scales = blockwise_symmetric(w, 16, 8)
+    q = q.reshape(6, 64)  # (R, C/block, block) -> (R, C)
+    assert q.dtype == np.uint8 and scales.shape == (6, 4) and scales.dtype == np.float32
     assert scales[0, 0] == 1.0 and (q[0, :16] == 128).all()
     assert scales[1, 1] == pytest.approx(40.0 / 127) and scales[1, 2] < 0.1
     deq = (q.astype(np.float32) - 128) * np.repeat(scales, 16, axis=1)
@@ -147,4 +152,4 @@ def test_int8_folder_has_matmulnbits_and_an_8bit_embedding(tiny_int8):
     assert ops.count("MatMulNBits") == 4 * 2 + 1
     gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gather.attribute}
-    assert gather.input[0] == "wte.weight_q8" and attrs["bits"] == 8 and attrs["block_size"] == 32
+    assert gather.input[0] == "wte.weight_q" and attrs["bits"] == 8 and attrs["block_size"] == 32  # one table
