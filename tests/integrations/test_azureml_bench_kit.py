@@ -227,8 +227,8 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert main(["azureml-bench-kit", str(tmp_path / "k"), "--skus", "Standard_F4s_v3"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown SKU 'Standard_F4s_v3'" in err
-    assert main(["azureml-bench-kit", str(tmp_path / "k"), "--skus", "Standard_F4s_v2", "--precision", "int4"]) == 1
-    assert "unknown precision 'int4'" in capsys.readouterr().err
+    assert main(["azureml-bench-kit", str(tmp_path / "k"), "--skus", "Standard_F4s_v2", "--precision", "int3"]) == 1
+    assert "unknown precision 'int3'" in capsys.readouterr().err
     assert not (tmp_path / "k").exists()
     assert main(["azureml-bench-kit", str(tmp_path / "k"), "--skus", "f4s_v2"]) == 0
     assert main(["azureml-bench-kit", str(tmp_path / "k"), "--skus", "f4s_v2"]) == 1
