@@ -92,7 +92,8 @@ def _generate(a) -> int:
 
 def add_parsers(sub) -> None:
     """Register ``export``, ``inspect`` and ``generate``."""
-    e = sub.add_parser("export", help="export GPT-2 to an ONNX model folder (fp32 or int8), verified against PyTorch")
+    e = sub.add_parser("export",
+                       help="export GPT-2 to an ONNX model folder (fp32, int8 or int4), verified against PyTorch")
     e.add_argument("source", help="hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) or save_pretrained folder")
     e.add_argument("outdir", help="model folder to create")
     e.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32", help="weight precision of the graph")
@@ -104,7 +105,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     e.add_argument("--tokenizer", metavar="DIR", help="folder with vocab.json + merges.txt or tokenizer.json")
     e.add_argument("--accept-fidelity-miss", action="store_true",
-                   help="keep an int8 export that misses the fidelity gate (recorded in the manifest and card)")
+                   help="keep an int8/int4 export that misses its fidelity gate (recorded in the manifest and card)")
     e.add_argument("--quiet", action="store_true", help="no progress output")
     e.set_defaults(func=_export)
 

@@ -119,7 +119,8 @@ def render(manifest: dict) -> str:
         gate = ", ".join(f"{k} {rule.get(k, '{}').format(v)}" for k, v in fid.get("gate", {}).items())
         lines += ["", f"Gate ({fid.get('gated', '')}): {gate}."]
         if fid.get("missed"):
-            lines.append(f"**WARNING: this {precision} export MISSED the gate ({'; '.join(fid['missed'])}) and was kept "
+            lines.append(f"**WARNING: this {precision} export MISSED the gate ({'; '.join(fid['missed'])}) "
+                         "and was kept "
                          "with --accept-fidelity-miss. Prefer the fp32 export where output quality matters.**")
         split = (manifest.get("quantization") or {}).get("outlier_channels") or {}
         lines.append(f"Outlier input channels kept in fp32 (calibrated at export): {sum(map(len, split.values()))} "

@@ -1,10 +1,10 @@
-"""Export GPT-2 to a verified ONNX model folder (fp32 or int8) with a KV cache.
+"""Export GPT-2 to a verified ONNX model folder (fp32, int8 or int4) with a KV cache.
 
 >>> import gpt2onnx
 >>> gpt2onnx.export("gpt2", "out/gpt2-int8", precision="int8", random_weights=True)  # doctest: +SKIP
 
 Steps: load (torch) -> build the graph -> record the PyTorch reference -> check fp32
-parity (a failure raises `ParityError`) -> quantize (int8) and measure it -> write the
+parity (a failure raises `ParityError`) -> quantize (int8/int4) and gate it -> write the
 tokenizer, config, manifest and model card. Everything is written into a temporary
 folder beside OUTDIR and renamed into place at the end, so a failure or Ctrl-C leaves
 no half-written folder.
@@ -194,8 +194,8 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
            "fp32_max_abs_diff_by_padding": fp32["max_abs_diff_by_padding"]}
     quant = fid = None
     if quantized:
-        quant, par[cfg.precision], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
-                                            source_info["random_weights"], bar)
+        quant, par[cfg.precision], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids,
+                                                               window, source_info["random_weights"], bar)
         shutil.rmtree(fp32_dir)
 
     bar.step("write tokenizer, config, manifest")

@@ -30,8 +30,9 @@ GATE = {
 }
 
 # Thresholds of the int4 gate (issue #16). 4-bit blocks round weights on 16 levels
-# instead of 256, so int4 cannot meet int8's gate and is not meant to: it buys size and
-# decode speed with a bounded, measured loss. The bounds say what "bounded" means:
+# instead of 256, so int4 cannot meet int8's gate and is not meant to: it buys size (and,
+# where the kernels favour 4 bits, speed) with a bounded, measured loss. The bounds say
+# what "bounded" means:
 GATE_INT4 = {
     # At least, on decisive positions only (below). Plain top-1 counts near-ties, where
     # fp32 itself barely prefers its favourite and any rounding flips it; that punishes
@@ -46,7 +47,7 @@ GATES = {"int8": GATE, "int4": GATE_INT4}  # by precision; other folders (fp32 v
 
 
 def gate_text() -> str:
-    """The real text of the exporter's int8 gate (WikiText-2 test, CC BY-SA 3.0).
+    """The real text of the exporter's int8 and int4 gates (WikiText-2 test, CC BY-SA 3.0).
 
     >>> len(gate_text().encode("utf-8"))
     30238
