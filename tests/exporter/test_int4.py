@@ -145,7 +145,7 @@ def test_measure_reports_decisive_positions(tiny_fp32):
 def test_eval_fidelity_applies_the_int4_gate(tiny_int4, tiny_fp32, capsys):
     from gpt2onnx.eval import evaluate, format_result
 
-    data = os.path.join(os.path.dirname(__file__), "data", "wiki_slice.txt")
+    data = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "wiki_slice.txt")
     r = evaluate(tiny_int4, "fidelity", data=data, reference=tiny_fp32, limit=8, progress=False, threads=1)
     assert r["precision"] == "int4" and r["gate_missed"] == [] and r["decisive_share"] > 0
     assert "int4 gate  passed" in format_result(r)
