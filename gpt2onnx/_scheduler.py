@@ -9,8 +9,9 @@ they start together); then every active row decodes one token per step, each at 
 position. A finished row frees its slot: with more rows to come (`more`), the next one
 is prefilled into it while the others go on (continuous batching); with none, the cache
 is compacted so the others stop paying for it. A row's tokens never depend on its
-neighbours (the engine gives every MatMul an even number of rows, and sampling is per
-row), so a row gives the same tokens alone, in any batch, or admitted mid-flight.
+neighbours (the engine gives every MatMul an even number of rows where the graph's kernels
+need it, and sampling is per row), so a row gives the same tokens alone, in any batch, or
+admitted mid-flight.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def run(engine, first: list["Row"], more: Iterator["Row"] | None, *, slots: int,
     if first:
         for s, logits in enumerate(batch.prefill([r.request.input_ids for r in first])):
             occupant[s], fresh[s] = first[s], logits
-    usable = max(slots, len(first))  # an odd batch's spare slot stays a scratch row
+    usable = max(slots, len(first))  # an odd batch's spare slot (when rows go in pairs) stays a scratch row
     dec = None
     while True:
         while more is not None and None in occupant[:usable]:
@@ -76,7 +77,7 @@ def run(engine, first: list["Row"], more: Iterator["Row"] | None, *, slots: int,
             if more is None:
                 return
             continue
-        if more is None and len(still) + len(still) % 2 < batch.slots:  # nothing to admit: shrink the batch
+        if more is None and batch.width(len(still)) < batch.slots:  # nothing to admit: shrink the batch
             batch.compact(still)
             occupant = [occupant[s] for s in still] + [None] * (batch.slots - len(still))
             tokens = np.concatenate([tokens[still], np.zeros(batch.slots - len(still), np.int64)])

@@ -8,6 +8,7 @@ dozen tokens. These tests run generation alone and in batches and compare token 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 
 import gpt2onnx
-from gpt2onnx._engine import Engine
+from gpt2onnx._engine import Engine, needs_row_pairs
+from gpt2onnx.artifact import read_manifest
 from gpt2onnx.exporter.policy import gate_text
 
 WIKI = gate_text()
@@ -65,9 +67,11 @@ def test_one_token_prompts_and_empty_prompt_124m(gpt2_124m, precision):
     _check_alone_equals_batched(gen, ["The", "", " of", "A"], (30, 30, 9, 30))
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_every_matmul_sees_an_even_number_of_rows(tiny_int8, tiny_int4, monkeypatch, precision):
-    """The rule behind the promise, checked on every step: rows x new tokens and rows x kept positions are even."""
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp32"])
+def test_every_matmul_sees_an_even_number_of_rows_where_the_graph_needs_it(tiny_fp32, tiny_int8, tiny_int4,
+                                                                           monkeypatch, precision):
+    """The rule behind the promise, checked on every step: with an 8-bit MatMulNBits in the graph,
+    rows x new tokens and rows x kept positions are even; without one, a lone row runs alone."""
     seen = []
     real = Engine.step
 
@@ -77,13 +81,29 @@ def test_every_matmul_sees_an_even_number_of_rows(tiny_int8, tiny_int4, monkeypa
         return real(self, binding, ids, lengths, pos, last)
 
     monkeypatch.setattr(Engine, "step", step)
-    gen = gpt2onnx.load({"int8": tiny_int8, "int4": tiny_int4}[precision], threads=1)
+    folder = {"int8": tiny_int8, "int4": tiny_int4, "fp32": tiny_fp32}[precision]
+    gen = gpt2onnx.load(folder, threads=1)
     gen.generate(["a", "", "abc de", "abc de fg hi jk"], max_new_tokens=5)  # mixed lengths, odd and even
     gen.generate(["abc", "xyz"], max_new_tokens=3)  # equal odd lengths
     gen.generate_batch([gen.prepare("one row", max_new_tokens=4), gen.prepare("two", max_new_tokens=1),
                         gen.prepare("three rows", max_new_tokens=2)])  # shrinking 3 -> 2 -> 1
     list(gen.generate_tokens("x", max_new_tokens=3))
-    assert seen and all(m % 2 == 0 and head % 2 == 0 for m, head in seen), seen
+    assert seen
+    if needs_row_pairs(read_manifest(folder)):
+        assert all(m % 2 == 0 and head % 2 == 0 for m, head in seen), seen
+    else:
+        assert (1, 1) in seen  # the lone row's decode: no scratch row
+
+
+def test_which_graphs_need_row_pairs(tiny_fp32, tiny_int8):
+    """8-bit MatMulNBits anywhere -> pairs; fp32 or 4-bit block-32 everywhere -> none (measured, see _engine)."""
+    assert needs_row_pairs(read_manifest(tiny_int8))
+    assert not needs_row_pairs(read_manifest(tiny_fp32))
+    m = read_manifest(tiny_int8)
+    four = {"bits": 4, "block_size": 32, "lm_head": "int4", "table_block_size": 32}
+    assert not needs_row_pairs(dataclasses.replace(m, precision="int4", quantization=four))
+    for change in ({"lm_head": "int8"}, {"block_size": 128}, {"table_block_size": 128}):
+        assert needs_row_pairs(dataclasses.replace(m, precision="int4", quantization={**four, **change})), change
 
 
 # -- a killed and resumed job equals the uninterrupted one --------------------------------
