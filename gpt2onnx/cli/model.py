@@ -99,7 +99,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32", help="weight precision of the graph")
     e.add_argument("--kv-cache", choices=("fp32", "int8"), default="fp32",
                    help="KV cache precision: int8 quarters the cache (static per-channel scales calibrated on real "
-                        "text, gated like a quantized precision); an int8-cache folder is not an Optimum drop-in")
+                        "text, gated like a quantized precision); its past/present tensors are then int8")
     e.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     e.add_argument("--random-weights", action="store_true",
                    help="seeded random weights instead of loading them (benchmarks only: the text is meaningless)")

@@ -109,8 +109,8 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
             the manifest and model card then say "gate missed, accepted".
         kv_cache: ``"fp32"`` or ``"int8"``: the KV cache in int8 with per-channel scales
             calibrated on real text (a quarter of the bytes); gated against fp32 like a
-            quantized precision. Its past/present are int8, so the folder is not a Hugging
-            Face / Optimum drop-in.
+            quantized precision. Its past/present are int8 tensors: Optimum runs the folder
+            as it is; a consumer that makes its own float32 past must make it int8.
 
     Returns:
         The manifest written to ``outdir/gpt2onnx.json``.
