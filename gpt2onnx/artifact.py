@@ -326,7 +326,7 @@ def summary(m: Manifest) -> str:
     lines = [
         f"model      {m.name} from {src.id or '?'} ({weights})",
         f"precision  {m.precision}" + (f" ({m.quantization.get('scheme')})" if m.quantization else "")
-        + (f", KV cache {m.kv_cache.dtype}" + (f" ({m.kv_cache.quant_type})" if m.kv_cache.quant_type else "")),
+        + (f", KV cache {m.kv_cache.dtype} ({m.kv_cache.quant_type})" if m.kv_cache.dtype != "fp32" else ""),
         f"dims       {d.n_layer} layers, {d.n_head} heads, {d.n_embd} dims, vocab {d.vocab_size}, "
         f"context {d.n_positions}, {m.n_params / 1e6:.1f} M parameters",
         f"files      {len(m.files)} files, {m.size_bytes / 1e6:.1f} MB",
