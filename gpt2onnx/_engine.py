@@ -87,10 +87,11 @@ class Engine:
         self.past_names = manifest.past_names
         self.present_names = manifest.present_names
         self.pairs = needs_row_pairs(manifest)  # every MatMul needs an even number of rows
+        self.cache_dtype = manifest.kv_cache.numpy_dtype  # "float32", or "int8" for an --kv-cache int8 folder
 
     def cache(self, batch: int, max_len: int) -> "KVCache":
         """An empty cache for `batch` rows of up to `max_len` positions."""
-        return KVCache.zeros(batch, self.n_layer, self.n_head, self.head_dim, max_len)
+        return KVCache.zeros(batch, self.n_layer, self.n_head, self.head_dim, max_len, self.cache_dtype)
 
     def bind(self, cache: "KVCache", keep: int = 1) -> "Binding":
         """An IO binding over `cache` (past and present share each buffer) and a logits buffer.
@@ -233,7 +234,12 @@ class Binding:
 
 
 class KVCache:
-    """Per-layer key/value buffers (B, H, max_len, D) shared by the graph's past and present."""
+    """Per-layer key/value buffers (B, H, max_len, D) shared by the graph's past and present.
+
+    float32, or int8 when the graph quantizes its cache (the manifest's ``kv_cache``): the
+    graph quantizes what it appends and dequantizes what it reads, so to this class an
+    int8 cache is bytes like any other (rows, views and compaction copy them as they are).
+    """
 
     def __init__(self, arrays: list[np.ndarray]):
         import onnxruntime as ort
@@ -243,15 +249,17 @@ class KVCache:
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # no copy
 
     @classmethod
-    def zeros(cls, batch: int, n_layer: int, n_head: int, head_dim: int, max_len: int) -> "KVCache":
+    def zeros(cls, batch: int, n_layer: int, n_head: int, head_dim: int, max_len: int,
+              dtype="float32") -> "KVCache":
         """Buffers whose memory is used only where written (fresh zero pages, no transparent huge pages).
 
         numpy asks for transparent huge pages on large arrays; then writing position 0 of one
         head commits the 2 MB around it, i.e. every (row, head) strip of a layer: a cache for
         8 slots x 1024 positions became 605 MB resident for rows of 256 tokens (measured: a
         continuous-batching job of 128-token prompts peaked at 816 MB; 4 kB pages fix it).
+        An int8 zero reads as 0.0.
         """
-        arrays = [np.zeros((batch, n_head, max_len, head_dim), np.float32) for _ in range(2 * n_layer)]
+        arrays = [np.zeros((batch, n_head, max_len, head_dim), dtype) for _ in range(2 * n_layer)]
         for a in arrays:
             _madvise(a, _MADV_NOHUGEPAGE)
         return cls(arrays)

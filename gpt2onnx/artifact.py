@@ -37,6 +37,7 @@ DIMS = ("n_layer", "n_head", "n_embd", "head_dim", "vocab_size", "n_positions") 
 # model card writes and what `gpt2onnx skus` checks a VM size against.
 MIN_INFERENCE_VM = {"vcpus": 2, "gpus": 0, "memory_gib": 8, "disk_gib": 28}
 CONFIG_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")  # also in config.json
+KV_CACHE_DTYPES = {"fp32": "float32", "int8": "int8"}  # manifest kv_cache.dtype -> numpy dtype of the buffers
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,19 @@ class Source:
 
 
 @dataclass(frozen=True)
+class KVCacheSpec:
+    """How the graph keeps its KV cache (manifest ``kv_cache``; a folder without it has an fp32 cache)."""
+
+    dtype: str = "fp32"  # "fp32" or "int8" (static per-channel scales inside the graph)
+    quant_type: str | None = None  # "PER_CHANNEL" for int8
+
+    @property
+    def numpy_dtype(self) -> str:
+        """The numpy dtype of past/present buffers: "float32" or "int8"."""
+        return KV_CACHE_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A model folder's ``gpt2onnx.json``, checked and typed. Make with `read_manifest` or `verify`."""
 
@@ -85,6 +99,7 @@ class Manifest:
     opset: int | None = None
     created: str | None = None
     export_seconds: float | None = None
+    kv_cache: KVCacheSpec = field(default_factory=KVCacheSpec)  # fp32 for folders made before the field existed
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -126,12 +141,23 @@ def _typed(manifest: dict, path: str) -> Manifest:
         quantization=manifest.get("quantization"), parity=manifest.get("parity") or {},
         fidelity=manifest.get("fidelity"), tags=manifest.get("tags") or {}, tools=manifest.get("tools") or {},
         opset=manifest.get("opset"), created=manifest.get("created"), export_seconds=manifest.get("export_seconds"),
-        raw=manifest,
+        kv_cache=_kv_cache(manifest.get("kv_cache"), path), raw=manifest,
     )
     if len(m.past_names) != 2 * dims.n_layer or len(m.present_names) != 2 * dims.n_layer:
         raise ArtifactError(f"{path}: io names {2 * dims.n_layer} past/present per cache expected for "
                             f"{dims.n_layer} layers; the folder is damaged, re-export it")
     return m
+
+
+def _kv_cache(kv: Any, path: str) -> KVCacheSpec:
+    if kv is None:
+        return KVCacheSpec()
+    if not (isinstance(kv, dict) and isinstance(kv.get("dtype"), str)):
+        raise ArtifactError(f"{path}: kv_cache must be an object with a dtype; the folder is damaged, re-export it")
+    if kv["dtype"] not in KV_CACHE_DTYPES:
+        raise ArtifactError(f"{path}: kv_cache dtype {_show(kv['dtype'])} is not one this gpt2onnx knows "
+                            f"({', '.join(KV_CACHE_DTYPES)}); upgrade gpt2onnx or re-export the folder")
+    return KVCacheSpec(dtype=kv["dtype"], quant_type=kv.get("quant_type"))
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -299,7 +325,8 @@ def summary(m: Manifest) -> str:
     weights = f"RANDOM WEIGHTS (seed {src.seed}; text is meaningless)" if src.random_weights else "pretrained"
     lines = [
         f"model      {m.name} from {src.id or '?'} ({weights})",
-        f"precision  {m.precision}" + (f" ({m.quantization.get('scheme')})" if m.quantization else ""),
+        f"precision  {m.precision}" + (f" ({m.quantization.get('scheme')})" if m.quantization else "")
+        + (f", KV cache {m.kv_cache.dtype} ({m.kv_cache.quant_type})" if m.kv_cache.dtype != "fp32" else ""),
         f"dims       {d.n_layer} layers, {d.n_head} heads, {d.n_embd} dims, vocab {d.vocab_size}, "
         f"context {d.n_positions}, {m.n_params / 1e6:.1f} M parameters",
         f"files      {len(m.files)} files, {m.size_bytes / 1e6:.1f} MB",

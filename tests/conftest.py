@@ -101,6 +101,16 @@ def tiny_int4(tiny_src, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_kv8(tiny_src, tmp_path_factory) -> dict:
+    """The tiny model with an int8 KV cache: {"fp32"|"int8": dir} by weight precision."""
+    import gpt2onnx
+
+    root = tmp_path_factory.mktemp("models-kv8")
+    return {p: gpt2onnx.export(tiny_src, str(root / p), precision=p, kv_cache="int8", progress=False) and
+            str(root / p) for p in ("fp32", "int8")}
+
+
+@pytest.fixture(scope="session")
 def tiny_torch(tiny_src):
     """The PyTorch model the tiny exports came from."""
     from transformers import GPT2LMHeadModel
@@ -188,6 +198,19 @@ def gpt2_124m(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("gpt2-124m")
     return {p: gpt2onnx.export("gpt2", str(root / p), precision=p, random_weights=True, progress=False) and
             str(root / p) for p in ("fp32", "int8", "int4")}
+
+
+@pytest.fixture(scope="session")
+def gpt2_124m_kv8(tmp_path_factory) -> str:
+    """The 124M architecture as `gpt2_124m` makes it (same seeded weights), int8 weights with an int8 KV cache.
+
+    Its own fixture so the other real-scale tests do not wait for a fourth export.
+    """
+    import gpt2onnx
+
+    out = str(tmp_path_factory.mktemp("gpt2-124m-kv8") / "int8")
+    gpt2onnx.export("gpt2", out, precision="int8", kv_cache="int8", random_weights=True, progress=False)
+    return out
 
 
 # -- helpers of the reliability cases (bad input, damaged folders, crashes, concurrency) -------

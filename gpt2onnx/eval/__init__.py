@@ -141,7 +141,7 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
     gen = load(model_dir, threads=threads)
     m = gen.manifest
     out = {"task": task, "model": os.path.abspath(os.fspath(model_dir)), "precision": m.precision,
-           "random_weights": m.source.random_weights}
+           "kv_cache": m.kv_cache.dtype, "random_weights": m.source.random_weights}
     out.update(data_info(name, path))
     if task == "lambada":
         texts = read_lambada(path)[:limit]

@@ -51,6 +51,7 @@ class SessionSpec:
     n_head: int
     head_dim: int
     has_logits_to_keep: bool
+    cache_dtype: type = np.float32  # np.int8 for a folder exported with --kv-cache int8
 
     @classmethod
     def of(cls, session) -> "SessionSpec":
@@ -66,18 +67,24 @@ class SessionSpec:
         # current exports and a required one in older folders.
         optional = getattr(session, "get_overridable_initializers", lambda: [])()
         has_keep = "logits_to_keep" in inputs or any(i.name == "logits_to_keep" for i in optional)
-        return cls(past, int(shape[1]), int(shape[3]), has_keep)
+        return cls(past, int(shape[1]), int(shape[3]), has_keep, cache_dtype(session))
 
     def feeds(self, ids: np.ndarray, keep: int) -> dict:
         """Feeds of a run from an empty cache over `ids` (B, S) keeping `keep` positions (0 = all)."""
         b, s = ids.shape
-        empty = np.zeros((b, self.n_head, 0, self.head_dim), np.float32)
+        empty = np.zeros((b, self.n_head, 0, self.head_dim), self.cache_dtype)
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, s), np.int64),
                  "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
         feeds.update((n, empty) for n in self.past_names)
         if self.has_logits_to_keep:
             feeds["logits_to_keep"] = np.array(keep, np.int64)
         return feeds
+
+
+def cache_dtype(session) -> type:
+    """The numpy type of a session's KV cache: np.int8 for an int8-KV graph, else np.float32."""
+    past = next((i for i in session.get_inputs() if i.name.startswith("past_key_values.")), None)
+    return np.int8 if getattr(past, "type", None) == "tensor(int8)" else np.float32
 
 
 def logits_at_end(session, ids: np.ndarray, keep: int, spec: SessionSpec | None = None) -> np.ndarray:

@@ -33,11 +33,23 @@ def tags(manifest: dict) -> dict:
         "languages": "en",
         "huggingface_model_id": src["id"] if src["kind"] == "hub" else "",
         "precision": manifest["precision"],
+        "kv_cache": (manifest.get("kv_cache") or {}).get("dtype", "fp32"),
         "weights": "random" if src["random_weights"] else "pretrained",
         "inference-min-sku-spec": "%(vcpus)d|%(gpus)d|%(memory_gib)d|%(disk_gib)d" % MIN_INFERENCE_VM,
         "framework": "onnxruntime",
         "exported_by": "gpt2onnx",
     }
+
+
+def _kv_line(kv: dict | None) -> str:
+    if not kv or kv.get("dtype", "fp32") == "fp32":
+        return "fp32"
+    cal = kv.get("calibration") or {}
+    tokens = cal.get("tokens") or [0, 0]
+    return (f"int8, {kv.get('quant_type', '?').lower().replace('_', '-')} static scales ({kv.get('scale', '')}; "
+            f"calibrated on tokens {tokens[0]}-{tokens[1]} of the gate text, which the gate does not score), "
+            f"{kv.get('saturation', '')}. Past/present are int8 tensors: Optimum reads that type from the graph; "
+            "a consumer that makes its own float32 past tensors must make them int8")
 
 
 def render(manifest: dict) -> str:
@@ -75,6 +87,7 @@ def render(manifest: dict) -> str:
            f"accuracy_level {q['accuracy_level']}; LM head {q['lm_head']}, embeddings {q['embedding']}"
            + (f" (one token table for both, block {q['table_block_size']})" if q.get("shared_table") else "")
            if q else "") + " |",
+        f"| KV cache | {_kv_line(manifest.get('kv_cache'))} |",
         f"| files | {total_mb:.1f} MB in total (see gpt2onnx.json for sizes and sha256) |",
         f"| graph | one decoder with KV cache, opset {manifest.get('opset')}, onnxruntime contrib ops |",
         "",
@@ -108,7 +121,7 @@ def render(manifest: dict) -> str:
     ]
     fid = manifest.get("fidelity")
     if fid:
-        precision = manifest["precision"]
+        precision = manifest["precision"] + (" weights + int8 KV cache" if fid.get("kv_cache") == "int8" else "")
         lines += [f"## {precision} fidelity against fp32 (measured at export, on real text)", "",
                   "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"

@@ -117,12 +117,15 @@ def run_onnx(session, steps: list[Step], dims) -> list[np.ndarray]:
     Each sequence starts from an empty cache and feeds each step the previous step's
     present as its past, as Hugging Face consumers do.
     """
+    from ..eval.fidelity import cache_dtype
+
+    dtype = cache_dtype(session)  # int8 for an int8-KV graph
     outs = []
     past = None
     for step in steps:
         if step.fresh or past is None:
             b = step.feeds["input_ids"].shape[0]
-            past = [np.zeros((b, dims.n_head, 0, dims.head_dim), np.float32)] * (2 * dims.n_layer)
+            past = [np.zeros((b, dims.n_head, 0, dims.head_dim), dtype)] * (2 * dims.n_layer)
         feeds = dict(step.feeds, logits_to_keep=np.array(0, np.int64))
         for i in range(dims.n_layer):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]

@@ -41,10 +41,16 @@ class ExportConfig:
     tokenizer: str | None = None  # folder with tokenizer.json or vocab.json + merges.txt
     progress: bool = True  # show progress on stderr
     accept_fidelity_miss: bool = False  # finish an int8/int4 export that misses its gate (recorded as such)
+    kv_cache: str = "fp32"  # "fp32" or "int8" (static per-channel scales; gated like a quantized precision)
 
     def __post_init__(self):
+        from .kvcache import KV_CACHES
+
         if self.precision not in PRECISIONS:
             raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise ExportError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}; "
+                              "pass --kv-cache fp32 or --kv-cache int8")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ExportError(f"seed must be a non-negative integer, got {self.seed!r}")
 
@@ -83,7 +89,7 @@ def _versions() -> dict:
 
 def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = False,
            random_weights: bool = False, seed: int = 0, tokenizer: str | None = None,
-           progress: bool = True, accept_fidelity_miss: bool = False) -> dict:
+           progress: bool = True, accept_fidelity_miss: bool = False, kv_cache: str = "fp32") -> dict:
     """Export a GPT-2 to an ONNX model folder and verify it against PyTorch.
 
     Args:
@@ -101,6 +107,10 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         progress: show the steps on stderr.
         accept_fidelity_miss: finish an int8/int4 export that misses its fidelity gate;
             the manifest and model card then say "gate missed, accepted".
+        kv_cache: ``"fp32"`` or ``"int8"``: the KV cache in int8 with per-channel scales
+            calibrated on real text (a quarter of the bytes); gated against fp32 like a
+            quantized precision. Its past/present are int8 tensors: Optimum runs the folder
+            as it is; a consumer that makes its own float32 past must make it int8.
 
     Returns:
         The manifest written to ``outdir/gpt2onnx.json``.
@@ -109,8 +119,8 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         UnsupportedModelError: the source is missing or not GPT-2.
         ExportError: the output cannot be written.
         ParityError: the fp32 graph does not reproduce PyTorch within 1e-3.
-        FidelityError: the int8/int4 graph misses its gate of `gpt2onnx.exporter.policy` on
-            real text (unless `accept_fidelity_miss`).
+        FidelityError: the int8/int4 (or int8-KV) graph misses its gate of
+            `gpt2onnx.exporter.policy` on real text (unless `accept_fidelity_miss`).
 
     >>> m = export("gpt2", "out/gpt2", random_weights=True)   # doctest: +SKIP
     >>> m["parity"]["fp32_max_abs_diff"] < 1e-3                # doctest: +SKIP
@@ -118,14 +128,14 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
     """
     cfg = ExportConfig(source=os.fspath(source), outdir=os.fspath(outdir), precision=precision, force=force,
                        random_weights=random_weights, seed=seed, tokenizer=tokenizer, progress=progress,
-                       accept_fidelity_miss=accept_fidelity_miss)
+                       accept_fidelity_miss=accept_fidelity_miss, kv_cache=kv_cache)
     from ..fsutil import remove_own_temps, remove_stale_temps, temp_prefix
     from .publish import check_outdir, publish
 
     remove_stale_temps(cfg.outdir)  # folders of killed exports; moves a parked old folder back
     out = check_outdir(cfg)
     parent = os.path.dirname(out)
-    bar = Progress("gpt2onnx export", total=8 if precision in QUANTIZED else 6, unit="steps", enabled=progress,
+    bar = Progress("gpt2onnx export", total=_steps(cfg), unit="steps", enabled=progress,
                    bar_format="gpt2onnx export: {desc} (step {n_fmt}/{total_fmt}) {elapsed}")  # before mkdtemp
     ok = False
     try:
@@ -144,9 +154,15 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         bar.close("done" if ok else None)
 
 
+def _steps(cfg: ExportConfig) -> int:
+    """Progress steps: 6, + quantize and gate for int8/int4 weights, + calibrate (and gate) an int8 KV cache."""
+    quantized = cfg.precision in QUANTIZED
+    return 6 + 2 * quantized + (0 if cfg.kv_cache == "fp32" else 1 if quantized else 2)
+
+
 def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     from .. import artifact
-    from . import graph, hfcompat, modelcard, parity, policy, sources
+    from . import graph, hfcompat, kvcache, modelcard, parity, policy, sources
     from .quantize import calibrate, outlier_channels, recipes_to_try
 
     t0 = time.perf_counter()
@@ -158,7 +174,8 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
 
     bar.step("build ONNX graph")
     quantized = cfg.precision in QUANTIZED
-    fp32_dir = os.path.join(tmp, "fp32") if quantized else tmp
+    gated = quantized or cfg.kv_cache != "fp32"  # the fp32 graph is then a reference, in its own folder
+    fp32_dir = os.path.join(tmp, "fp32") if gated else tmp
     os.makedirs(fp32_dir, exist_ok=True)
     fp32_path = graph.build(sources.numpy_weights(src.model), dims, fp32_dir,
                             untied_lm_head=quantized)
@@ -166,9 +183,9 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     bar.step("record PyTorch reference")
     steps = parity.reference(src.model)
     window = min(dims.n_positions, 1024)
-    gate_ids = outliers = None
+    gate_ids = tok.encode(policy.gate_text()).ids if gated else None
+    outliers = None
     if quantized:  # which MatMul inputs have outlier channels (see quantize.py)
-        gate_ids = tok.encode(policy.gate_text()).ids
         first = recipes_to_try(n_embd=dims.n_embd, precision=cfg.precision)[0]  # its outlier_ratio and cap
         outliers = outlier_channels(calibrate(src.model, gate_ids[:policy.CALIBRATION_TOKENS], window=window), first)
     config_json = src.config.to_dict()
@@ -181,7 +198,8 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     gc.collect()
 
     bar.step("verify fp32 parity")
-    fp32 = parity.compare(steps, parity.run_onnx(policy.cpu_session(fp32_path), steps, dims))
+    session = policy.cpu_session(fp32_path)
+    fp32 = parity.compare(steps, parity.run_onnx(session, steps, dims))
     if fp32["max_abs_diff"] > parity.FP32_TOLERANCE:
         raise ParityError(
             f"the fp32 graph differs from PyTorch by {fp32['max_abs_diff']:.3g} (> {parity.FP32_TOLERANCE}); "
@@ -192,10 +210,23 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
            "prompts": int(fresh[0].feeds["input_ids"].shape[0]), "decode_steps": len(steps) // len(fresh) - 1,
            "positions": fp32["positions"], "paddings": ", ".join(s.padding for s in fresh),
            "fp32_max_abs_diff_by_padding": fp32["max_abs_diff_by_padding"]}
+    kv_scales, kv = None, kvcache.kv_record("fp32")
+    if cfg.kv_cache == "int8":  # scales from the fp32 graph's own keys and values on text the gate does not score
+        bar.step("calibrate the int8 KV cache")
+        begin, end = policy.kv_calibration_slice(len(gate_ids), window)
+        kv_scales = kvcache.scales(kvcache.calibrate(session, gate_ids[begin:end], window=window,
+                                                     n_layer=dims.n_layer))
+        kv = kvcache.kv_record("int8", calibration={"text": "gpt2onnx/data/gate_text.txt", "tokens": [begin, end],
+                                                    "window": window})
+    del session
     quant = fid = None
-    if quantized:
-        quant, par[cfg.precision], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids,
-                                                               window, source_info["random_weights"], bar)
+    if gated:
+        label = cfg.precision if cfg.kv_cache == "fp32" else f"{cfg.precision}_kv_int8"
+        quant, par[label], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
+                                                       source_info["random_weights"], bar, kv_scales)
+        if not quantized:  # fp32 weights, int8 cache: the gated graph shares the fp32 graph's weights file
+            os.replace(os.path.join(fp32_dir, graph.EXTERNAL_DATA), os.path.join(tmp, graph.EXTERNAL_DATA))
+            os.replace(policy.gated_path(tmp, fp32_path, cfg.precision), os.path.join(tmp, "model.onnx"))
         shutil.rmtree(fp32_dir)
 
     bar.step("write tokenizer, config, manifest")
@@ -207,6 +238,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
         "source": source_info,
         "precision": cfg.precision,
         "quantization": quant,
+        "kv_cache": kv,
         "dims": dims.to_json(),
         "n_params": int(n_params),
         "eos_token_id": int(eos),
@@ -214,7 +246,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
         "io": graph.io_names(dims.n_layer),
         "opset": graph.OPSET,
         "parity": par,
-        "fidelity": fid if quantized else None,
+        "fidelity": fid,
         "tools": _versions(),
         "export_seconds": None,
     }

@@ -57,6 +57,26 @@ def gate_text() -> str:
 
 GATE_WINDOWS = 4  # windows of the gate text the exporter measures (4 x 1024/512 -> 2,559 positions)
 CALIBRATION_TOKENS = 512  # first tokens of the gate text that `quantize.calibrate` sees
+KV_CALIBRATION_TOKENS = 2048  # tokens after the gate's last window that calibrate an int8 KV cache
+
+
+def kv_calibration_slice(n_tokens: int, window: int) -> tuple[int, int]:
+    """The tokens [begin, end) of the gate text that calibrate an int8 KV cache's scales.
+
+    They start after the last token the gate scores, so the gate judges the scales on
+    text they were not fitted to.
+
+    >>> kv_calibration_slice(6000, 1024)
+    (2560, 4608)
+    """
+    from ..eval.fidelity import windows
+
+    begin = list(windows(n_tokens, window, window // 2))[:GATE_WINDOWS][-1].end
+    end = min(n_tokens, begin + KV_CALIBRATION_TOKENS)
+    if end - begin < 2:
+        raise FidelityError(f"the gate text has no tokens left after the gate's windows ({n_tokens} tokens) to "
+                            "calibrate the int8 KV cache; export with --kv-cache fp32")
+    return begin, end
 
 
 def gate_for(figures: dict, vocab_size: int, random_weights: bool, precision: str = "int8") -> tuple[dict, str]:
@@ -130,55 +150,76 @@ def cpu_session(path: str):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, gate_ids, window: int,
-                   random_weights: bool, bar) -> tuple[dict, dict, dict]:
-    """Quantize to `cfg.precision`, then gate on real text; a miss retries with the next recipe.
+def gated_path(tmp: str, fp32_path: str, precision: str) -> str:
+    """Where `quantize_gated` leaves the graph it gated: the weight-quantized one in `tmp`; with fp32
+    weights (an int8 KV cache only) beside the fp32 graph, whose weights file it shares."""
+    import os
 
-    Returns the quantization record, the parity figures and the fidelity record; raises
-    FidelityError when the last recipe misses too (unless accepted).
+    return os.path.join(tmp, "model.onnx") if precision != "fp32" else fp32_path[:-len(".onnx")] + ".kv.onnx"
+
+
+def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, gate_ids, window: int,
+                   random_weights: bool, bar, kv_scales: dict | None = None) -> tuple[dict | None, dict, dict]:
+    """Quantize the weights to `cfg.precision` and / or the KV cache to int8 (`kv_scales`), then gate on
+    real text; a miss retries with the next weight recipe.
+
+    Returns the quantization record (None for fp32 weights), the parity figures and the
+    fidelity record; raises FidelityError when the last recipe misses too (unless accepted).
+    The gated graph is at `gated_path`.
     """
     from ..eval import fidelity
-    from . import parity, quantize
+    from . import kvcache, parity, quantize
 
     precision = cfg.precision
+    what_gated = precision + (" + int8 KV cache" if kv_scales is not None else "")
     ref = None  # made after the first quantization: the quantizer and an fp32 session at once would double the peak
     stride = window // 2
     tried = []
-    for i, recipe in enumerate(quantize.recipes_to_try(n_embd=dims.n_embd, precision=precision)):
-        what = f"block {recipe.block_size}" + (f", {recipe.lm_head} table" if precision == "int4" else "")
-        if i == 0:
-            bar.step(f"quantize {precision}")
-        else:
-            bar.note(f"quantize {precision} again with {what} ({tried[-1]['what']} missed the fidelity gate)")
+    recipes = quantize.recipes_to_try(n_embd=dims.n_embd, precision=precision) if precision != "fp32" else [None]
+    for i, recipe in enumerate(recipes):
         table: dict = {}
-        session = cpu_session(quantize.quantize_model(fp32_path, tmp, recipe, outliers, report=table))
+        if recipe is None:  # fp32 weights: only the cache is quantized
+            path = fp32_path
+        else:
+            what = f"block {recipe.block_size}" + (f", {recipe.lm_head} table" if precision == "int4" else "")
+            if i == 0:
+                bar.step(f"quantize {precision}")
+            else:
+                bar.note(f"quantize {precision} again with {what} ({tried[-1]['what']} missed the fidelity gate)")
+            path = quantize.quantize_model(fp32_path, tmp, recipe, outliers, report=table)
+        if kv_scales is not None:
+            path = kvcache.quantize_cache(path, gated_path(tmp, fp32_path, precision), kv_scales)
+        session = cpu_session(path)
         if ref is None:
             ref = cpu_session(fp32_path)
         if i == 0:
-            bar.step(f"{precision} fidelity gate on real text")
+            bar.step(f"{what_gated} fidelity gate on real text")
         figures = fidelity.measure(ref, session, gate_ids, window=window, stride=stride, limit=GATE_WINDOWS,
                                    margin=DECISIVE_MARGIN)
         gate, why = gate_for(figures, dims.vocab_size, random_weights, precision)
         missed = check(figures, gate)
-        tried.append({"what": what, "algorithm": recipe.algorithm, "block_size": recipe.block_size,
-                      "symmetric": recipe.symmetric, "lm_head": recipe.lm_head,
-                      "top1_agreement": figures["top1_agreement"],
-                      "decisive_top1_agreement": figures["decisive_top1_agreement"],
-                      "decisive_share": figures["decisive_share"], "mean_kl": figures["mean_kl"],
-                      "ppl_ratio": figures["ppl_ratio"], "missed": missed})
+        if recipe is not None:
+            tried.append({"what": what, "algorithm": recipe.algorithm, "block_size": recipe.block_size,
+                          "symmetric": recipe.symmetric, "lm_head": recipe.lm_head,
+                          "top1_agreement": figures["top1_agreement"],
+                          "decisive_top1_agreement": figures["decisive_top1_agreement"],
+                          "decisive_share": figures["decisive_share"], "mean_kl": figures["mean_kl"],
+                          "ppl_ratio": figures["ppl_ratio"], "missed": missed})
         if not missed:
             break
     if missed and not cfg.accept_fidelity_miss:
-        raise FidelityError(f"the {precision} graph misses the fidelity gate on real text ({'; '.join(missed)}); "
-                            f"export {'fp32' if precision == 'int8' else 'int8 or fp32'} instead, "
+        instead = {"fp32": [], "int8": ["fp32"], "int4": ["int8 or fp32"]}[precision]
+        instead = [f"--precision {p}" for p in instead] + (["--kv-cache fp32"] if kv_scales is not None else [])
+        raise FidelityError(f"the {what_gated} graph misses the fidelity gate on real text ({'; '.join(missed)}); "
+                            f"export with {' or '.join(instead)} instead, "
                             "or pass --accept-fidelity-miss to keep it "
                             "(recorded in the manifest)")
     q = parity.compare(steps, parity.run_onnx(session, steps, dims))
     par = {"max_abs_diff": q["max_abs_diff"], "top1_agreement": q["top1_agreement"],
            "mean_kl": q["mean_kl"], "max_kl": q["max_kl"]}
-    quant = dict(recipe.to_json(), **table, outlier_channels={k: v for k, v in sorted(outliers.items())},
-                 tried=tried)
+    quant = None if recipe is None else dict(recipe.to_json(), **table, tried=tried,
+                                             outlier_channels={k: v for k, v in sorted(outliers.items())})
     fid = dict(figures, text="gpt2onnx/data/gate_text.txt (WikiText-2 test tail)", window=window, stride=stride,
-               gate=gate, gated=why, missed=missed,
+               gate=gate, gated=why, missed=missed, kv_cache="fp32" if kv_scales is None else "int8",
                status="missed, accepted with --accept-fidelity-miss" if missed else "passed")
     return quant, par, fid

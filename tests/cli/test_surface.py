@@ -29,12 +29,12 @@ GENERATOR = {  # method -> parameter names (keyword-only marked with *)
 FUNCTIONS = {
     "load": ["model_dir", "*threads", "*verify_hashes"],
     "export": ["source", "outdir", "*precision", "*force", "*random_weights", "*seed", "*tokenizer", "*progress",
-               "*accept_fidelity_miss"],
+               "*accept_fidelity_miss", "*kv_cache"],
     "run_batch": ["model_or_dir", "input_path", "output_path", "*batch_size", "*params", "*progress", "*threads"],
 }
 
 CLI = {
-    "export": ["--accept-fidelity-miss", "--force", "--precision", "--quiet", "--random-weights", "--seed",
+    "export": ["--accept-fidelity-miss", "--force", "--kv-cache", "--precision", "--quiet", "--random-weights", "--seed",
                "--tokenizer", "outdir", "source"],
     "inspect": ["--json", "--no-hash", "model_dir"],
     "generate": ["--do-sample", "--ignore-eos", "--json", "--max-new-tokens", "--params", "--repetition-penalty",

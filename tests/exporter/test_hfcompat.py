@@ -259,3 +259,23 @@ def test_export_records_both_paddings(vary):
     assert par["paddings"] == "right, left"
     assert max(par["fp32_max_abs_diff_by_padding"].values()) <= parity.FP32_TOLERANCE
     assert json.load(open(os.path.join(vary["fp32"], "config.json")))["use_cache"] is True
+
+
+def test_optimum_runs_an_int8_kv_folder_and_gives_the_runtime_tokens(vary_src, tmp_path):
+    """Optimum makes its empty past in the graph's own cache type, so an int8-KV folder loads and runs as it
+    is; a consumer that makes float32 past tensors itself gets onnxruntime's type error (README)."""
+    import torch
+
+    folder = str(tmp_path / "kv8")
+    gpt2onnx.export(vary_src, folder, kv_cache="int8", progress=False)
+    model = _optimum(folder)
+    gen = gpt2onnx.load(folder, threads=1)
+    for prompt in PROMPTS:
+        ours = list(gen.generate(prompt, max_new_tokens=12)[0].token_ids)
+        ids = torch.tensor([gen.tokenizer.encode(prompt).ids])
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                do_sample=False)[0, ids.shape[1]:].tolist()
+        assert ours == theirs, prompt
+    with pytest.raises(Exception, match="tensor\\(float\\).*tensor\\(int8\\)|int8"):
+        _session(folder).run(None, {"input_ids": np.array([[1, 2]]), "attention_mask": np.ones((1, 2), np.int64),
+                                    "position_ids": np.arange(2)[None], **_empty_past(1)})

@@ -67,8 +67,34 @@ def test_one_token_prompts_and_empty_prompt_124m(gpt2_124m, precision):
     _check_alone_equals_batched(gen, ["The", "", " of", "A"], (30, 30, 9, 30))
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4", "fp32"])
-def test_every_matmul_sees_an_even_number_of_rows_where_the_graph_needs_it(tiny_fp32, tiny_int8, tiny_int4,
+@pytest.mark.slow
+def test_alone_equals_batched_124m_int8_kv_cache(gpt2_124m_kv8):
+    """int8 weights with an int8 KV cache: the cache quantizes each row's own keys and values with
+    static scales, so nothing a neighbour does reaches a row; greedy and sampled, every case."""
+    gen = gpt2onnx.load(gpt2_124m_kv8, threads=2, verify_hashes=False)
+    assert gen.manifest.kv_cache.dtype == "int8"
+    for lengths, max_new in CASES:
+        _check_alone_equals_batched(gen, _prompts(gen, lengths), max_new)
+    _check_alone_equals_batched(gen, _prompts(gen, CASES[2][0]), CASES[2][1], do_sample=True, temperature=0.7,
+                                top_k=0, seed=5)
+    _check_alone_equals_batched(gen, ["The", "", " of", "A"], (30, 30, 9, 30))
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_alone_equals_batched_int8_kv_cache(tiny_kv8, weights):
+    """The tiny model with an int8 KV cache, alone, in batches and admitted mid-flight (continuous batching)."""
+    gen = gpt2onnx.load(tiny_kv8[weights], threads=1)
+    prompts = [gen.tokenizer.decode(gen.tokenizer.encode(WIKI).ids[40 * i:40 * i + n]) for i, n in
+               enumerate((5, 17, 1, 30, 12))]
+    _check_alone_equals_batched(gen, prompts, (12, 5, 12, 9, 3))
+    reqs = [gen.prepare(p, max_new_tokens=m, ignore_eos=True) for p, m in zip(prompts, (12, 5, 12, 9, 3))]
+    alone = [gen.generate_batch([r])[0].token_ids for r in reqs]
+    admitted = dict(gen.generate_iterable(iter(reqs), batch_size=2))
+    assert [admitted[i].token_ids for i in range(len(reqs))] == alone
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp32", "int8-kv8", "fp32-kv8"])
+def test_every_matmul_sees_an_even_number_of_rows_where_the_graph_needs_it(tiny_fp32, tiny_int8, tiny_int4, tiny_kv8,
                                                                            monkeypatch, precision):
     """The rule behind the promise, checked on every step: with an 8-bit MatMulNBits in the graph,
     rows x new tokens and rows x kept positions are even; without one, a lone row runs alone."""
@@ -81,7 +107,8 @@ def test_every_matmul_sees_an_even_number_of_rows_where_the_graph_needs_it(tiny_
         return real(self, binding, ids, lengths, pos, last)
 
     monkeypatch.setattr(Engine, "step", step)
-    folder = {"int8": tiny_int8, "int4": tiny_int4, "fp32": tiny_fp32}[precision]
+    folder = {"int8": tiny_int8, "int4": tiny_int4, "fp32": tiny_fp32, "int8-kv8": tiny_kv8["int8"],
+              "fp32-kv8": tiny_kv8["fp32"]}[precision]
     gen = gpt2onnx.load(folder, threads=1)
     gen.generate(["a", "", "abc de", "abc de fg hi jk"], max_new_tokens=5)  # mixed lengths, odd and even
     gen.generate(["abc", "xyz"], max_new_tokens=3)  # equal odd lengths
