@@ -7,7 +7,8 @@
 
 Modules: `rows` (a request -> rows), `core` (`iter_results`: prepare, batch by length,
 generate, in input order), `state` (the output file, its ``.state`` sidecar, resume,
-locked fsynced appends), `job` (`run_batch`: the core over files).
+locked fsynced appends), `job` (`run_batch`: the core over files), `pool` (``workers=N``:
+the core in N processes, the output still written by one).
 """
 
 from ..errors import BatchError

@@ -1,24 +1,34 @@
-"""The batch-job scenario: tokens/s of a whole job of mixed prompts, static vs continuous batching.
+"""The batch-job scenario: tokens/s of a whole job of mixed prompts, static vs continuous, per layout.
 
->>> rec = run_job_bench("models/gpt2-int8", prompts=256, batch_size=8)   # doctest: +SKIP
->>> print(format_job_table(rec))                                          # doctest: +SKIP
+>>> rec = run_job_bench("models/gpt2-int8", prompts=256, batch_size=8, workers=[1, 2])   # doctest: +SKIP
+>>> print(format_job_table(rec))                                                         # doctest: +SKIP
 
-``gpt2onnx bench MODEL --scenario job`` runs it. A job is `prompts` requests with prompt
-lengths drawn from 8-512 tokens and ``max_new_tokens`` from 8-256 (log-uniform, seeded,
-each row cut to fit the context), EOS ignored, greedy; the same job runs through
-`gpt2onnx.batch.iter_results` with ``batching="static"`` and ``"continuous"``, and a
-uniform job of the same size (every prompt 128 tokens, 128 new tokens) gives the
-reference rate. Each run is a fresh `gpt2onnx.bench.worker` process (load excluded from
-the rate, peak RSS its own); runs are interleaved over `repeats` rounds and the medians
-reported with the ratios continuous / static and continuous / uniform. Every run also
-checks that static and continuous wrote the same text for every row.
+``gpt2onnx bench MODEL --scenario job [--workers 1,2] [--job-modes continuous]`` runs it.
+A job is `prompts` requests with prompt lengths drawn from 8-512 tokens and
+``max_new_tokens`` from 8-256 (log-uniform, seeded, each row cut to fit the context), EOS
+ignored, greedy; the same job runs through `gpt2onnx.batch.run_batch` (JSONL in and out,
+as a user runs it) with ``batching="static"`` and ``"continuous"``, and a uniform job of
+the same size (every prompt 128 tokens, 128 new tokens) gives the reference rate.
+
+A layout is processes x intra-op threads each: ``run_batch(workers=P, threads=T)``, e.g.
+"1x2" and "2x1" on 2 cores. Each run is a fresh `gpt2onnx.bench.worker` process; its rate
+is tokens / the whole `run_batch` call (the model load included, as a job pays it: for
+124M under 1 s of a minutes-long job) and its peak RSS the sum of every process's own
+(the bench worker's VmHWM + each job worker's, sampled). Runs are interleaved over
+`repeats` rounds (round 1: every layout x mode, then round 2 ...); the medians are
+reported, with the ratios continuous / static, continuous / uniform and each layout / the
+first, taken within a round (machines shared with other jobs drift between rounds). Every
+run also checks that all modes and layouts wrote the same text for every row.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import statistics
+import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,65 +57,179 @@ def job_requests(tok, *, prompts: int, n_positions: int, uniform: bool, seed: in
 
 
 def measure_job(job: dict) -> dict:
-    """Worker side: load, run the job once in the given mode; tokens, seconds, a digest of the texts."""
-    from .. import load
-    from ..batch import iter_results
+    """Worker side: run the job once through `run_batch` in the given mode and layout.
 
-    gen = load(job["model_dir"], threads=job["threads"])
-    reqs = job_requests(gen.tokenizer, prompts=job["prompts"], n_positions=gen.n_positions,
-                        uniform=job["mode_name"] == "uniform")
+    Returns tokens, seconds (the whole `run_batch` call: model load included, as a job
+    pays it), a digest of the texts, and the peak RSS of the processes it started.
+    """
+    import json
+    import tempfile
+
+    from .. import artifact, tokenizer
+    from ..batch import run_batch
+
+    dims = artifact.read_manifest(job["model_dir"]).dims
+    tok = tokenizer.load(job["model_dir"], vocab_size=dims.vocab_size)
+    reqs = job_requests(tok, prompts=job["prompts"], n_positions=dims.n_positions, uniform=job["mode_name"] == "uniform")
     batching = "static" if job["mode_name"] == "static" else "continuous"
-    t0 = time.perf_counter()
-    rows = list(iter_results(gen, reqs, batch_size=job["batch_size"], batching=batching))
-    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="gpt2onnx-job-") as d, _ChildrenRss() as children:
+        src, dst = os.path.join(d, "in.jsonl"), os.path.join(d, "out.jsonl")
+        with open(src, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in reqs)
+        t0 = time.perf_counter()
+        run_batch(job["model_dir"], src, dst, batch_size=job["batch_size"], threads=job["threads"],
+                  workers=job.get("workers", 1), batching=batching, progress=False)
+        seconds = time.perf_counter() - t0
+        with open(dst, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
     errors = [r["error"] for r in rows if "error" in r]
     if errors:
         raise RuntimeError(f"{len(errors)} rows failed: {errors[0]}")
     digest = hashlib.sha256("\x00".join(r["text"] for r in rows).encode()).hexdigest()[:16]
-    return {"tokens": sum(r["generated_tokens"] for r in rows), "seconds": seconds, "texts_sha256": digest}
+    return {"tokens": sum(r["generated_tokens"] for r in rows), "seconds": seconds, "texts_sha256": digest,
+            "children_peak_rss_mb": children.total_mb()}
+
+
+class _ChildrenRss:
+    """Samples the peak RSS (VmHWM) of this process's descendants (the job's worker processes) every 0.2 s."""
+
+    def __enter__(self):
+        self.peak: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def total_mb(self) -> float:
+        return sum(self.peak.values())
+
+    def _run(self) -> None:
+        while True:
+            for pid in _descendants(os.getpid()):
+                try:
+                    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+                        hwm = next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:")), 0.0)
+                except (OSError, ValueError):
+                    continue
+                self.peak[pid] = max(self.peak.get(pid, 0.0), hwm)
+            if self.stop.wait(0.2):
+                return
+
+
+def _descendants(root: int) -> list[int]:
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    parent[int(name)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def layouts(workers: Sequence[int], threads: int | None) -> list[tuple[int, int]]:
+    """(processes, threads per process) for each worker count: threads default to physical cores // processes.
+
+    >>> layouts([1, 2], 1)
+    [(1, 1), (2, 1)]
+    """
+    from .. import cpu
+
+    return [(w, threads or max(1, cpu.physical_cores() // w)) for w in workers]
 
 
 def run_job_bench(model_dir: str, *, prompts: int = 256, batch_size: int = 8, threads: int | None = None,
-                  repeats: int = 1, progress: bool = False) -> dict:
-    """Run the job scenario (parent side); returns ``{"settings", "runs", "summary"}`` (JSON-ready)."""
-    from .. import artifact, cpu
+                  repeats: int = 1, progress: bool = False, workers: Sequence[int] = (1,),
+                  modes: Sequence[str] = MODES) -> dict:
+    """Run the job scenario (parent side); returns ``{"settings", "runs", "summary"}`` (JSON-ready).
+
+    Every round runs each layout (``workers`` processes x `threads` each, default
+    physical cores // workers) in each of `modes`, interleaved.
+    """
+    from .. import artifact
+    from ..batch.pool import check_workers
     from ..errors import InvalidRequestError
     from .runs import call_worker
 
     for name, v, lo in (("prompts", prompts, 2), ("batch_size", batch_size, 1), ("repeats", repeats, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise InvalidRequestError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if isinstance(modes, str) or not modes or any(m not in MODES for m in modes):
+        raise InvalidRequestError(f"job modes must be some of {', '.join(MODES)}, got {modes!r}")
+    modes = [m for m in MODES if m in modes]
+    if isinstance(workers, (str, int)) or not workers or len(set(workers)) != len(workers):
+        raise InvalidRequestError(f"workers must be a list of distinct process counts, e.g. [1, 2]; got {workers!r}")
+    for w in workers:
+        check_workers(w, threads)
     artifact.verify(model_dir, check_hashes=False)
-    threads = threads or cpu.physical_cores()
-    runs = []
+    shapes = layouts(workers, threads)
+    names = [f"{w}x{t}" for w, t in shapes]
+    runs, load = [], [round(x, 2) for x in os.getloadavg()]
     for r in range(repeats):
-        for mode in MODES:
-            if progress:
-                print(f"job bench: round {r + 1}/{repeats}, {mode}", flush=True)
-            out = call_worker({"mode": "batch-job", "mode_name": mode, "model_dir": model_dir, "prompts": prompts,
-                               "batch_size": batch_size, "threads": threads}, threads)
-            if "error" in out:
-                raise InvalidRequestError(f"the {mode} job failed: {out['error']}")
-            runs.append(dict(out, mode=mode, round=r, tokens_per_s=out["tokens"] / out["seconds"]))
-    rate = {m: statistics.median(x["tokens_per_s"] for x in runs if x["mode"] == m) for m in MODES}
-    rss = {m: max(x["peak_rss_mb"] for x in runs if x["mode"] == m) for m in MODES}
-    same = len({x["texts_sha256"] for x in runs if x["mode"] != "uniform"}) == 1
-    return {"settings": {"model_dir": model_dir, "prompts": prompts, "batch_size": batch_size, "threads": threads,
-                         "repeats": repeats},
-            "runs": runs,
-            "summary": {"tokens_per_s": rate, "peak_rss_mb": rss, "static_equals_continuous": same,
-                        "continuous_vs_static": rate["continuous"] / rate["static"],
-                        "continuous_vs_uniform": rate["continuous"] / rate["uniform"]}}
+        for (w, t), layout in zip(shapes, names):
+            for mode in modes:
+                if progress:
+                    print(f"job bench: round {r + 1}/{repeats}, {layout} (processes x threads), {mode}", flush=True)
+                out = call_worker({"mode": "batch-job", "mode_name": mode, "model_dir": model_dir, "prompts": prompts,
+                                   "batch_size": batch_size, "threads": t, "workers": w}, t)
+                if "error" in out:
+                    raise InvalidRequestError(f"the {layout} {mode} job failed: {out['error']}")
+                runs.append(dict(out, mode=mode, layout=layout, workers=w, threads=t, round=r,
+                                 tokens_per_s=out["tokens"] / out["seconds"]))
+    return {"settings": {"model_dir": model_dir, "prompts": prompts, "batch_size": batch_size, "layouts": names,
+                         "modes": modes, "repeats": repeats, "timing": "whole run_batch call, model load included",
+                         "load_average_1_5_15min": {"start": load, "end": [round(x, 2) for x in os.getloadavg()]}},
+            "runs": runs, "summary": summarize(runs, names, modes)}
+
+
+def summarize(runs: list[dict], names: list[str], modes: list[str]) -> dict:
+    """Medians per layout and mode, ratios between modes, and layout / first layout from the same round."""
+    def pick(layout, mode):
+        return [x for x in runs if x["layout"] == layout and x["mode"] == mode]
+
+    rate = {lay: {m: statistics.median(x["tokens_per_s"] for x in pick(lay, m)) for m in modes} for lay in names}
+    rss = {lay: {m: max(x["peak_rss_mb"] for x in pick(lay, m)) for m in modes} for lay in names}
+    texts = {m: {x["texts_sha256"] for x in runs if x["mode"] == m} for m in modes}
+    out = {"tokens_per_s": rate, "peak_rss_mb": rss,
+           "texts_identical": all(len(v) == 1 for v in texts.values()) and (
+               "static" not in modes or "continuous" not in modes or texts["static"] == texts["continuous"])}
+    for a, b in (("continuous", "static"), ("continuous", "uniform")):
+        if a in modes and b in modes:
+            out[f"{a}_vs_{b}"] = {lay: rate[lay][a] / rate[lay][b] for lay in names}
+    base = names[0]
+    out["vs_" + base] = {lay: {m: statistics.median(x["tokens_per_s"] / y["tokens_per_s"]
+                                                     for x in pick(lay, m) for y in pick(base, m)
+                                                     if x["round"] == y["round"]) for m in modes}
+                         for lay in names[1:]}
+    return out
 
 
 def format_job_table(rec: dict) -> str:
     """The job scenario as a few lines for the terminal."""
     s, st = rec["summary"], rec["settings"]
     lines = [f"batch job: {st['prompts']} prompts (8-512 tokens, 8-256 new), batch size {st['batch_size']}, "
-             f"{st['threads']} threads, median of {st['repeats']} round(s)",
-             "mode         tokens/s  peak RSS MB"]
-    lines += [f"{m:<12} {s['tokens_per_s'][m]:>8.1f}  {s['peak_rss_mb'][m]:>11.0f}" for m in MODES]
-    lines.append(f"continuous / static {s['continuous_vs_static']:.2f}x, continuous / uniform "
-                 f"{s['continuous_vs_uniform']:.2f}x; static and continuous texts identical: "
-                 f"{'yes' if s['static_equals_continuous'] else 'NO'}")
+             f"median of {st['repeats']} round(s), {st['timing']}; load average "
+             f"{st['load_average_1_5_15min']['start'][0]} at the start, {st['load_average_1_5_15min']['end'][0]} at the end",
+             "layout (processes x threads)  mode          tokens/s  peak RSS MB (all processes)"]
+    for lay in st["layouts"]:
+        lines += [f"{lay:<29} {m:<12} {s['tokens_per_s'][lay][m]:>9.1f}  {s['peak_rss_mb'][lay][m]:>11.0f}"
+                  for m in st["modes"]]
+    for a, b in (("continuous", "static"), ("continuous", "uniform")):
+        if f"{a}_vs_{b}" in s:
+            lines.append(f"{a} / {b}: " + ", ".join(f"{lay} {v:.2f}x" for lay, v in s[f"{a}_vs_{b}"].items()))
+    base = st["layouts"][0]
+    for lay, by_mode in s["vs_" + base].items():
+        lines.append(f"{lay} / {base} (same round, median): " + ", ".join(f"{m} {v:.2f}x" for m, v in by_mode.items()))
+    lines.append(f"texts identical across modes and layouts: {'yes' if s['texts_identical'] else 'NO'}")
     return "\n".join(lines)

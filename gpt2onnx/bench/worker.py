@@ -312,7 +312,7 @@ def main() -> int:
             from .jobbench import measure_job
 
             out = measure_job(job)
-            out["peak_rss_mb"] = _peak_rss_mb()
+            out["peak_rss_mb"] = _peak_rss_mb() + out.pop("children_peak_rss_mb")  # summed over the job's processes
         else:
             out = RUNNERS[job["runtime"]](job)
             out["peak_rss_mb"] = _peak_rss_mb()

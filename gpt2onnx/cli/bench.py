@@ -33,11 +33,15 @@ def _job_cmd(a) -> int:
 
     batch = parse_int_list(a.batch_sizes, "--batch-sizes")
     threads = parse_int_list(a.threads, "--threads")[0] if a.threads else None
+    modes = [m.strip() for m in a.job_modes.split(",") if m.strip()]
     rec = run_job_bench(os.path.abspath(a.model_dir), prompts=a.job_prompts, batch_size=max(batch), threads=threads,
-                        repeats=a.repeats, progress=not a.quiet)
+                        repeats=a.repeats, progress=not a.quiet, workers=parse_int_list(a.workers, "--workers"),
+                        modes=modes)
     print(format_job_table(rec))
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"job-{os.path.basename(os.path.abspath(a.model_dir))}-{a.job_prompts}.json")
+    layouts = "" if rec["settings"]["layouts"] == [f"1x{rec['runs'][0]['threads']}"] else \
+        "-" + "_".join(rec["settings"]["layouts"])
+    path = os.path.join(a.out, f"job-{os.path.basename(os.path.abspath(a.model_dir))}-{a.job_prompts}{layouts}.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(rec, f, indent=2)
     print(f"wrote {path}")
@@ -104,6 +108,11 @@ def add_parsers(subparsers) -> None:
                    help="grid: latency per batch size x prompt length; job: a whole batch job of mixed prompts, "
                         "static vs continuous batching (uses the largest --batch-sizes)")
     b.add_argument("--job-prompts", dest="job_prompts", type=int, default=256, help="prompts in the job scenario")
+    b.add_argument("--workers", default="1", metavar="P[,Q]",
+                   help="job scenario: worker process counts to compare, each with --threads or physical cores // P "
+                        "threads (e.g. 1,2 on 2 cores: layouts 1x2 and 2x1)")
+    b.add_argument("--job-modes", dest="job_modes", default="uniform,static,continuous",
+                   help="job scenario: which of uniform, static, continuous to run")
     b.set_defaults(func=_bench_cmd)
 
     s = subparsers.add_parser("skus", help="list the Azure CPU VM sizes of the catalog")

@@ -32,7 +32,9 @@ def _add_batch(subparsers) -> None:
                    help="continuous: a finished row's slot takes the next prompt at once; static: batches run to "
                         "their end (same output)")
     add_param_flags(b)
-    b.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
+    b.add_argument("--threads", type=int, help="intra-op threads per worker (default: physical cores // workers)")
+    b.add_argument("--workers", type=int, default=1,
+                   help="processes generating, each with its own copy of the model; this one writes OUTPUT in order")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_batch)
 
@@ -41,8 +43,7 @@ def _batch(a) -> int:
     from ..batch import run_batch
 
     s = run_batch(a.model_dir, a.input, a.output, batch_size=a.batch_size, params=param_overrides(a),
-                  progress=not a.no_progress, threads=a.threads,
-                  batching=a.batching)
+                  progress=not a.no_progress, threads=a.threads, batching=a.batching, workers=a.workers)
     done = f", {s.skipped_already_done} already done" if s.skipped_already_done else ""
     print(f"{a.output}: {s.ok} ok, {s.errors} errors{done}; {s.tokens} tokens in {s.seconds:.1f} s "
           f"({s.tokens / max(s.seconds, 1e-9):.1f} tokens/s)")

@@ -277,11 +277,31 @@ def test_job_scenario_static_and_continuous_write_the_same_rows(main, tiny_int8,
     assert main(["bench", tiny_int8, "--scenario", "job", "--job-prompts", "6", "--batch-sizes", "3",
                  "--repeats", "1", "--threads", "1", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "continuous / static" in out and "texts identical: yes" in out
+    assert "continuous / static" in out and "texts identical across modes and layouts: yes" in out
     rec = _json.loads((tmp_path / "job-tiny-int8-6.json").read_text())
     assert [r["mode"] for r in rec["runs"]] == ["uniform", "static", "continuous"]
-    assert rec["summary"]["static_equals_continuous"] is True
+    assert rec["summary"]["texts_identical"] is True and rec["settings"]["layouts"] == ["1x1"]
     assert all(r["tokens"] > 0 and r["peak_rss_mb"] > 0 for r in rec["runs"])
+
+
+def test_job_scenario_compares_layouts_in_interleaved_rounds(main, tiny_int8, tmp_path, capsys):
+    """--workers 1,2 --threads 1: layouts 1x1 and 2x1, round by round; RSS summed over the job's processes."""
+    import json as _json
+
+    assert main(["bench", tiny_int8, "--scenario", "job", "--job-prompts", "40", "--batch-sizes", "2",
+                 "--repeats", "2", "--threads", "1", "--workers", "1,2", "--job-modes", "continuous", "--quiet",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2x1 / 1x1 (same round, median): continuous" in out and "layouts: yes" in out
+    rec = _json.loads((tmp_path / "job-tiny-int8-40-1x1_2x1.json").read_text())
+    assert [(r["round"], r["layout"], r["mode"]) for r in rec["runs"]] == [
+        (0, "1x1", "continuous"), (0, "2x1", "continuous"), (1, "1x1", "continuous"), (1, "2x1", "continuous")]
+    one, two = (max(r["peak_rss_mb"] for r in rec["runs"] if r["workers"] == w) for w in (1, 2))
+    assert two > one  # two models in memory, not one
+    assert set(rec["summary"]["vs_1x1"]) == {"2x1"} and rec["summary"]["texts_identical"] is True
+    assert main(["bench", tiny_int8, "--scenario", "job", "--workers", "0", "--quiet", "--out", str(tmp_path)]) == 1
+    assert main(["bench", tiny_int8, "--scenario", "job", "--job-modes", "fast", "--quiet",
+                 "--out", str(tmp_path)]) == 1
 
 
 def test_cli_bench_on_a_machine_smaller_than_its_sku_warns_once_and_is_never_recommended(

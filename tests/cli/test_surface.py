@@ -30,7 +30,8 @@ FUNCTIONS = {
     "load": ["model_dir", "*threads", "*verify_hashes"],
     "export": ["source", "outdir", "*precision", "*force", "*random_weights", "*seed", "*tokenizer", "*progress",
                "*accept_fidelity_miss", "*kv_cache"],
-    "run_batch": ["model_or_dir", "input_path", "output_path", "*batch_size", "*params", "*progress", "*threads"],
+    "run_batch": ["model_or_dir", "input_path", "output_path", "*batch_size", "*params", "*progress", "*threads",
+                  "*workers"],
 }
 
 CLI = {
@@ -42,7 +43,7 @@ CLI = {
                  "--truncation", "model_dir", "prompt"],
     "batch": ["--batch-size", "--do-sample", "--ignore-eos", "--max-new-tokens", "--no-progress", "--params",
               "--repetition-penalty", "--seed", "--stop", "--temperature", "--threads", "--top-k", "--top-p",
-              "--truncation", "input", "model_dir", "output"],
+              "--truncation", "--workers", "input", "model_dir", "output"],
     "azureml-kit": ["--deployment", "--endpoint", "--force", "--instance-type", "--model-name", "model_dir", "outdir"],
     "bench": ["--baselines", "--batch-sizes", "--new-tokens", "--out", "--prompt-tokens", "--quiet", "--repeats",
               "--sku", "--threads", "--warmup", "model_dir"],
