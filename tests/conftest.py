@@ -92,6 +92,16 @@ def tiny_int8(tiny_src, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_int8_kvfp32(tiny_src, tmp_path_factory) -> str:
+    """int8 weights with an fp32 KV cache (the default for int8 is an int8 cache)."""
+    import gpt2onnx
+
+    out = str(tmp_path_factory.mktemp("models") / "tiny-int8-kvfp32")
+    gpt2onnx.export(tiny_src, out, precision="int8", kv_cache="fp32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_int4(tiny_src, tmp_path_factory) -> str:
     import gpt2onnx
 

@@ -41,7 +41,14 @@ class ExportConfig:
     tokenizer: str | None = None  # folder with tokenizer.json or vocab.json + merges.txt
     progress: bool = True  # show progress on stderr
     accept_fidelity_miss: bool = False  # finish an int8/int4 export that misses its gate (recorded as such)
-    kv_cache: str = "fp32"  # "fp32" or "int8" (static per-channel scales; gated like a quantized precision)
+    kv_cache: str = "auto"  # "auto", "fp32" or "int8" (static per-channel scales; gated like a quantized precision)
+
+    @property
+    def kv_wanted(self) -> str:
+        """The cache tried first: "auto" is int8 for quantized weights, fp32 for fp32 weights."""
+        if self.kv_cache == "auto":
+            return "int8" if self.precision in QUANTIZED else "fp32"
+        return self.kv_cache
 
     def __post_init__(self):
         from .kvcache import KV_CACHES
@@ -50,7 +57,7 @@ class ExportConfig:
             raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.kv_cache not in KV_CACHES:
             raise ExportError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}; "
-                              "pass --kv-cache fp32 or --kv-cache int8")
+                              "pass --kv-cache auto, fp32 or int8")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ExportError(f"seed must be a non-negative integer, got {self.seed!r}")
 
@@ -89,7 +96,7 @@ def _versions() -> dict:
 
 def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = False,
            random_weights: bool = False, seed: int = 0, tokenizer: str | None = None,
-           progress: bool = True, accept_fidelity_miss: bool = False, kv_cache: str = "fp32") -> dict:
+           progress: bool = True, accept_fidelity_miss: bool = False, kv_cache: str = "auto") -> dict:
     """Export a GPT-2 to an ONNX model folder and verify it against PyTorch.
 
     Args:
@@ -107,9 +114,10 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         progress: show the steps on stderr.
         accept_fidelity_miss: finish an int8/int4 export that misses its fidelity gate;
             the manifest and model card then say "gate missed, accepted".
-        kv_cache: ``"fp32"`` or ``"int8"``: the KV cache in int8 with per-channel scales
-            calibrated on real text (a quarter of the bytes); gated against fp32 like a
-            quantized precision. Its past/present are int8 tensors: Optimum runs the folder
+        kv_cache: ``"auto"`` (default), ``"fp32"`` or ``"int8"``: the KV cache in int8 with
+            per-channel scales calibrated on real text (a quarter of the bytes; faster batched
+            decode), gated against fp32 like a quantized precision. ``"auto"``: int8 for int8 and
+            int4 weights if it passes their gate, else fp32 (the progress says so); fp32 for fp32. Its past/present are int8 tensors: Optimum runs the folder
             as it is; a consumer that makes its own float32 past must make it int8.
 
     Returns:
@@ -157,7 +165,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
 def _steps(cfg: ExportConfig) -> int:
     """Progress steps: 6, + quantize and gate for int8/int4 weights, + calibrate (and gate) an int8 KV cache."""
     quantized = cfg.precision in QUANTIZED
-    return 6 + 2 * quantized + (0 if cfg.kv_cache == "fp32" else 1 if quantized else 2)
+    return 6 + 2 * quantized + (0 if cfg.kv_wanted == "fp32" else 1 if quantized else 2)
 
 
 def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
@@ -174,7 +182,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
 
     bar.step("build ONNX graph")
     quantized = cfg.precision in QUANTIZED
-    gated = quantized or cfg.kv_cache != "fp32"  # the fp32 graph is then a reference, in its own folder
+    gated = quantized or cfg.kv_wanted != "fp32"  # the fp32 graph is then a reference, in its own folder
     fp32_dir = os.path.join(tmp, "fp32") if gated else tmp
     os.makedirs(fp32_dir, exist_ok=True)
     fp32_path = graph.build(sources.numpy_weights(src.model), dims, fp32_dir,
@@ -211,7 +219,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
            "positions": fp32["positions"], "paddings": ", ".join(s.padding for s in fresh),
            "fp32_max_abs_diff_by_padding": fp32["max_abs_diff_by_padding"]}
     kv_scales, kv = None, kvcache.kv_record("fp32")
-    if cfg.kv_cache == "int8":  # scales from the fp32 graph's own keys and values on text the gate does not score
+    if cfg.kv_wanted == "int8":  # scales from the fp32 graph's own keys and values on text the gate does not score
         bar.step("calibrate the int8 KV cache")
         begin, end = policy.kv_calibration_slice(len(gate_ids), window)
         kv_scales = kvcache.scales(kvcache.calibrate(session, gate_ids[begin:end], window=window,
@@ -221,9 +229,12 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     del session
     quant = fid = None
     if gated:
-        label = cfg.precision if cfg.kv_cache == "fp32" else f"{cfg.precision}_kv_int8"
-        quant, par[label], fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
-                                                       source_info["random_weights"], bar, kv_scales)
+        quant, par_q, fid = policy.quantize_gated(cfg, tmp, fp32_path, steps, dims, outliers, gate_ids, window,
+                                                  source_info["random_weights"], bar, kv_scales,
+                                                  kv_fallback=cfg.kv_cache == "auto")
+        if fid["kv_cache"] == "fp32":  # "auto" fell back: the int8 cache missed the gate
+            kv = kvcache.kv_record("fp32")
+        par[cfg.precision if quantized else "fp32_kv_int8"] = par_q  # the manifest's kv_cache says which cache
         if not quantized:  # fp32 weights, int8 cache: the gated graph shares the fp32 graph's weights file
             os.replace(os.path.join(fp32_dir, graph.EXTERNAL_DATA), os.path.join(tmp, graph.EXTERNAL_DATA))
             os.replace(policy.gated_path(tmp, fp32_path, cfg.precision), os.path.join(tmp, "model.onnx"))

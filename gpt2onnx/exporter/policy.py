@@ -159,52 +159,35 @@ def gated_path(tmp: str, fp32_path: str, precision: str) -> str:
 
 
 def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, gate_ids, window: int,
-                   random_weights: bool, bar, kv_scales: dict | None = None) -> tuple[dict | None, dict, dict]:
+                   random_weights: bool, bar, kv_scales: dict | None = None,
+                   kv_fallback: bool = False) -> tuple[dict | None, dict, dict]:
     """Quantize the weights to `cfg.precision` and / or the KV cache to int8 (`kv_scales`), then gate on
-    real text; a miss retries with the next weight recipe.
+    real text; a miss retries with the next weight recipe. With `kv_fallback` (``--kv-cache auto``),
+    when every recipe misses with the int8 cache the ladder runs again with an fp32 cache.
 
     Returns the quantization record (None for fp32 weights), the parity figures and the
     fidelity record; raises FidelityError when the last recipe misses too (unless accepted).
     The gated graph is at `gated_path`.
     """
-    from ..eval import fidelity
-    from . import kvcache, parity, quantize
+    from . import parity, quantize
 
     precision = cfg.precision
     what_gated = precision + (" + int8 KV cache" if kv_scales is not None else "")
-    ref = None  # made after the first quantization: the quantizer and an fp32 session at once would double the peak
+    ref: list = []  # the fp32 session, made by the first rung
     stride = window // 2
     tried = []
     recipes = quantize.recipes_to_try(n_embd=dims.n_embd, precision=precision) if precision != "fp32" else [None]
-    for i, recipe in enumerate(recipes):
-        table: dict = {}
-        if recipe is None:  # fp32 weights: only the cache is quantized
-            path = fp32_path
-        else:
-            what = f"block {recipe.block_size}" + (f", {recipe.lm_head} table" if precision == "int4" else "")
-            if i == 0:
-                bar.step(f"quantize {precision}")
-            else:
-                bar.note(f"quantize {precision} again with {what} ({tried[-1]['what']} missed the fidelity gate)")
-            path = quantize.quantize_model(fp32_path, tmp, recipe, outliers, report=table)
-        if kv_scales is not None:
-            path = kvcache.quantize_cache(path, gated_path(tmp, fp32_path, precision), kv_scales)
-        session = cpu_session(path)
-        if ref is None:
-            ref = cpu_session(fp32_path)
-        if i == 0:
-            bar.step(f"{what_gated} fidelity gate on real text")
-        figures = fidelity.measure(ref, session, gate_ids, window=window, stride=stride, limit=GATE_WINDOWS,
-                                   margin=DECISIVE_MARGIN)
-        gate, why = gate_for(figures, dims.vocab_size, random_weights, precision)
-        missed = check(figures, gate)
-        if recipe is not None:
-            tried.append({"what": what, "algorithm": recipe.algorithm, "block_size": recipe.block_size,
-                          "symmetric": recipe.symmetric, "lm_head": recipe.lm_head,
-                          "top1_agreement": figures["top1_agreement"],
-                          "decisive_top1_agreement": figures["decisive_top1_agreement"],
-                          "decisive_share": figures["decisive_share"], "mean_kl": figures["mean_kl"],
-                          "ppl_ratio": figures["ppl_ratio"], "missed": missed})
+    ladders = [kv_scales] + ([None] if kv_scales is not None and kv_fallback and precision != "fp32" else [])
+    for ladder, kv_scales in enumerate(ladders):
+        if ladder:
+            what_gated = precision
+            bar.note("the int8 KV cache misses the fidelity gate with every recipe: again with an fp32 KV cache")
+        for i, recipe in enumerate(recipes):
+            missed, session, figures, gate, why, table = _gate_one(
+                cfg, tmp, fp32_path, recipe, i == 0 and not ladder, tried, outliers, kv_scales, ref, gate_ids,
+                window, stride, dims, random_weights, bar, what_gated)
+            if not missed:
+                break
         if not missed:
             break
     if missed and not cfg.accept_fidelity_miss:
@@ -223,3 +206,44 @@ def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, g
                gate=gate, gated=why, missed=missed, kv_cache="fp32" if kv_scales is None else "int8",
                status="missed, accepted with --accept-fidelity-miss" if missed else "passed")
     return quant, par, fid
+
+
+def _gate_one(cfg, tmp, fp32_path, recipe, first: bool, tried: list, outliers, kv_scales, ref: list, gate_ids,
+              window: int, stride: int, dims, random_weights: bool, bar, what_gated: str):
+    """One rung of the ladder: quantize with `recipe` (None: fp32 weights) and the int8 cache if
+    `kv_scales`, then gate. `ref` holds the fp32 session once made. Returns (missed, session,
+    figures, gate, why, table)."""
+    from ..eval import fidelity
+    from . import kvcache, quantize
+
+    precision = cfg.precision
+    table: dict = {}
+    path = fp32_path  # fp32 weights: only the cache is quantized
+    if recipe is not None:
+        what = f"block {recipe.block_size}" + (f", {recipe.lm_head} table" if precision == "int4" else "")
+        if first:
+            bar.step(f"quantize {precision}")
+        else:
+            bar.note(f"quantize {precision} again with {what}" + (f" ({tried[-1]['what']} missed the fidelity gate)"
+                                                                 if tried else ""))
+        path = quantize.quantize_model(fp32_path, tmp, recipe, outliers, report=table)
+    if kv_scales is not None:
+        path = kvcache.quantize_cache(path, gated_path(tmp, fp32_path, precision), kv_scales)
+    session = cpu_session(path)
+    if not ref:  # made after the first quantization: the quantizer and an fp32 session at once would double the peak
+        ref.append(cpu_session(fp32_path))
+    if first:
+        bar.step(f"{what_gated} fidelity gate on real text")
+    figures = fidelity.measure(ref[0], session, gate_ids, window=window, stride=stride, limit=GATE_WINDOWS,
+                               margin=DECISIVE_MARGIN)
+    gate, why = gate_for(figures, dims.vocab_size, random_weights, precision)
+    missed = check(figures, gate)
+    if recipe is not None:
+        tried.append({"what": what, "algorithm": recipe.algorithm, "block_size": recipe.block_size,
+                      "symmetric": recipe.symmetric, "lm_head": recipe.lm_head,
+                      "kv_cache": "fp32" if kv_scales is None else "int8",
+                      "top1_agreement": figures["top1_agreement"],
+                      "decisive_top1_agreement": figures["decisive_top1_agreement"],
+                      "decisive_share": figures["decisive_share"], "mean_kl": figures["mean_kl"],
+                      "ppl_ratio": figures["ppl_ratio"], "missed": missed})
+    return missed, session, figures, gate, why, table

@@ -67,9 +67,14 @@ def _session(folder):
     return ort.InferenceSession(os.path.join(folder, "model.onnx"), so, providers=["CPUExecutionProvider"])
 
 
-def _empty_past(b: int) -> dict:
+def _empty_past(b: int, session=None) -> dict:
+    """Empty past tensors in the graph's own cache type (what Optimum does; int8 for an int8-KV folder)."""
+    dtype = np.float32
+    if session is not None:
+        dtype = {"tensor(float)": np.float32, "tensor(int8)": np.int8}[
+            next(i.type for i in session.get_inputs() if i.name.startswith("past_key_values."))]
     return {f"past_key_values.{i}.{kv}": np.zeros((b, TINY["n_head"], 0, TINY["n_embd"] // TINY["n_head"]),
-                                                   np.float32) for i in range(TINY["n_layer"]) for kv in ("key", "value")}
+                                                   dtype) for i in range(TINY["n_layer"]) for kv in ("key", "value")}
 
 
 def _optimum(folder):
@@ -207,7 +212,7 @@ def _hf_loop(session, model, ids, mask, steps=4):
     present -> past, mask grown by one 1 per step; yield (onnx logits, torch logits, valid)."""
     import torch
 
-    past, pkv = _empty_past(ids.shape[0]), None
+    past, pkv = _empty_past(ids.shape[0], session), None
     cur, pos = ids, parity.hf_position_ids(mask)
     for step in range(steps + 1):
         logits, *present = session.run(None, {"input_ids": cur, "attention_mask": mask, "position_ids": pos, **past})

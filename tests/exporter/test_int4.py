@@ -44,7 +44,8 @@ def test_tiny_int4_export_passes_parity_and_its_gate_and_generates(tiny_int4, ti
     r = gen.generate("The history of", max_new_tokens=6, ignore_eos=True)[0]
     assert r.generated_tokens == 6 and r.text
     card = open(os.path.join(tiny_int4, "MODEL_CARD.md"), encoding="utf-8").read()
-    assert "## int4 fidelity against fp32" in card and "4-bit" in card and "one token table for both" in card
+    assert "## int4 weights + int8 KV cache fidelity against fp32" in card  # the default cache for int4: int8
+    assert "4-bit" in card and "one token table for both" in card
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -110,7 +111,9 @@ def test_the_gate_rejects_a_bad_int4_recipe(tmp_path, monkeypatch):
     assert not (tmp_path / "bad").exists() and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
     m = gpt2onnx.export(src, str(tmp_path / "kept"), precision="int4", progress=False, accept_fidelity_miss=True)
     assert m["fidelity"]["missed"] and m["fidelity"]["status"].startswith("missed")
-    assert [t["block_size"] for t in m["quantization"]["tried"]] == [32]  # 128 fitted to n_embd 32
+    # 128 fitted to n_embd 32; --kv-cache auto: with the int8 cache, then again with an fp32 cache
+    assert [(t["block_size"], t["kv_cache"]) for t in m["quantization"]["tried"]] == [(32, "int8"), (32, "fp32")]
+    assert m["kv_cache"] == {"dtype": "fp32"} and m["fidelity"]["kv_cache"] == "fp32"
     assert "WARNING: this int4 export MISSED the gate" in (tmp_path / "kept" / "MODEL_CARD.md").read_text()
 
 

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import gpt2onnx
+from gpt2onnx.errors import FidelityError
 from gpt2onnx import artifact
 from gpt2onnx.cli import main
 from gpt2onnx.errors import ArtifactError, ExportError
@@ -89,7 +90,7 @@ def test_int8_kv_export_records_its_cache_and_passes_the_gate(tiny_kv8):
         assert kv["margin"] == kvcache.MARGIN and kv["calibration"]["tokens"][0] >= 2 * kv["calibration"]["window"]
         fid = m.fidelity
         assert fid["status"] == "passed" and fid["kv_cache"] == "int8" and fid["mean_kl"] <= GATE["mean_kl"]
-        par = m.parity[f"{precision}_kv_int8"]
+        par = m.parity[precision if precision != "fp32" else "fp32_kv_int8"]  # the weights precision; kv_cache says the cache
         assert par["top1_agreement"] >= 0.95 and par["mean_kl"] < GATE["mean_kl"]
         assert m.parity["fp32_max_abs_diff"] < 1e-3  # the fp32 graph was checked against PyTorch as always
         assert (m.quantization is None) == (precision == "fp32")
@@ -117,8 +118,8 @@ def test_int8_kv_graph_has_int8_past_and_static_scales(tiny_kv8):
     assert len(gqa) == 2 and kvcache.cache_dtype(os.path.join(tiny_kv8["fp32"], "model.onnx")) == "int8"
 
 
-def test_fp32_kv_export_records_an_fp32_cache(tiny_fp32, tiny_int8):
-    for folder in (tiny_fp32, tiny_int8):
+def test_fp32_kv_export_records_an_fp32_cache(tiny_fp32, tiny_int8_kvfp32):
+    for folder in (tiny_fp32, tiny_int8_kvfp32):
         m = artifact.read_manifest(folder)
         assert m.raw["kv_cache"] == {"dtype": "fp32"} and m.kv_cache.numpy_dtype == "float32"
         assert kvcache.cache_dtype(os.path.join(folder, "model.onnx")) == "fp32"
@@ -135,8 +136,8 @@ def _copy_with_manifest(src: str, dst, edit) -> str:
     return str(dst)
 
 
-def test_a_manifest_without_kv_cache_reads_as_fp32_and_generates(tiny_int8, tmp_path):
-    old = _copy_with_manifest(tiny_int8, tmp_path / "old", lambda m: m.pop("kv_cache"))
+def test_a_manifest_without_kv_cache_reads_as_fp32_and_generates(tiny_int8_kvfp32, tmp_path):
+    old = _copy_with_manifest(tiny_int8_kvfp32, tmp_path / "old", lambda m: m.pop("kv_cache"))
     assert artifact.read_manifest(old).kv_cache == artifact.KVCacheSpec("fp32")
     assert gpt2onnx.load(old).generate("The", max_new_tokens=3, ignore_eos=True)[0].generated_tokens == 3
 
@@ -151,7 +152,7 @@ def test_an_unknown_kv_cache_in_a_manifest_is_one_line(tiny_int8, tmp_path, kv, 
 
 
 def test_a_bad_kv_cache_value_is_one_line(tiny_src, tmp_path, capsys):
-    with pytest.raises(ExportError, match="kv_cache must be one of fp32, int8, got 'fp16'; pass --kv-cache") as e:
+    with pytest.raises(ExportError, match="kv_cache must be one of auto, fp32, int8, got 'fp16'; pass --kv-cache") as e:
         gpt2onnx.export(tiny_src, tmp_path / "x", kv_cache="fp16", progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "x").exists()
     assert main(["export", tiny_src, str(tmp_path / "y"), "--kv-cache", "fp16"]) == 2
@@ -173,6 +174,37 @@ def test_eval_fidelity_of_an_int8_kv_folder_against_its_fp32_export(tiny_kv8, ti
                  threads=1)
     assert r["kv_cache"] == "int8" and r["gate_missed"] == [] and 0 < r["mean_kl"] < GATE["mean_kl"]
     assert r["greedy_prefix_mean"] > 0
+
+
+def test_auto_is_int8_for_quantized_weights_and_fp32_for_fp32(tiny_int8, tiny_int4, tiny_fp32):
+    """The default `--kv-cache auto`: an int8 cache where the weights are quantized (it passed their gate here)."""
+    for folder, dtype in ((tiny_int8, "int8"), (tiny_int4, "int8"), (tiny_fp32, "fp32")):
+        m = artifact.read_manifest(folder)
+        assert m.kv_cache.dtype == dtype and kvcache.cache_dtype(os.path.join(folder, "model.onnx")) == dtype
+        if dtype == "int8":
+            assert m.raw["fidelity"]["kv_cache"] == "int8" and m.raw["fidelity"]["status"] == "passed"
+
+
+def test_auto_falls_back_to_an_fp32_cache_when_the_int8_cache_misses(tiny_src, tmp_path, monkeypatch, capsys):
+    """`auto` exports the same weights with an fp32 cache, saying so, instead of failing. The tiny model's
+    attention barely moves its logits (even saturated scales pass), so the first rung's miss is simulated."""
+    real, calls = policy.check, []
+
+    def check(figures, gate):
+        calls.append(1)
+        return real(figures, gate) + (["mean_kl (simulated miss of the int8 cache)"] if len(calls) == 1 else [])
+
+    monkeypatch.setattr(policy, "check", check)
+    m = gpt2onnx.export(tiny_src, tmp_path / "auto", precision="int8", progress=True)
+    assert m["kv_cache"] == {"dtype": "fp32"} and m["fidelity"]["status"] == "passed"
+    assert [t["kv_cache"] for t in m["quantization"]["tried"]] == ["int8", "fp32"]
+    assert m["quantization"]["tried"][0]["missed"] and not m["quantization"]["tried"][1]["missed"]
+    assert "again with an fp32 KV cache" in capsys.readouterr().err
+    assert gpt2onnx.load(str(tmp_path / "auto")).generate("a", max_new_tokens=2)[0].generated_tokens == 2
+    calls.clear()
+    with pytest.raises(FidelityError, match="--kv-cache fp32"):  # asked for int8 explicitly: no fallback
+        gpt2onnx.export(tiny_src, tmp_path / "int8", precision="int8", kv_cache="int8", progress=False)
+    assert len(calls) == 1
 
 
 def test_a_kv_cache_that_misses_the_gate_is_refused_unless_accepted(tiny_src, tmp_path, monkeypatch):

@@ -246,7 +246,7 @@ def test_int8_fidelity_is_recorded(tiny_int8):
     assert f["mean_kl"] <= f["gate"]["mean_kl"]
     assert m["quantization"]["outlier_channels"] == {}  # a random model has none: no extra nodes
     card = open(os.path.join(tiny_int8, "MODEL_CARD.md"), encoding="utf-8").read()
-    assert "int8 fidelity against fp32" in card and "MISSED" not in card
+    assert "int8 weights + int8 KV cache fidelity against fp32" in card and "MISSED" not in card
 
 
 def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypatch):
@@ -274,8 +274,9 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
     assert not (tmp_path / "bad").exists() and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
     m = gpt2onnx.export(src_dir, str(tmp_path / "kept"), precision="int8", progress=False, accept_fidelity_miss=True)
     assert m["fidelity"]["missed"] and m["fidelity"]["status"].startswith("missed")
-    assert [t["block_size"] for t in m["quantization"]["tried"]] == [32]
-    assert all(t["missed"] for t in m["quantization"]["tried"])
+    # --kv-cache auto: the recipe with the int8 cache, then with an fp32 cache; both missed, the last kept
+    assert [(t["block_size"], t["kv_cache"]) for t in m["quantization"]["tried"]] == [(32, "int8"), (32, "fp32")]
+    assert all(t["missed"] for t in m["quantization"]["tried"]) and m["kv_cache"] == {"dtype": "fp32"}
     assert gpt2onnx.load(str(tmp_path / "kept")).generate("a", max_new_tokens=2)[0].generated_tokens == 2
     assert read_manifest(str(tmp_path / "kept")).to_dict()["fidelity"]["missed"]
     assert "WARNING: this int8 export MISSED the gate" in (tmp_path / "kept" / "MODEL_CARD.md").read_text()

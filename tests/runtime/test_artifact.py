@@ -119,7 +119,7 @@ def test_summary_lines(tiny_int8, tiny_fp32, folder):
     assert [ln.split()[0] for ln in lines] == ["model", "precision", "dims", "files", "parity", "fidelity", "made",
                                                "created"]
     assert lines[0].endswith("(pretrained)")
-    assert lines[1] == "precision  int8 (MatMulNBits)"
+    assert lines[1] == "precision  int8 (MatMulNBits), KV cache int8 (PER_CHANNEL)"  # the default for int8
     assert lines[2].startswith("dims       2 layers, 2 heads, 32 dims, vocab 1000, context 64, ")
     assert lines[2].endswith(" M parameters")
     n = len(os.listdir(tiny_int8)) - 1

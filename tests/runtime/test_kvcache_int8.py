@@ -10,8 +10,9 @@ from gpt2onnx._engine import Batch, Engine
 PROMPTS = ["The history of", "A", "In 2011 the game was released", "Valkyria Chronicles III is a tactical role"]
 
 
-def test_the_cache_is_allocated_in_the_manifests_dtype(tiny_kv8, tiny_int8):
-    for folder, dtype in ((tiny_kv8["int8"], np.int8), (tiny_kv8["fp32"], np.int8), (tiny_int8, np.float32)):
+def test_the_cache_is_allocated_in_the_manifests_dtype(tiny_kv8, tiny_int8, tiny_int8_kvfp32):
+    for folder, dtype in ((tiny_kv8["int8"], np.int8), (tiny_kv8["fp32"], np.int8), (tiny_int8, np.int8),
+                          (tiny_int8_kvfp32, np.float32)):
         gen = gpt2onnx.load(folder, threads=1)
         engine = Engine(folder, gen.manifest, threads=1)
         b = Batch(engine, slots=3, max_len=16)

@@ -178,7 +178,8 @@ def test_in_place_cache_equals_plain_session_loop(which, request):
              "position_ids": np.arange(n)[None], "logits_to_keep": np.array(1)}
     for i in range(gen.n_layer):
         for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, gen.n_head, 0, gen.head_dim), np.float32)
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, gen.n_head, 0, gen.head_dim),
+                                                          gen.manifest.kv_cache.numpy_dtype)
     plain = []
     for step in range(12):
         logits, *past = gen.session.run(None, feeds)
