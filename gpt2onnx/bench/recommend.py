@@ -83,9 +83,10 @@ def cost(price: float | None, tps: float | None) -> float | None:
 
 
 def group_key(rec: dict) -> tuple:
-    """What a record is grouped by: projection, model, size, precision, random weights, versions."""
+    """What a record is grouped by: projection, model, size, precision (+ KV cache), random weights, versions."""
     m, v = rec["model"], rec["environment"]["versions"]
-    return (rec["projection"], m["name"], m["n_params"], m["precision"], m["random_weights"],
+    precision = m["precision"] + (" + int8 KV" if m.get("kv_cache", "fp32") != "fp32" else "")
+    return (rec["projection"], m["name"], m["n_params"], precision, m["random_weights"],
             v["gpt2onnx"], v["onnxruntime"])
 
 

@@ -9,7 +9,7 @@ The benchmark runner writes these with `dump`; `gpt2onnx.report` reads many with
                      avx512_vnni, avx_vnni, amx}, cgroup_cpu_quota, affinity, memory_gib,
                      os, python, versions{gpt2onnx, onnxruntime, numpy, ..., openvino-genai},
                      git_revision, memory_bandwidth_gbs},
-     "model": {name, precision, random_weights, n_params, size_bytes,
+     "model": {name, precision, kv_cache (fp32 if absent), random_weights, n_params, size_bytes,
                weight_bytes_per_token},
      "settings": {threads[], new_tokens, repeats, warmup, batch_sizes[], prompt_tokens[]},
      "results": [{runtime, precision, batch_size, prompt_tokens, new_tokens, threads,
@@ -48,7 +48,8 @@ _ENV = {"cpu_model": "str", "physical_cores": "int", "logical_cores": "int", "is
         "cgroup_cpu_quota": "?num", "affinity": "[int]", "memory_gib": "num", "os": "str",
         "python": "str", "versions": "{str}", "git_revision": "?str", "memory_bandwidth_gbs": "?num"}
 _MODEL = {"name": "str", "precision": PRECISIONS, "random_weights": "bool", "n_params": "int",
-          "size_bytes": "int", "weight_bytes_per_token": "int"}
+          "size_bytes": "int", "weight_bytes_per_token": "int", "kv_cache": ("fp32", "int8")}
+_OPTIONAL_MODEL = frozenset({"kv_cache"})  # records made before int8 KV caches: fp32
 _SETTINGS = {"threads": "[int]", "new_tokens": "int", "repeats": "int", "warmup": "int",
              "batch_sizes": "[int]", "prompt_tokens": "[int]"}
 _ROW_KEYS = {"runtime": RUNTIMES, "precision": PRECISIONS, "batch_size": "int", "prompt_tokens": "int",
@@ -78,7 +79,7 @@ def _check(value: Any, spec: Any, where: str, source: str) -> None:
     if isinstance(spec, dict):
         if not isinstance(value, dict):
             raise _fail(source, f"{where} must be an object, got {type(value).__name__}")
-        _check_fields(value, spec, where, source)
+        _check_fields(value, spec, where, source, _OPTIONAL_MODEL if spec is _MODEL else frozenset())
         return
     if isinstance(spec, tuple):
         if value not in spec:

@@ -375,3 +375,24 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(Gpt2OnnxError, match=r"pip install 'gpt2onnx\[report\]'"):
         report.build_report(three(), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_an_int8_kv_cache_is_its_own_group(tmp_path):
+    """int8 weights with an fp32 and with an int8 KV cache are different models: never one median."""
+    kv8 = fixture("f4s_v2.json")
+    kv8["model"]["kv_cache"] = "int8"
+    for row in kv8["results"]:
+        if row["runtime"] == "gpt2onnx":
+            row["token_ms"]["p50"] = 3.0
+    fp32_kv = fixture("f4s_v2.json")
+    fp32_kv["model"]["kv_cache"] = "fp32"  # the same as a record without the field
+    rep, md, _ = build(tmp_path, [write(tmp_path, "kv8.json", kv8), write(tmp_path, "kvfp32.json", fp32_kv),
+                                  *three()])
+    heads = [ln for ln in md.splitlines() if ln.startswith("## Group")]
+    assert sum(" int8 + int8 KV, " in h for h in heads) == 1 and sum(" int8, " in h for h in heads) == 1
+    kv8_rows = [r for h, rows in tables(md) if h.startswith("### Latency") and "int8 KV" in h for r in rows]
+    assert any(r["token p50 ms"] == "3.0" for r in kv8_rows)
+    bad = fixture("f4s_v2.json")
+    bad["model"]["kv_cache"] = "fp16"
+    with pytest.raises(Exception, match="model.kv_cache is 'fp16', expected one of fp32, int8"):
+        results.validate(bad, source="bad.json")
