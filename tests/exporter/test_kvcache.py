@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -12,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import damaged_folders
 import gpt2onnx
 from gpt2onnx.errors import FidelityError
 from gpt2onnx import artifact
@@ -127,12 +127,7 @@ def test_fp32_kv_export_records_an_fp32_cache(tiny_fp32, tiny_int8_kvfp32):
 
 def _copy_with_manifest(src: str, dst, edit) -> str:
     shutil.copytree(src, dst)
-    path = os.path.join(dst, artifact.MANIFEST)
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    edit(manifest)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f)
+    damaged_folders._manifest(dst, edit)
     return str(dst)
 
 
