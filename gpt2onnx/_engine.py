@@ -184,7 +184,7 @@ class Batch:
         return self._prefill(self.cache.row(slot), np.array([prompt], np.int64))[0]
 
     def _prefill(self, cache: "KVCache", ids: np.ndarray) -> np.ndarray:
-        """Prefill (B, S) prompts into `cache` (B rows): B x even tokens, the LM head on 2 positions each."""
+        """Prefill (B, S) prompts into `cache` (B rows); with row pairs, B x even tokens and the LM head on 2 positions."""
         b, s = ids.shape
         pad = s % 2 if self.pairs else 0
         if pad:  # the pad token: any id; its key/value at position S is overwritten by the next step
@@ -209,7 +209,7 @@ class Batch:
         self.lengths[slot] = 0
 
     def compact(self, slots) -> None:
-        """Keep only `slots` (ascending; renumbered from 0), in place; the batch shrinks to an even number of rows."""
+        """Keep only `slots` (ascending; renumbered from 0), in place; the batch shrinks to `width` of them."""
         slots = [int(s) for s in slots]
         assert slots == sorted(slots), slots  # in place: row i is written only after it was read
         lengths = self.lengths[slots]
