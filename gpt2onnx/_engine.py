@@ -155,7 +155,6 @@ class Batch:
 
     def __init__(self, engine: Engine, slots: int, max_len: int):
         self.engine = engine
-        self.pairs = engine.pairs
         self.max_len = max_len + 1  # room for a prompt's pad token
         self.cache = engine.cache(self.width(slots), self.max_len)  # np.zeros: pages are touched only when written
         self.lengths = np.zeros(self.cache.batch, np.int64)  # tokens in each slot; 0 = free
@@ -167,7 +166,7 @@ class Batch:
 
     def width(self, rows: int) -> int:
         """Slots that `rows` rows take: even where the graph needs row pairs."""
-        return rows + rows % 2 if self.pairs else rows
+        return rows + rows % 2 if self.engine.pairs else rows
 
     def prefill(self, prompts) -> np.ndarray:
         """Fill slots 0..n-1 with `prompts` (equal lengths together, else one by one); returns (n, V) last logits."""
@@ -186,11 +185,12 @@ class Batch:
     def _prefill(self, cache: "KVCache", ids: np.ndarray) -> np.ndarray:
         """Prefill (B, S) prompts into `cache` (B rows); with row pairs, B x even tokens and the LM head on 2 positions."""
         b, s = ids.shape
-        pad = s % 2 if self.pairs else 0
+        pairs = self.engine.pairs
+        pad = s % 2 if pairs else 0
         if pad:  # the pad token: any id; its key/value at position S is overwritten by the next step
             ids = np.concatenate([ids, ids[:, -1:]], axis=1)
         pos = np.tile(np.arange(ids.shape[1]), (b, 1))
-        keep = 2 if self.pairs else 1
+        keep = 2 if pairs else 1
         logits = self.engine.step(self.engine.bind(cache, keep=keep), ids, np.full(b, ids.shape[1]), pos, last=False)
         return logits[:, -1 - pad].copy()  # (B, V): the last real position
 

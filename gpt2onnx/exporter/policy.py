@@ -169,25 +169,49 @@ def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, g
     fidelity record; raises FidelityError when the last recipe misses too (unless accepted).
     The gated graph is at `gated_path`.
     """
-    from . import parity, quantize
+    from ..eval import fidelity
+    from . import kvcache, parity, quantize
 
     precision = cfg.precision
     what_gated = precision + (" + int8 KV cache" if kv_scales is not None else "")
-    ref: list = []  # the fp32 session, made by the first rung
+    ref = None  # made after the first quantization: the quantizer and an fp32 session at once would double the peak
     stride = window // 2
     tried = []
     recipes = quantize.recipes_to_try(n_embd=dims.n_embd, precision=precision) if precision != "fp32" else [None]
-    ladders = [kv_scales] + ([None] if kv_scales is not None and kv_fallback and precision != "fp32" else [])
-    for ladder, kv_scales in enumerate(ladders):
-        if ladder:
+    caches = [kv_scales] + ([None] if kv_scales is not None and kv_fallback and precision != "fp32" else [])
+    rungs = [(kv, recipe) for kv in caches for recipe in recipes]  # every recipe with the int8 cache, then fp32
+    for n, (kv_scales, recipe) in enumerate(rungs):
+        if n and kv_scales is None and rungs[n - 1][0] is not None:
             what_gated = precision
             bar.note("the int8 KV cache misses the fidelity gate with every recipe: again with an fp32 KV cache")
-        for i, recipe in enumerate(recipes):
-            missed, session, figures, gate, why, table = _gate_one(
-                cfg, tmp, fp32_path, recipe, i == 0 and not ladder, tried, outliers, kv_scales, ref, gate_ids,
-                window, stride, dims, random_weights, bar, what_gated)
-            if not missed:
-                break
+        table: dict = {}
+        path = fp32_path  # fp32 weights: only the cache is quantized
+        if recipe is not None:
+            what = f"block {recipe.block_size}" + (f", {recipe.lm_head} table" if precision == "int4" else "")
+            if n == 0:
+                bar.step(f"quantize {precision}")
+            else:
+                bar.note(f"quantize {precision} again with {what} ({tried[-1]['what']} missed the fidelity gate)")
+            path = quantize.quantize_model(fp32_path, tmp, recipe, outliers, report=table)
+        if kv_scales is not None:
+            path = kvcache.quantize_cache(path, gated_path(tmp, fp32_path, precision), kv_scales)
+        session = cpu_session(path)
+        if ref is None:
+            ref = cpu_session(fp32_path)
+        if n == 0:
+            bar.step(f"{what_gated} fidelity gate on real text")
+        figures = fidelity.measure(ref, session, gate_ids, window=window, stride=stride, limit=GATE_WINDOWS,
+                                   margin=DECISIVE_MARGIN)
+        gate, why = gate_for(figures, dims.vocab_size, random_weights, precision)
+        missed = check(figures, gate)
+        if recipe is not None:
+            tried.append({"what": what, "algorithm": recipe.algorithm, "block_size": recipe.block_size,
+                          "symmetric": recipe.symmetric, "lm_head": recipe.lm_head,
+                          "kv_cache": "fp32" if kv_scales is None else "int8",
+                          "top1_agreement": figures["top1_agreement"],
+                          "decisive_top1_agreement": figures["decisive_top1_agreement"],
+                          "decisive_share": figures["decisive_share"], "mean_kl": figures["mean_kl"],
+                          "ppl_ratio": figures["ppl_ratio"], "missed": missed})
         if not missed:
             break
     if missed and not cfg.accept_fidelity_miss:
@@ -207,43 +231,3 @@ def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, g
                status="missed, accepted with --accept-fidelity-miss" if missed else "passed")
     return quant, par, fid
 
-
-def _gate_one(cfg, tmp, fp32_path, recipe, first: bool, tried: list, outliers, kv_scales, ref: list, gate_ids,
-              window: int, stride: int, dims, random_weights: bool, bar, what_gated: str):
-    """One rung of the ladder: quantize with `recipe` (None: fp32 weights) and the int8 cache if
-    `kv_scales`, then gate. `ref` holds the fp32 session once made. Returns (missed, session,
-    figures, gate, why, table)."""
-    from ..eval import fidelity
-    from . import kvcache, quantize
-
-    precision = cfg.precision
-    table: dict = {}
-    path = fp32_path  # fp32 weights: only the cache is quantized
-    if recipe is not None:
-        what = f"block {recipe.block_size}" + (f", {recipe.lm_head} table" if precision == "int4" else "")
-        if first:
-            bar.step(f"quantize {precision}")
-        else:
-            bar.note(f"quantize {precision} again with {what}" + (f" ({tried[-1]['what']} missed the fidelity gate)"
-                                                                 if tried else ""))
-        path = quantize.quantize_model(fp32_path, tmp, recipe, outliers, report=table)
-    if kv_scales is not None:
-        path = kvcache.quantize_cache(path, gated_path(tmp, fp32_path, precision), kv_scales)
-    session = cpu_session(path)
-    if not ref:  # made after the first quantization: the quantizer and an fp32 session at once would double the peak
-        ref.append(cpu_session(fp32_path))
-    if first:
-        bar.step(f"{what_gated} fidelity gate on real text")
-    figures = fidelity.measure(ref[0], session, gate_ids, window=window, stride=stride, limit=GATE_WINDOWS,
-                               margin=DECISIVE_MARGIN)
-    gate, why = gate_for(figures, dims.vocab_size, random_weights, precision)
-    missed = check(figures, gate)
-    if recipe is not None:
-        tried.append({"what": what, "algorithm": recipe.algorithm, "block_size": recipe.block_size,
-                      "symmetric": recipe.symmetric, "lm_head": recipe.lm_head,
-                      "kv_cache": "fp32" if kv_scales is None else "int8",
-                      "top1_agreement": figures["top1_agreement"],
-                      "decisive_top1_agreement": figures["decisive_top1_agreement"],
-                      "decisive_share": figures["decisive_share"], "mean_kl": figures["mean_kl"],
-                      "ppl_ratio": figures["ppl_ratio"], "missed": missed})
-    return missed, session, figures, gate, why, table

@@ -16,7 +16,7 @@ import pytest
 
 import gpt2onnx
 from gpt2onnx import artifact
-from gpt2onnx.eval.fidelity import log_softmax
+from gpt2onnx.eval.fidelity import cache_dtype, log_softmax
 from gpt2onnx.exporter import parity, policy
 
 from conftest import TINY, train_tokenizer
@@ -69,10 +69,7 @@ def _session(folder):
 
 def _empty_past(b: int, session=None) -> dict:
     """Empty past tensors in the graph's own cache type (what Optimum does; int8 for an int8-KV folder)."""
-    dtype = np.float32
-    if session is not None:
-        dtype = {"tensor(float)": np.float32, "tensor(int8)": np.int8}[
-            next(i.type for i in session.get_inputs() if i.name.startswith("past_key_values."))]
+    dtype = np.float32 if session is None else cache_dtype(session)
     return {f"past_key_values.{i}.{kv}": np.zeros((b, TINY["n_head"], 0, TINY["n_embd"] // TINY["n_head"]),
                                                    dtype) for i in range(TINY["n_layer"]) for kv in ("key", "value")}
 
