@@ -38,7 +38,7 @@ MODES = ("uniform", "static", "continuous")
 
 def job_requests(tok, *, prompts: int, n_positions: int, uniform: bool, seed: int = JOB_SEED) -> list[dict]:
     """The job's requests: mixed (or uniform 128/128) prompt lengths and max_new_tokens, deterministic."""
-    from .worker import single_token_words
+    from .measure import single_token_words
 
     words = single_token_words(tok)
     rng = np.random.default_rng(seed)

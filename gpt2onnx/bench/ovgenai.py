@@ -37,7 +37,7 @@ import tempfile
 import time
 
 from .._version import package_versions
-from .worker import Timing, load_source, make_prompts, measure
+from .measure import Timing, load_source, make_prompts, measure
 
 TOOLS = ("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf", "transformers", "torch")
 # Ops between a stored weight and its use: int8 decompression (Convert, Subtract zero point,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from . import record as _results
+from . import record
 from .skus import Prices
 
 PROJECTION_LABEL = "projection (not measured)"
@@ -120,7 +120,7 @@ def aggregate(records: list[tuple[str, dict]], *, mismatched: set[str]) -> list[
                        errors=tuple(sorted({r["error"] for r in rows if r.get("error") is not None})),
                        matches_sku=key[-1]))
     return sorted(out, key=lambda r: (r.sku, not r.matches_sku, r.cpu, r.batch, r.prompt, r.threads,
-                                      _results.RUNTIMES.index(r.runtime), r.precision))
+                                      record.RUNTIMES.index(r.runtime), r.precision))
 
 
 def slo_text(slo_first: float | None, slo_token: float | None) -> str:

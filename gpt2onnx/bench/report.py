@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import record as _results
+from . import record
 from . import skus as _skus
 from ..errors import Gpt2OnnxError, InvalidRequestError
 from .recommend import (MISMATCH_LABEL, NO_SKU, PROJECTION_LABEL, RANDOM_LABEL, Recommendation, Row, aggregate,
@@ -46,7 +46,7 @@ def _aggregate_ratios(records: list[tuple[str, dict]], mismatched: set[str]) -> 
     for path, rec in records:
         sku = rec["sku"] or NO_SKU
         sku = sku if path not in mismatched else f"{sku} ({MISMATCH_LABEL})"
-        for r in _results.ratios(rec):
+        for r in record.ratios(rec):
             key = (sku, rec["environment"]["cpu_model"], r["batch_size"], r["prompt_tokens"],
                    r["threads"], r["precision"], r["baseline"], r["baseline_precision"])
             buckets.setdefault(key, []).append(r)
@@ -268,7 +268,7 @@ def build_report(paths: Sequence[str], out_dir: str, *, prices_path: str | None 
     for name, slo in (("slo_first_token_ms", slo_first_token_ms), ("slo_token_ms", slo_token_ms)):
         if slo is not None and not (isinstance(slo, (int, float)) and slo > 0):
             raise InvalidRequestError(f"{name} must be a positive number of milliseconds, got {slo!r}")
-    records = [(os.fspath(p), _results.load(p)) for p in paths]
+    records = [(os.fspath(p), record.load(p)) for p in paths]
     prices = load_prices(prices_path) if prices_path else None
     _figure_api()  # fail before writing anything
     _check_report_dir(out_dir)

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from .. import artifact, cpu
-from . import record as _results
+from . import record
 from . import skus as _skus
 from .env import BANDWIDTH_MIB, environment, measure_bandwidth
 from .runs import (baseline_python, call_worker, missing_packages, model_bytes, model_weight_bytes, optimum_isa,
@@ -119,10 +119,10 @@ def _check_out_dir(out_dir: str) -> str:
 # -- the run --------------------------------------------------------------------------
 
 
-def record_path(record: dict, out_dir: str) -> str:
+def record_path(rec: dict, out_dir: str) -> str:
     """``<out_dir>/<date>-<sku or host>-<model>-<precision>.json`` for a record made on this host."""
-    date = re.sub(r"[-:]", "", record["created"])  # 20240501T120000Z
-    parts = [date, record["sku"] or socket.gethostname(), record["model"]["name"], record["model"]["precision"]]
+    date = re.sub(r"[-:]", "", rec["created"])  # 20240501T120000Z
+    parts = [date, rec["sku"] or socket.gethostname(), rec["model"]["name"], rec["model"]["precision"]]
     return os.path.join(out_dir, "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", p) for p in parts) + ".json")
 
 
@@ -265,8 +265,8 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
         if scratch is not None:
             scratch.cleanup()
 
-    record = {
-        "schema": _results.SCHEMA,
+    rec = {
+        "schema": record.SCHEMA,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "sku": sku, "projection": False, "environment": env,
         "model": {"name": manifest.name, "precision": precision, "kv_cache": manifest.kv_cache.dtype,
@@ -279,8 +279,8 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
     }
     path = None
     if out_dir is not None:
-        path = record_path(record, out_dir)
-        _results.dump(record, path)
+        path = record_path(rec, out_dir)
+        record.dump(rec, path)
     else:
-        _results.validate(record, source="bench record")
-    return record, path
+        record.validate(rec, source="bench record")
+    return rec, path

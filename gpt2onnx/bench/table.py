@@ -11,7 +11,7 @@ the machine does not match the record's SKU.
 
 from __future__ import annotations
 
-from . import record as _results
+from . import record
 from . import skus as _skus
 from ..errors import InvalidRequestError
 
@@ -20,7 +20,7 @@ def _f(x, fmt: str = ".1f", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{fmt}}{suffix}"
 
 
-def format_table(record: dict, *, sku_warnings: bool = True) -> str:
+def format_table(rec: dict, *, sku_warnings: bool = True) -> str:
     """A bench record as a plain-text table (plus the machine it is valid on, and warnings).
 
     Speed-up columns are baseline decode p50 / gpt2onnx decode p50 and, after the
@@ -31,14 +31,14 @@ def format_table(record: dict, *, sku_warnings: bool = True) -> str:
         sku_warnings: list where the machine does not match the record's SKU (pass
             False when they were already shown, as ``gpt2onnx bench`` does at the start).
     """
-    env, model = record["environment"], record["model"]
+    env, model = rec["environment"], rec["model"]
     mismatch: list[str] = []
-    if record["sku"]:
+    if rec["sku"]:
         try:
-            mismatch = _skus.check_cpu(record["sku"], env)
+            mismatch = _skus.check_cpu(rec["sku"], env)
         except InvalidRequestError as e:
             mismatch = [str(e)]
-    sku = record["sku"] or "not given (--sku)"
+    sku = rec["sku"] or "not given (--sku)"
     if mismatch:
         sku += " (the machine does NOT match it" + (", see the warnings below)" if sku_warnings else ")")
     isa = " ".join(k for k, v in env["isa"].items() if v) or "no AVX2"
@@ -49,23 +49,23 @@ def format_table(record: dict, *, sku_warnings: bool = True) -> str:
         f"{model['weight_bytes_per_token'] / 1e6:.1f} MB weights read per step",
         f"valid on: {env['cpu_model']}, {env['logical_cores']} logical / {env['physical_cores']} physical cores, "
         f"{isa}, {env['memory_gib']:.1f} GiB, SKU {sku}",
-        f"memory bandwidth {_f(bw, '.1f', ' GB/s')}; new tokens {record['settings']['new_tokens']}, "
-        f"repeats {record['settings']['repeats']}, warmup {record['settings']['warmup']}; "
+        f"memory bandwidth {_f(bw, '.1f', ' GB/s')}; new tokens {rec['settings']['new_tokens']}, "
+        f"repeats {rec['settings']['repeats']}, warmup {rec['settings']['warmup']}; "
         f"gpt2onnx {env['versions']['gpt2onnx']} (git {(env['git_revision'] or 'n/a')[:12]}), "
         f"onnxruntime {env['versions']['onnxruntime']}",
         "",
     ]
     bases = []
-    for r in record["results"]:
+    for r in rec["results"]:
         if r["runtime"] != "gpt2onnx" and (r["runtime"], r["precision"]) not in bases:
             bases.append((r["runtime"], r["precision"]))
     ratios = {}
-    for q in _results.ratios(record):
+    for q in record.ratios(rec):
         ratios[(q["batch_size"], q["prompt_tokens"], q["threads"], q["baseline"], q["baseline_precision"])] = q
     head = ["runtime", "batch", "prompt", "threads", "first ms p50", "token ms p50", "p90", "p99", "tok/s",
             "RSS MB", "floor x"] + [f"vs {b} {p}" for b, p in bases]
     body = []
-    for r in record["results"]:
+    for r in rec["results"]:
         cells = [f"{r['runtime']} {r['precision']}", str(r["batch_size"]), str(r["prompt_tokens"]), str(r["threads"])]
         if r.get("error"):
             body.append(cells + ["failed, see below"])
@@ -90,7 +90,7 @@ def format_table(record: dict, *, sku_warnings: bool = True) -> str:
         lines.append("vs X: decode p50 speed-up / tokens/s ratio of gpt2onnx over baseline X (> 1: gpt2onnx faster)")
     lines.append("floor x: decode p50 / (weight bytes read per step / memory bandwidth)")
     failed = {}
-    for r in record["results"]:
+    for r in rec["results"]:
         if r.get("error"):
             failed.setdefault(f"{r['runtime']} {r['precision']}", []).append(r["error"])
     for name, errs in failed.items():
