@@ -81,6 +81,12 @@ def save_tiny_gpt2(folder: str, *, seed: int = 0, safe: bool = True, tokenizer: 
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bench_cache(tmp_path_factory) -> None:
+    """`gpt2onnx bench` caches its baselines' exports in $GPT2ONNX_CACHE: a session folder here, not ~/.cache."""
+    os.environ.setdefault("GPT2ONNX_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_src(tmp_path_factory) -> str:
     return save_tiny_gpt2(str(tmp_path_factory.mktemp("src") / "tiny"))

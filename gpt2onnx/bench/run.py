@@ -44,8 +44,8 @@ from .. import artifact, cpu
 from . import record as _results
 from . import skus as _skus
 from .env import BANDWIDTH_MIB, environment, measure_bandwidth
-from .runs import (baseline_python, call_worker, missing_packages, model_bytes, model_weight_bytes, optimum_isa,
-                   result_row, source_fingerprint, source_spec)
+from .runs import (baseline_python, cache_dir, call_worker, missing_packages, model_bytes, model_weight_bytes,
+                   optimum_isa, result_row, source_fingerprint, source_spec)
 from ..errors import InvalidRequestError
 
 BASELINES = ("pytorch", "optimum", "openvino")
@@ -144,8 +144,9 @@ def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[i
             (OpenVINO GenAI on optimum-intel's int8 export; run with ``$GPT2ONNX_OPENVINO_PYTHON``
             when set, see `gpt2onnx.bench.runs.baseline_python`).
         repeats, warmup: timed and untimed runs per runtime and configuration.
-        out_dir: where the record is written (None: not written); Optimum and OpenVINO
-            exports are cached in ``<out_dir>/.cache``.
+        out_dir: where the record is written (None: not written); nothing else goes there:
+            Optimum and OpenVINO exports are cached in `gpt2onnx.bench.runs.cache_dir`
+            (``$GPT2ONNX_CACHE``, else ``~/.cache/gpt2onnx``).
         progress: a progress bar on stderr.
         bandwidth_mib: size of the array for the bandwidth measurement.
 
@@ -203,8 +204,6 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
     optimum_prep = "optimum" in baselines and "optimum" not in skip
     openvino_prep = "openvino" in baselines and "openvino" not in skip
 
-    scratch = None if out_dir is not None or not (optimum_prep or openvino_prep) else \
-        tempfile.TemporaryDirectory(prefix="gpt2onnx-")
     bar = Progress("gpt2onnx bench", total=1 + optimum_prep + openvino_prep + len(configs) * len(runtimes),
                    unit="runs", enabled=progress)
     try:
@@ -218,7 +217,7 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
         optimum_dirs = {}
         if optimum_prep:
             bar.set_postfix("Optimum export + int8 (cached)")
-            cache = os.path.join(out_dir or scratch.name, ".cache", "optimum", source_fingerprint(source, manifest))
+            cache = os.path.join(cache_dir("optimum"), source_fingerprint(source, manifest))
             prep = call_worker({"mode": "prepare-optimum", "source": source, "cache_dir": cache,
                                  "isa": optimum_isa()}, max(threads))
             if "error" in prep:
@@ -230,7 +229,7 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
         ov_dir = None
         if openvino_prep:
             bar.set_postfix("optimum-intel export to OpenVINO int8 (cached)")
-            cache = os.path.join(out_dir or scratch.name, ".cache", "openvino", source_fingerprint(source, manifest))
+            cache = os.path.join(cache_dir("openvino"), source_fingerprint(source, manifest))
             prep = call_worker({"mode": "prepare-openvino", "source": source, "cache_dir": cache}, max(threads),
                                python=baseline_python("openvino"))
             if "error" in prep:
@@ -262,8 +261,6 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
                 bar.update()
     finally:
         bar.close()
-        if scratch is not None:
-            scratch.cleanup()
 
     record = {
         "schema": _results.SCHEMA,
