@@ -83,7 +83,8 @@ def write_kit(model_dir: str, outdir: str, *, instance_type: str = "Standard_F4s
                f"environment:\n  image: {BASE_IMAGE}\n  conda_file: ./environment/conda.yaml\n"
                f"instance_type: {sku.name}\ninstance_count: 1\n"
                "environment_variables:\n"
-               f"  {THREADS_ENV}: \"{sku.physical_cores}\"  # physical cores: {sku.vcpus} vCPUs / 2\n"
+               f"  {THREADS_ENV}: \"{sku.physical_cores}\"  # physical cores: {sku.vcpus} vCPUs, "
+               f"{sku.vcpus_per_core} per core ({sku.family})\n"
                "  WORKER_COUNT: \"1\"  # one process; its onnxruntime threads use every core\n"
                "request_settings:\n  request_timeout_ms: 90000\n  max_concurrent_requests_per_instance: 1\n")
         _write(tmp, "sample-request.json", json.dumps(CARD_REQUEST, indent=2) + "\n")

@@ -272,6 +272,18 @@ def test_a_mismatched_record_is_never_recommended_even_when_fastest(tmp_path):
     assert row["recommended SKU"] == "Standard_E4s_v3" and "Standard_F4s_v2" in row["why"]
 
 
+def test_a_ds3_v2_record_on_4_cores_matches_and_is_recommended(tmp_path):
+    """DSv2 has one vCPU per core: a real Standard_DS3_v2 (4 vCPUs, 4 physical cores) is no mismatch."""
+    ds3 = fixture("f4s_v2.json")
+    ds3["sku"] = "Standard_DS3_v2"
+    ds3["environment"].update(logical_cores=4, physical_cores=4, memory_gib=13.7)
+    rep, md, _ = build(tmp_path, [write(tmp_path, "ds3_v2.json", ds3), *three()[1:]])
+    assert not [w for w in rep.warnings if "ds3_v2.json" in w]
+    (rec,) = rep.recommendations
+    assert rec.sku == "Standard_DS3_v2"  # the fastest, and what it says it is
+    assert {r["file"]: r["SKU"] for r in table(md, "### Machines")}["ds3_v2.json"] == "Standard_DS3_v2"
+
+
 def test_the_why_column_names_the_deciding_figure_over_three_skus(tmp_path):
     rep, md, _ = build(tmp_path, three())  # no SLO, no prices: the fastest token p50
     why = table(md, "## Recommendations")[0]["why"]

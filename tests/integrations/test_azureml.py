@@ -244,6 +244,14 @@ def test_write_kit(tmp_path, tiny_int8):
     assert not (tmp_path / "k2").exists()
 
 
+def test_kit_threads_are_the_skus_physical_cores(tmp_path, tiny_int8):
+    """DSv2 has one vCPU per core: a DS3_v2 gets 4 threads, a hyper-threaded F4s_v2 2."""
+    for sku, threads in (("Standard_DS3_v2", 4), ("Standard_F4s_v2", 2)):
+        out = azureml_kit.write_kit(tiny_int8, str(tmp_path / sku), instance_type=sku)
+        dep = open(os.path.join(out, "deployment.yml")).read()
+        assert f'GPT2ONNX_THREADS: "{threads}"' in dep, dep
+
+
 # -- the real server ------------------------------------------------------------------
 
 def post(port: int, body: bytes, timeout: float = 30) -> tuple[int, bytes]:
