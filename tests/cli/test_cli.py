@@ -7,7 +7,7 @@ import argparse
 import io
 import logging
 
-import huggingface_hub
+import huggingface_hub.constants  # the submodule itself: the fixture below patches it
 import pytest
 
 import gpt2onnx
@@ -96,6 +96,9 @@ def test_random_weights_fallback_is_a_notice_not_an_error(offline_tiny_hub_id, t
     assert f"gpt2onnx: notice: the weights of '{FAKE_HUB_ID}' cannot be downloaded here" in err
     assert "RANDOM WEIGHTS (seed 0)" in err
     assert artifact.read_manifest(out).source.random_weights
+    steps = [ln for ln in err.splitlines() if ln.startswith("gpt2onnx export: ")]
+    assert [ln.split(" (step")[0] for ln in steps].count("gpt2onnx export: load model") == 1  # one export, not two
+    assert steps[0].startswith("gpt2onnx export: load model (step 1/") and "step 1/" not in " ".join(steps[1:])
 
 
 # -- progress in a log: plain lines -------------------------------------------------------
