@@ -1,8 +1,10 @@
 """Measure a model folder on this machine, against PyTorch, Optimum and OpenVINO GenAI in the same run.
 
-    >>> from gpt2onnx.bench import run_bench, format_table
-    >>> rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")  # doctest: +SKIP
-    >>> print(format_table(rec))                                                     # doctest: +SKIP
+    For example::
+
+        from gpt2onnx.bench import run_bench, format_table
+        rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")
+        print(format_table(rec))
 
 For every threads x batch size x prompt length, each runtime runs in turn — gpt2onnx,
 then transformers `generate` on PyTorch fp32, then Optimum's `ORTModelForCausalLM` fp32
@@ -154,9 +156,11 @@ def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[i
         ArtifactError: the model folder is missing or damaged.
         InvalidRequestError: a bad argument, an unknown SKU, or an unwritable `out_dir`.
 
-    >>> rec = run_bench("models/gpt2-int8", batch_sizes=[1], baselines=["pytorch"])  # doctest: +SKIP
-    >>> [r["runtime"] for r in rec["results"]]                                        # doctest: +SKIP
-    ['gpt2onnx', 'pytorch']
+    For example::
+
+        rec = run_bench("models/gpt2-int8", batch_sizes=[1], baselines=["pytorch"])
+        [r["runtime"] for r in rec["results"]]
+        # -> ['gpt2onnx', 'pytorch']
     """
     return run_with_path(model_dir, sku=sku, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                 threads=threads, baselines=baselines, repeats=repeats, warmup=warmup, out_dir=out_dir,

@@ -1,11 +1,13 @@
 """The bench's runs: which runtimes can run, one run in a `gpt2onnx.bench.worker` process, its result row.
 
->>> from gpt2onnx.bench.runs import call_worker, result_row
->>> job = {"mode": "run", "runtime": "gpt2onnx", "model_dir": "models/gpt2-int8", "threads": 4, "batch_size": 1,
-...        "prompt_tokens": 32, "new_tokens": 128, "warmup": 1, "repeats": 3, "source": None}
->>> out = call_worker(job, threads=4)                                      # doctest: +SKIP
->>> result_row("gpt2onnx", "int8", (4, 1, 32), 128, out, bandwidth_gbs=20.0)      # doctest: +SKIP
-{'runtime': 'gpt2onnx', 'precision': 'int8', 'batch_size': 1, ..., 'floor_ratio': 1.8, 'error': None}
+For example::
+
+    from gpt2onnx.bench.runs import call_worker, result_row
+    job = {"mode": "run", "runtime": "gpt2onnx", "model_dir": "models/gpt2-int8", "threads": 4, "batch_size": 1,
+           "prompt_tokens": 32, "new_tokens": 128, "warmup": 1, "repeats": 3, "source": None}
+    out = call_worker(job, threads=4)
+    result_row("gpt2onnx", "int8", (4, 1, 32), 128, out, bandwidth_gbs=20.0)
+    # -> {'runtime': 'gpt2onnx', 'precision': 'int8', 'batch_size': 1, ..., 'floor_ratio': 1.8, 'error': None}
 
 Baselines (PyTorch, Optimum, OpenVINO GenAI) are rebuilt from the source model the
 manifest names (`source_spec`) and need the export extra, OpenVINO also its own packages

@@ -1,7 +1,9 @@
 """The `gpt2onnx` command: the one argparse layer over the library functions.
 
->>> main(["inspect", "out/gpt2-int8"])     # doctest: +SKIP
-0
+For example::
+
+    main(["inspect", "out/gpt2-int8"])
+    # -> 0
 
 Commands live in `model` (export, inspect, generate), `jobs` (batch, eval,
 azureml-kit, mlflow) and `bench` (bench, skus, report); library modules never print

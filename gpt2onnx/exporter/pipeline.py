@@ -1,7 +1,9 @@
 """Export GPT-2 to a verified ONNX model folder (fp32, int8 or int4) with a KV cache.
 
->>> import gpt2onnx
->>> gpt2onnx.export("gpt2", "out/gpt2-int8", precision="int8", random_weights=True)  # doctest: +SKIP
+For example::
+
+    import gpt2onnx
+    gpt2onnx.export("gpt2", "out/gpt2-int8", precision="int8", random_weights=True)
 
 Steps: load (torch) -> build the graph -> record the PyTorch reference -> check fp32
 parity (a failure raises `ParityError`) -> quantize (int8/int4) and gate it -> write the
@@ -135,9 +137,11 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
         FidelityError: the int8/int4 (or int8-KV) graph misses its gate of
             `gpt2onnx.exporter.policy` on real text (unless `accept_fidelity_miss`).
 
-    >>> m = export("gpt2", "out/gpt2", random_weights=True)   # doctest: +SKIP
-    >>> m["parity"]["fp32_max_abs_diff"] < 1e-3                # doctest: +SKIP
-    True
+    For example::
+
+        m = export("gpt2", "out/gpt2", random_weights=True)
+        m["parity"]["fp32_max_abs_diff"] < 1e-3
+        # -> True
     """
     cfg = ExportConfig(source=os.fspath(source), outdir=os.fspath(outdir), precision=precision, force=force,
                        random_weights=random_weights, seed=seed, tokenizer=tokenizer, progress=progress,

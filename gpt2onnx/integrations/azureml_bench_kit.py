@@ -1,7 +1,9 @@
 """The per-SKU benchmark on Azure ML in one command: one command job per VM size.
 
->>> write_bench_kit("azbench", skus=["Standard_F4s_v2", "Standard_D4as_v4"], random_weights=True)  # doctest: +SKIP
-'azbench'
+For example::
+
+    write_bench_kit("azbench", skus=["Standard_F4s_v2", "Standard_D4as_v4"], random_weights=True)
+    # -> 'azbench'
 
 ``gpt2onnx azureml-bench-kit OUT --skus A,B,C`` calls `write_bench_kit`. The kit::
 

@@ -1,7 +1,9 @@
 """The Azure ML online-endpoint kit: score.py, a pinned environment and endpoint / deployment YAML.
 
->>> write_kit("out/gpt2-int8", "deploy", instance_type="Standard_F8s_v2")   # doctest: +SKIP
-'deploy'
+For example::
+
+    write_kit("out/gpt2-int8", "deploy", instance_type="Standard_F8s_v2")
+    # -> 'deploy'
 
 ``gpt2onnx azureml-kit MODEL_DIR OUT`` calls `write_kit`; docs/azureml.md deploys it.
 """
@@ -65,8 +67,10 @@ def write_kit(model_dir: str, outdir: str, *, instance_type: str = "Standard_F4s
     ``endpoint.yml``, ``deployment.yml`` (threads = the SKU's physical cores) and
     ``sample-request.json`` (the model card's request). See docs/azureml.md.
 
-    >>> write_kit("out/gpt2-int8", "deploy", instance_type="Standard_F8s_v2")   # doctest: +SKIP
-    'deploy'
+    For example::
+
+        write_kit("out/gpt2-int8", "deploy", instance_type="Standard_F8s_v2")
+        # -> 'deploy'
     """
     from importlib import metadata
 

@@ -1,9 +1,11 @@
 """The served MLflow pyfunc model: prompts in, completions out, with the Azure ML gpt2 params.
 
->>> import mlflow                                                   # doctest: +SKIP
->>> model = mlflow.pyfunc.load_model("out/gpt2-int8-mlflow")        # doctest: +SKIP
->>> model.predict(["Hello,"], params={"max_new_tokens": 20, "seed": 1})  # doctest: +SKIP
-['Hello, ...']
+For example::
+
+    import mlflow
+    model = mlflow.pyfunc.load_model("out/gpt2-int8-mlflow")
+    model.predict(["Hello,"], params={"max_new_tokens": 20, "seed": 1})
+    # -> ['Hello, ...']
 
 `gpt2onnx.integrations.mlflow` packages a model folder with this model (its code file
 calls `python_model()`). Every prompt goes through `Generator.prepare`, so a request is
