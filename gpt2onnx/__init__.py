@@ -1,9 +1,11 @@
 """gpt2onnx: GPT-2 on CPU with onnxruntime — export, run, measure.
 
->>> import gpt2onnx
->>> gpt2onnx.export("gpt2", "out/gpt2-int8", precision="int8")         # doctest: +SKIP
->>> gen = gpt2onnx.load("out/gpt2-int8")                                # doctest: +SKIP
->>> gen.generate("Hello, I'm a language model,", max_new_tokens=20)    # doctest: +SKIP
+For example::
+
+    import gpt2onnx
+    gpt2onnx.export("gpt2", "out/gpt2-int8", precision="int8")
+    gen = gpt2onnx.load("out/gpt2-int8")
+    gen.generate("Hello, I'm a language model,", max_new_tokens=20)
 
 `import gpt2onnx` loads the torch-free runtime only: `export` (the exporter, torch),
 `run_batch` and `BatchSummary` (batch jobs) are resolved on first use.

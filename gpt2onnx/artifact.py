@@ -7,9 +7,11 @@ records what the folder is (source, precision, dims, I/O names), how it was made
 sha256 of every file, so a damaged folder is refused at load instead of producing
 wrong text.
 
->>> m = read_manifest("out/gpt2-int8")            # doctest: +SKIP
->>> m.precision, m.dims.n_layer, m.source.random_weights   # doctest: +SKIP
-('int8', 12, False)
+For example::
+
+    m = read_manifest("out/gpt2-int8")
+    m.precision, m.dims.n_layer, m.source.random_weights
+    # -> ('int8', 12, False)
 
 `read_manifest` and `verify` return a typed, frozen `Manifest`; every field a caller
 reads is checked once, here, so callers never guess (`m.source.random_weights`, not
@@ -289,8 +291,10 @@ def verify(folder: str, *, check_hashes: bool = True) -> Manifest:
     Raises:
         ArtifactError: with one line naming the first problem found.
 
-    >>> verify("out/gpt2-int8").precision   # doctest: +SKIP
-    'int8'
+    For example::
+
+        verify("out/gpt2-int8").precision
+        # -> 'int8'
     """
     folder = fspath(folder)
     manifest = read_manifest(folder)

@@ -38,9 +38,11 @@ class StepResult:
 class Request:
     """A checked, tokenized prompt with its parameters. Make with `Generator.prepare`.
 
-    >>> req = gen.prepare("Hello", max_new_tokens=5)     # doctest: +SKIP
-    >>> req.input_ids, req.params.max_new_tokens          # doctest: +SKIP
-    ((15496,), 5)
+    For example::
+
+        req = gen.prepare("Hello", max_new_tokens=5)
+        req.input_ids, req.params.max_new_tokens
+        # -> ((15496,), 5)
     """
 
     prompt: str

@@ -41,7 +41,14 @@ def from_files(folder: str):
 
 
 def packaged():
-    """The real GPT-2 tokenizer shipped with gpt2onnx."""
+    """The real GPT-2 tokenizer shipped with gpt2onnx.
+
+    >>> tok = packaged()
+    >>> tok.encode("Hello, I'm a language model,").ids
+    [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    >>> tok.decode([15496, 11]), tok.token_to_id(EOS), tok.get_vocab_size()
+    ('Hello,', 50256, 50257)
+    """
     with resources.as_file(resources.files("gpt2onnx") / "data") as folder:
         return from_files(str(folder))
 

@@ -22,12 +22,30 @@ import pytest
 HERE = os.path.dirname(__file__)
 REPO = os.path.dirname(os.path.abspath(HERE))
 sys.path.insert(0, os.path.join(REPO, "export"))  # the export recipes (outliers.py) tests build variants with
-SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+# The project's shared folder (real GPT-2 tokenizer, data sets, seeds): ../shared beside the
+# repository, wherever the checkout is. Tests reach it only through `shared_path`.
+SHARED = os.path.normpath(os.path.join(REPO, "..", "shared"))
+SHARED_DATA = os.path.join(SHARED, "data")
 if os.path.isdir(SHARED_DATA):  # eval finds its data sets through $GPT2ONNX_DATA only
-    os.environ.setdefault("GPT2ONNX_DATA", os.path.normpath(SHARED_DATA))
+    os.environ.setdefault("GPT2ONNX_DATA", SHARED_DATA)
 WIKI_SLICE = os.path.join(HERE, "data", "wiki_slice.txt")
 BENCH_FIXTURES = os.path.join(HERE, "fixtures", "bench")  # bench records from three SKUs
 TOKENIZER_VOCAB = 900  # below both tiny models' vocab sizes
+
+
+
+def shared_path(*parts: str) -> str:
+    """The path of a file in the shared folder; the calling test fails (not skips) with one line if it is missing.
+
+    Call it inside a test or a fixture, not at import, so a missing folder fails only the tests
+    that need it instead of stopping the collection of the whole suite.
+    """
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: this test needs the project's shared folder as ../shared beside the "
+                    f"repository ({REPO}); put it (or a symlink to it) there", pytrace=False)
+    return path
+
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=1000, n_positions=64)
 # Odd shapes catch hard-coded sizes: 3 heads, vocab not a multiple of 8, K not a multiple of the block.
@@ -61,6 +79,12 @@ def save_tiny_gpt2(folder: str, *, seed: int = 0, safe: bool = True, tokenizer: 
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(folder, safe_serialization=safe)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bench_cache(tmp_path_factory) -> None:
+    """`gpt2onnx bench` caches its baselines' exports in $GPT2ONNX_CACHE: a session folder here, not ~/.cache."""
+    os.environ.setdefault("GPT2ONNX_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Benchmarks and per-SKU reports.
 
->>> from gpt2onnx.bench import run_bench, format_table
->>> rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")  # doctest: +SKIP
->>> print(format_table(rec))                                                     # doctest: +SKIP
+For example::
+
+    from gpt2onnx.bench import run_bench, format_table
+    rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")
+    print(format_table(rec))
 
 Modules: `run` (`run_bench`: the grid, the record), `worker` (one measurement in a fresh
 process: ``python -m gpt2onnx.bench.worker``), `ovgenai` (the OpenVINO GenAI baseline in it), `runs` (which baselines can run, the

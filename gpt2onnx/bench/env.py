@@ -1,9 +1,11 @@
 """The machine a benchmark runs on: CPU, ISA, cgroup quota, memory, versions, git revision, bandwidth.
 
->>> from gpt2onnx.bench.env import environment, measure_bandwidth
->>> env = environment(memory_bandwidth_gbs=measure_bandwidth(threads=4))   # doctest: +SKIP
->>> env["cpu_model"], env["isa"]["avx512_vnni"], env["memory_bandwidth_gbs"]  # doctest: +SKIP
-('Intel(R) Xeon(R) Platinum 8370C CPU @ 2.80GHz', True, 21.37)
+For example::
+
+    from gpt2onnx.bench.env import environment, measure_bandwidth
+    env = environment(memory_bandwidth_gbs=measure_bandwidth(threads=4))
+    env["cpu_model"], env["isa"]["avx512_vnni"], env["memory_bandwidth_gbs"]
+    # -> ('Intel(R) Xeon(R) Platinum 8370C CPU @ 2.80GHz', True, 21.37)
 
 `environment` is a bench record's ``environment`` (schema in `gpt2onnx.results`); the
 bandwidth is the denominator of the bench's bandwidth floor (see `gpt2onnx.bench`).

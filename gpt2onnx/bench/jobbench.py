@@ -1,7 +1,9 @@
 """The batch-job scenario: tokens/s of a whole job of mixed prompts, static vs continuous, per layout.
 
->>> rec = run_job_bench("models/gpt2-int8", prompts=256, batch_size=8, workers=[1, 2])   # doctest: +SKIP
->>> print(format_job_table(rec))                                                         # doctest: +SKIP
+For example::
+
+    rec = run_job_bench("models/gpt2-int8", prompts=256, batch_size=8, workers=[1, 2])
+    print(format_job_table(rec))
 
 ``gpt2onnx bench MODEL --scenario job [--workers 1,2] [--job-modes continuous]`` runs it.
 A job is `prompts` requests with prompt lengths drawn from 8-512 tokens and

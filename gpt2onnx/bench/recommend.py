@@ -1,8 +1,10 @@
 """Which VM size to pick: the bench records' figures per SKU, merged, and the recommendation.
 
-    >>> rows = aggregate(records, mismatched=set())                       # doctest: +SKIP
-    >>> recommend(group_key(records[0][1]), rows, prices, None, 13.0).note  # doctest: +SKIP
-    'Standard_E4s_v3 (4 threads) is the cheapest SKU meeting token p50 <= 13 ms at batch size 1: ...'
+    For example::
+
+        rows = aggregate(records, mismatched=set())
+        recommend(group_key(records[0][1]), rows, prices, None, 13.0).note
+        # -> 'Standard_E4s_v3 (4 threads) is the cheapest SKU meeting token p50 <= 13 ms at batch size 1: ...'
 
 Per SKU and thread count, a SKU is judged by its worst batch-1 gpt2onnx figures over
 prompt lengths and hosts. Among the SKUs meeting the latency SLOs, the cheapest per 1M

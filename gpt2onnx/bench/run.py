@@ -1,8 +1,10 @@
 """Measure a model folder on this machine, against PyTorch, Optimum and OpenVINO GenAI in the same run.
 
-    >>> from gpt2onnx.bench import run_bench, format_table
-    >>> rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")  # doctest: +SKIP
-    >>> print(format_table(rec))                                                     # doctest: +SKIP
+    For example::
+
+        from gpt2onnx.bench import run_bench, format_table
+        rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")
+        print(format_table(rec))
 
 For every threads x batch size x prompt length, each runtime runs in turn — gpt2onnx,
 then transformers `generate` on PyTorch fp32, then Optimum's `ORTModelForCausalLM` fp32
@@ -44,8 +46,8 @@ from .. import artifact, cpu
 from . import record
 from . import skus as _skus
 from .env import BANDWIDTH_MIB, environment, measure_bandwidth
-from .runs import (baseline_python, call_worker, missing_packages, model_bytes, model_weight_bytes, optimum_isa,
-                   result_row, source_fingerprint, source_spec)
+from .runs import (baseline_python, cache_dir, call_worker, missing_packages, model_bytes, model_weight_bytes,
+                   optimum_isa, result_row, source_fingerprint, source_spec)
 from ..errors import InvalidRequestError
 
 BASELINES = ("pytorch", "optimum", "openvino")
@@ -144,8 +146,9 @@ def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[i
             (OpenVINO GenAI on optimum-intel's int8 export; run with ``$GPT2ONNX_OPENVINO_PYTHON``
             when set, see `gpt2onnx.bench.runs.baseline_python`).
         repeats, warmup: timed and untimed runs per runtime and configuration.
-        out_dir: where the record is written (None: not written); Optimum and OpenVINO
-            exports are cached in ``<out_dir>/.cache``.
+        out_dir: where the record is written (None: not written); nothing else goes there:
+            Optimum and OpenVINO exports are cached in `gpt2onnx.bench.runs.cache_dir`
+            (``$GPT2ONNX_CACHE``, else ``~/.cache/gpt2onnx``).
         progress: a progress bar on stderr.
         bandwidth_mib: size of the array for the bandwidth measurement.
 
@@ -153,9 +156,11 @@ def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[i
         ArtifactError: the model folder is missing or damaged.
         InvalidRequestError: a bad argument, an unknown SKU, or an unwritable `out_dir`.
 
-    >>> rec = run_bench("models/gpt2-int8", batch_sizes=[1], baselines=["pytorch"])  # doctest: +SKIP
-    >>> [r["runtime"] for r in rec["results"]]                                        # doctest: +SKIP
-    ['gpt2onnx', 'pytorch']
+    For example::
+
+        rec = run_bench("models/gpt2-int8", batch_sizes=[1], baselines=["pytorch"])
+        [r["runtime"] for r in rec["results"]]
+        # -> ['gpt2onnx', 'pytorch']
     """
     return run_with_path(model_dir, sku=sku, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                 threads=threads, baselines=baselines, repeats=repeats, warmup=warmup, out_dir=out_dir,
@@ -203,8 +208,6 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
     optimum_prep = "optimum" in baselines and "optimum" not in skip
     openvino_prep = "openvino" in baselines and "openvino" not in skip
 
-    scratch = None if out_dir is not None or not (optimum_prep or openvino_prep) else \
-        tempfile.TemporaryDirectory(prefix="gpt2onnx-")
     bar = Progress("gpt2onnx bench", total=1 + optimum_prep + openvino_prep + len(configs) * len(runtimes),
                    unit="runs", enabled=progress)
     try:
@@ -218,7 +221,7 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
         optimum_dirs = {}
         if optimum_prep:
             bar.set_postfix("Optimum export + int8 (cached)")
-            cache = os.path.join(out_dir or scratch.name, ".cache", "optimum", source_fingerprint(source, manifest))
+            cache = os.path.join(cache_dir("optimum"), source_fingerprint(source, manifest))
             prep = call_worker({"mode": "prepare-optimum", "source": source, "cache_dir": cache,
                                  "isa": optimum_isa()}, max(threads))
             if "error" in prep:
@@ -230,7 +233,7 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
         ov_dir = None
         if openvino_prep:
             bar.set_postfix("optimum-intel export to OpenVINO int8 (cached)")
-            cache = os.path.join(out_dir or scratch.name, ".cache", "openvino", source_fingerprint(source, manifest))
+            cache = os.path.join(cache_dir("openvino"), source_fingerprint(source, manifest))
             prep = call_worker({"mode": "prepare-openvino", "source": source, "cache_dir": cache}, max(threads),
                                python=baseline_python("openvino"))
             if "error" in prep:
@@ -262,8 +265,6 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
                 bar.update()
     finally:
         bar.close()
-        if scratch is not None:
-            scratch.cleanup()
 
     rec = {
         "schema": record.SCHEMA,

@@ -1,17 +1,19 @@
 """The bench's runs: which runtimes can run, one run in a `gpt2onnx.bench.worker` process, its result row.
 
->>> from gpt2onnx.bench.runs import call_worker, result_row
->>> job = {"mode": "run", "runtime": "gpt2onnx", "model_dir": "models/gpt2-int8", "threads": 4, "batch_size": 1,
-...        "prompt_tokens": 32, "new_tokens": 128, "warmup": 1, "repeats": 3, "source": None}
->>> out = call_worker(job, threads=4)                                      # doctest: +SKIP
->>> result_row("gpt2onnx", "int8", (4, 1, 32), 128, out, bandwidth_gbs=20.0)      # doctest: +SKIP
-{'runtime': 'gpt2onnx', 'precision': 'int8', 'batch_size': 1, ..., 'floor_ratio': 1.8, 'error': None}
+For example::
+
+    from gpt2onnx.bench.runs import call_worker, result_row
+    job = {"mode": "run", "runtime": "gpt2onnx", "model_dir": "models/gpt2-int8", "threads": 4, "batch_size": 1,
+           "prompt_tokens": 32, "new_tokens": 128, "warmup": 1, "repeats": 3, "source": None}
+    out = call_worker(job, threads=4)
+    result_row("gpt2onnx", "int8", (4, 1, 32), 128, out, bandwidth_gbs=20.0)
+    # -> {'runtime': 'gpt2onnx', 'precision': 'int8', 'batch_size': 1, ..., 'floor_ratio': 1.8, 'error': None}
 
 Baselines (PyTorch, Optimum, OpenVINO GenAI) are rebuilt from the source model the
 manifest names (`source_spec`) and need the export extra, OpenVINO also its own packages
 (`missing_packages` names what is not installed, in the interpreter `baseline_python`
 runs that baseline with); the Optimum and OpenVINO exports are cached under a fingerprint
-of their inputs. A result row holds
+of their inputs, in `cache_dir` (never in the bench's output folder). A result row holds
 percentiles of the worker's timings and the bandwidth floor ratio, for which
 `onnx_weight_bytes` counts the weight bytes a decode step reads.
 """
@@ -35,6 +37,7 @@ _NEEDS = {"pytorch": ("torch", "transformers"), "optimum": ("torch", "transforme
           "openvino": ("openvino_genai", "openvino", "optimum.intel", "nncf", "torch", "transformers", "tokenizers")}
 _PIP_NAMES = {"openvino_genai": "openvino-genai", "optimum.intel": "optimum-intel"}  # where the module name is not
 OPENVINO_PYTHON_ENV = "GPT2ONNX_OPENVINO_PYTHON"
+CACHE_ENV = "GPT2ONNX_CACHE"
 _FIGURES = ("load_s", "tokenize_ms", "first_token_ms", "token_ms", "tokens_per_s", "peak_rss_mb", "floor_ratio")
 
 
@@ -156,6 +159,19 @@ def source_spec(manifest) -> tuple[dict | None, str | None]:
                           f"{os.getcwd()}); run from where it was exported, or pass --baselines none")
         sid = os.path.abspath(sid)
     return {"id": sid, "random_weights": src.random_weights, "seed": src.seed}, None
+
+
+def cache_dir(kind: str) -> str:
+    """Where the baselines' exports of `kind` ("optimum", "openvino") are cached.
+
+    ``$GPT2ONNX_CACHE/<kind>`` when set, else the user's cache folder
+    (``$XDG_CACHE_HOME/gpt2onnx/<kind>``, by default ``~/.cache/gpt2onnx/<kind>``). Never the
+    bench's ``--out`` folder: that one holds records only (Optimum's export is ~0.8 GB for 124M,
+    JSON files among it). Three lines of XDG here rather than a platformdirs dependency.
+    """
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gpt2onnx")
+    return os.path.join(root, kind)
 
 
 def source_fingerprint(spec: dict, manifest) -> str:

@@ -48,11 +48,11 @@ class Sku:
     avx512_vnni: bool | None
     amx: bool | None
     notes: str
-    vcpus_per_core: int = 2  # Azure vCPUs are hyper-threads
+    vcpus_per_core: int = 2  # Azure's "vCPU: Core" ratio: 2 on hyper-threaded / SMT series, 1 on DSv2
 
     @property
     def physical_cores(self) -> int:
-        """Physical cores behind the vCPUs (vCPUs / 2 on these series)."""
+        """Physical cores behind the vCPUs: vCPUs / the family's vCPUs per core."""
         return max(1, self.vcpus // self.vcpus_per_core)
 
 
@@ -71,6 +71,14 @@ def _isa_value(value: object, where: str) -> bool | None:
     if value == "host":
         return None
     raise Gpt2OnnxError(f"{where}: ISA flag must be true, false or \"host\", got {value!r}; fix the catalog")
+
+
+def _vcpus_per_core(fam: dict, where: str) -> int:
+    """A family's vCPUs per physical core: required (no default), 1 or 2."""
+    value = fam["vcpus_per_core"]
+    if value not in (1, 2) or isinstance(value, bool):
+        raise Gpt2OnnxError(f"{where}: {fam['name']}: vcpus_per_core must be 1 or 2, got {value!r}; fix the catalog")
+    return value
 
 
 def _read_catalog_text(path: str | None) -> tuple[str, str]:
@@ -114,7 +122,7 @@ def load_catalog(path: str | None = None) -> list[Sku]:
                 notes = fam["notes"] + (" " + size["notes"] if size.get("notes") else "")
                 out.append(Sku(name=str(size["name"]), family=str(fam["name"]), vcpus=int(size["vcpus"]),
                                memory_gib=float(size["memory_gib"]), processors=tuple(fam["processors"]),
-                               notes=notes, vcpus_per_core=int(fam.get("vcpus_per_core", 2)), **isa))
+                               notes=notes, vcpus_per_core=_vcpus_per_core(fam, where), **isa))
     except tomllib.TOMLDecodeError as e:
         raise Gpt2OnnxError(f"{where}: the SKU catalog is not valid TOML ({e}); fix or reinstall it") from e
     except (KeyError, TypeError, ValueError) as e:
@@ -181,14 +189,17 @@ def format_catalog(*, model_bytes: int | None = None) -> str:
     if model_bytes is not None:
         head.append(f"fits {model_bytes / _GIB:.2f} GiB model")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in load_catalog():
+    catalog = load_catalog()
+    for s in catalog:
         row = [s.name, s.family, str(s.vcpus), str(s.physical_cores), f"{s.memory_gib:g}",
                *(_flag(getattr(s, f)) for f in ISA_FLAGS), "; ".join(s.processors)]
         if model_bytes is not None:
             row.append(memory_fit(s, model_bytes=model_bytes)[1])
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines.append("host = depends on the host CPU the VM lands on. cores = vCPUs / 2 (vCPUs are hyper-threads).")
+    single = sorted({s.family for s in catalog if s.vcpus_per_core == 1})
+    lines.append("host = depends on the host CPU the VM lands on. cores = physical cores: vCPUs / 2 where vCPUs "
+                 f"are hyper-threads, vCPUs on {', '.join(single) or 'none'} (one vCPU per core).")
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
 """A bench record as a plain-text table for the terminal (what ``gpt2onnx bench`` prints).
 
->>> from gpt2onnx.bench import record
->>> from gpt2onnx.bench.table import format_table
->>> print(format_table(record.load("results/20240501T120000Z-Standard_F4s_v2-gpt2-int8.json")))  # doctest: +SKIP
+For example::
+
+    from gpt2onnx.bench import record
+    from gpt2onnx.bench.table import format_table
+    print(format_table(record.load("results/20240501T120000Z-Standard_F4s_v2-gpt2-int8.json")))
 
 One row per runtime and configuration, plus the machine the figures are valid on, the
 ``vs X`` speed-ups of gpt2onnx over each baseline, why any run failed, and warnings when

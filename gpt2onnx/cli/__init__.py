@@ -1,7 +1,9 @@
 """The `gpt2onnx` command: the one argparse layer over the library functions.
 
->>> main(["inspect", "out/gpt2-int8"])     # doctest: +SKIP
-0
+For example::
+
+    main(["inspect", "out/gpt2-int8"])
+    # -> 0
 
 Commands live in `model` (export, inspect, generate), `jobs` (batch, eval,
 azureml-kit, mlflow) and `bench` (bench, skus, report); library modules never print
@@ -29,7 +31,7 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:  # 0 == False
             return text
         return super()._get_help_string(action)
 

@@ -51,27 +51,40 @@ def _batch(a) -> int:
 
 
 def _eval(args) -> int:
-    from ..eval import evaluate, format_result
+    import sys
 
-    r = evaluate(args.model_dir, args.task, data=args.data, reference=args.reference, limit=args.limit,
+    from ..errors import InvalidRequestError
+    from ..eval import DEFAULT_LIMITS, evaluate, format_result
+
+    unit = "passages" if args.task == "lambada" else "windows"
+    limit = DEFAULT_LIMITS[args.task] if args.limit is None else args.limit or None  # 0: all
+    if args.limit is not None and args.limit < 0:
+        raise InvalidRequestError(f"--limit must be 0 (all) or a positive number of {unit}, got {args.limit}")
+    if args.limit is None and not args.quiet:
+        print(f"gpt2onnx eval: the first {limit} {unit} (the default --limit; --limit 0 scores all, which takes "
+              "longer: see docs/quality.md)", file=sys.stderr)
+    r = evaluate(args.model_dir, args.task, data=args.data, reference=args.reference, limit=limit,
                  progress=not args.json and not args.quiet, threads=args.threads)
     print(json.dumps(r, indent=2) if args.json else format_result(r))
     return 0
 
 
 def _add_eval(subparsers) -> None:
-    from ..eval import LAMBADA_FILE, TASKS, WIKITEXT2_FILE
+    from ..eval import DEFAULT_LIMITS, LAMBADA_FILE, TASKS, WIKITEXT2_FILE
 
     p = subparsers.add_parser("eval", help="measure a model folder: WikiText-2 perplexity, LAMBADA, or fidelity "
                                            "against an fp32 reference")
     p.add_argument("model_dir")
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--data", metavar="PATH", help=f"data file (default: {WIKITEXT2_FILE} or {LAMBADA_FILE} in "
-                                                  "the folder $GPT2ONNX_DATA names, else .)")
+                                                  "the folder $GPT2ONNX_DATA names, else .; fidelity: the exporter's "
+                                                  "gate text, shipped)")
     p.add_argument("--reference", metavar="SOURCE_OR_DIR",
                    help="fidelity: fp32 model folder, or hub id / save_pretrained folder (needs torch); "
                         "default: the model's recorded source")
-    p.add_argument("--limit", type=int, metavar="N", help="first N windows (wikitext2, fidelity) or passages (lambada)")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="first N windows (wikitext2, fidelity) or passages (lambada); 0: all (default: "
+                        + ", ".join(f"{t} {n}" for t, n in DEFAULT_LIMITS.items()) + ")")
     p.add_argument("--threads", type=int, help="intra-op threads (default: physical cores)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -14,20 +14,13 @@ def _export(a) -> int:
     from ..exporter import export
     from ..sources import cli_hint
 
-    def run(random_weights: bool) -> dict:
-        return export(a.source, a.outdir, precision=a.precision, force=a.force, random_weights=random_weights,
-                      seed=a.seed, tokenizer=a.tokenizer, progress=not a.quiet,
-                      accept_fidelity_miss=a.accept_fidelity_miss, kv_cache=a.kv_cache)
-
-    try:
-        m = run(a.random_weights)
+    try:  # --random-weights-fallback: the export itself falls back at its load step (its steps counted once)
+        m = export(a.source, a.outdir, precision=a.precision, force=a.force, random_weights=a.random_weights,
+                   seed=a.seed, tokenizer=a.tokenizer, progress=not a.quiet,
+                   accept_fidelity_miss=a.accept_fidelity_miss, kv_cache=a.kv_cache,
+                   random_weights_fallback=a.random_weights_fallback)
     except ModelDownloadError as e:
-        if not a.random_weights_fallback:
-            raise ModelDownloadError(cli_hint(str(e))) from None
-        print(f"gpt2onnx: notice: the weights of {a.source!r} cannot be downloaded here ({str(e).split(';')[0]}); "
-              f"exporting its architecture with RANDOM WEIGHTS (seed {a.seed}) instead: the text will be "
-              "meaningless, the speed is real", file=sys.stderr)
-        m = run(True)
+        raise ModelDownloadError(cli_hint(str(e))) from None
     except UnsupportedModelError as e:
         raise type(e)(cli_hint(str(e))) from None
     print(summary(read_manifest(a.outdir)))

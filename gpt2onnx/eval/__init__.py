@@ -25,11 +25,16 @@ from . import fidelity
 from .data import (DATA_ENV, LAMBADA_FILE, WIKITEXT2_FILE, data_info, data_path, read_lambada, read_text,
                    wikitext2_text)
 from .tasks import lambada, perplexity, token_byte_lengths
+from .gate import gate_text
 
 TASKS = ("wikitext2", "lambada", "fidelity")
 STRIDE = 512  # the Hugging Face perplexity guide's stride (for a 1024-token context)
 MAX_LENGTH = 1024  # longest window, even for models with a longer context
 FIDELITY_PROMPTS = 16  # greedy-continuation prompts of the fidelity task
+GATE_TEXT = "gpt2onnx/data/gate_text.txt"  # fidelity's text without --data: the exporter's gate text, shipped
+# `gpt2onnx eval`'s --limit when none is given (the Python API scores everything): what a
+# first look needs in about a minute on 2 cores at 124M; --limit 0 scores all (docs/quality.md).
+DEFAULT_LIMITS = {"wikitext2": 20, "lambada": 500, "fidelity": 4}  # fidelity: the gate's GATE_WINDOWS
 
 
 def fidelity_verdict(figures: dict, manifest, vocab_size: int) -> list[str]:
@@ -109,7 +114,8 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
             (last-word accuracy and perplexity on OpenAI's LAMBADA test set) or
             ``"fidelity"`` (agreement with an fp32 reference on WikiText-2).
         data: the data file (default: ``wiki.test.raw`` / ``lambada_test.jsonl`` in
-            the folder ``$GPT2ONNX_DATA`` names, else in ``.``).
+            the folder ``$GPT2ONNX_DATA`` names, else in ``.``; fidelity: the shipped
+            text of the exporter's gate, `GATE_TEXT`).
         reference: fidelity only: an fp32 model folder, or a PyTorch source (hub id or
             save_pretrained folder; imports torch). Default: the source recorded in the
             model folder's manifest (random weights re-made from their seed).
@@ -133,20 +139,21 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
         raise InvalidRequestError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     _check_limit(limit)
     name = LAMBADA_FILE if task == "lambada" else WIKITEXT2_FILE
-    path = data_path(name, data)
+    gate = task == "fidelity" and data is None  # the shipped gate text: nothing to download
+    path = None if gate else data_path(name, data)
     t0 = time.perf_counter()
     gen = open_folder(model_dir, threads)
     m = gen.manifest
     n_positions = m.dims.n_positions
     out = {"task": task, "model": os.path.abspath(os.fspath(model_dir)), "precision": m.precision,
            "kv_cache": m.kv_cache.dtype, "random_weights": m.source.random_weights}
-    out.update(data_info(name, path))
+    out.update(gate_text_info() if gate else data_info(name, path))
     if task == "lambada":
         texts = read_lambada(path)[:limit]
         out.update(lambada(gen.session, gen.tokenizer, texts, n_positions=n_positions,
                            bos_token_id=m.bos_token_id, progress=progress))
     else:
-        text = wikitext2_text(read_text(path))
+        text = gate_text() if gate else wikitext2_text(read_text(path))
         ids = np.asarray(gen.tokenizer.encode(text, add_special_tokens=False).ids, np.int64)
         if task == "wikitext2":
             max_length = min(n_positions, MAX_LENGTH)
@@ -173,11 +180,21 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
     return out
 
 
+def gate_text_info() -> dict:
+    """The `data` fields of a result on the shipped gate text (as the exporter reads it)."""
+    import hashlib
+
+    return {"data": GATE_TEXT, "data_sha256": hashlib.sha256(gate_text().encode("utf-8")).hexdigest(),
+            "data_is_original": None, "data_shipped": True}
+
+
 def format_result(r: dict) -> str:
     """A few human-readable lines for an `evaluate` result."""
     head = f"{r['task']}  {r['model']} ({r['precision']}{', RANDOM WEIGHTS' if r.get('random_weights') else ''})"
     original = {True: "original file", False: "NOT the original file (sha256 differs)", None: "sha256 not checked"}
-    lines = [head, f"data       {r['data']} ({original[r['data_is_original']]})"]
+    where = "shipped with gpt2onnx: the WikiText-2 test tail the exporter gates on" if r.get("data_shipped") else \
+        original[r["data_is_original"]]
+    lines = [head, f"data       {r['data']} ({where})"]
     if r["task"] == "wikitext2":
         bpb = f"{r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "n/a"
         lines += [f"perplexity {r['ppl']:.4f} (Hugging Face guide accounting; every token once: {r['ppl_exact']:.4f})",

@@ -1,7 +1,9 @@
 """The exporter: GPT-2 (PyTorch) -> a verified ONNX model folder with a KV cache.
 
->>> from gpt2onnx.exporter import export
->>> export("gpt2", "out/gpt2-int8", precision="int8", random_weights=True)   # doctest: +SKIP
+For example::
+
+    from gpt2onnx.exporter import export
+    export("gpt2", "out/gpt2-int8", precision="int8", random_weights=True)
 
 Modules, in pipeline order: `sources` (load a hub id / folder / random weights),
 `graph` (build the decoder graph), `parity` (PyTorch reference and the fp32 check),

@@ -6,7 +6,9 @@ consumers"): they need ``config.json`` (model_type gpt2), ``generation_config.js
 ``tokenizer.json`` + ``tokenizer_config.json``. The graph's side of the contract (names,
 Hugging Face mask semantics, optional ``logits_to_keep``) is in `graph`.
 
->>> write(tmp, config_json, tokenizer, eos=50256, bos=50256)    # doctest: +SKIP
+For example::
+
+    write(tmp, config_json, tokenizer, eos=50256, bos=50256)
 """
 
 from __future__ import annotations

@@ -17,9 +17,11 @@ The batch integrations (Azure ML batch, Ray) run their rows in memory through th
 of ``gpt2onnx batch``, `gpt2onnx.batch.iter_results`, so a row is parsed, validated,
 batched and reported exactly as the CLI job does it, without its files:
 
->>> from gpt2onnx.batch import iter_results
->>> list(iter_results(gen, [{"id": "a", "prompt": "Hello"}], params={"max_new_tokens": 5}))  # doctest: +SKIP
-[{'id': 'a', 'line': 1, 'index': 0, 'text': 'Hello, ...', ...}]
+For example::
+
+    from gpt2onnx.batch import iter_results
+    list(iter_results(gen, [{"id": "a", "prompt": "Hello"}], params={"max_new_tokens": 5}))
+    # -> [{'id': 'a', 'line': 1, 'index': 0, 'text': 'Hello, ...', ...}]
 """
 
 

@@ -5,11 +5,11 @@ The entry script of a deployment is two lines (``gpt2onnx azureml-kit`` writes i
     from gpt2onnx.integrations.azureml import init, run  # noqa: F401
 
 A request is the one of the Azure ML gpt2 model card; the answer is one string per
-prompt:
+prompt::
 
-    >>> run('{"input_data": ["I believe the meaning of life is"], '
-    ...     '"params": {"max_new_tokens": 20, "do_sample": true, "top_p": 1.0}}')   # doctest: +SKIP
-    ['I believe the meaning of life is ...']
+    run('{"input_data": ["I believe the meaning of life is"], '
+        '"params": {"max_new_tokens": 20, "do_sample": true, "top_p": 1.0}}')
+    # -> ['I believe the meaning of life is ...']
 
 A bad request (not JSON, wrong shape or types, unknown or out-of-range parameter,
 too many prompts, too big, prompt too long for the context) is answered with HTTP 400
@@ -48,8 +48,14 @@ def find_model_dir(root: str) -> str:
     Raises:
         ArtifactError: none, or more than one, is found.
 
-    >>> find_model_dir(os.environ["AZUREML_MODEL_DIR"])   # doctest: +SKIP
-    '/var/azureml-app/azureml-models/gpt2-int8-onnx/1/gpt2-int8'
+    Where Azure ML mounts the registered folder one level below ``$AZUREML_MODEL_DIR``:
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> os.makedirs(os.path.join(root, "gpt2-int8"))
+    >>> open(os.path.join(root, "gpt2-int8", "gpt2onnx.json"), "w").close()
+    >>> find_model_dir(root) == os.path.join(root, "gpt2-int8")
+    True
     """
     root = os.fspath(root)
     if not os.path.isdir(root):

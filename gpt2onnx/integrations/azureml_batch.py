@@ -87,8 +87,10 @@ def init() -> None:
 def run(mini_batch: list[str]) -> list[str]:
     """Generate for every prompt of every file of a mini-batch; one JSON string per output row.
 
-    >>> run(["/mnt/inputs/part-001.jsonl"])[0]                       # doctest: +SKIP
-    '{"file": "part-001.jsonl", "id": "q1", "line": 1, "index": 0, "text": "...", ...}'
+    For example::
+
+        run(["/mnt/inputs/part-001.jsonl"])[0]
+        # -> '{"file": "part-001.jsonl", "id": "q1", "line": 1, "index": 0, "text": "...", ...}'
     """
     if "generator" not in _state:
         raise Gpt2OnnxError("init() has not been called; Azure ML calls it first, call it yourself outside Azure ML")
@@ -140,7 +142,11 @@ def read_csv(path: str, *, delimiter: str = ",") -> tuple[list[dict | None], lis
         (requests, errors): ``requests[n - 1]`` is record n as a batch line object, or
         None when record n is an error row in ``errors``.
 
-    >>> read_csv("part-1.csv")   # doctest: +SKIP
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "part-1.csv")
+    >>> with open(path, "w", encoding="utf-8") as f:
+    ...     _ = f.write('id,prompt,max_new_tokens\\nx,The tower is,20\\n')
+    >>> read_csv(path)
     ([{'id': 'x', 'prompt': 'The tower is', 'max_new_tokens': 20}], [])
     """
     requests: list[dict | None] = []

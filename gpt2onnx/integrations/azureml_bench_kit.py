@@ -1,7 +1,9 @@
 """The per-SKU benchmark on Azure ML in one command: one command job per VM size.
 
->>> write_bench_kit("azbench", skus=["Standard_F4s_v2", "Standard_D4as_v4"], random_weights=True)  # doctest: +SKIP
-'azbench'
+For example::
+
+    write_bench_kit("azbench", skus=["Standard_F4s_v2", "Standard_D4as_v4"], random_weights=True)
+    # -> 'azbench'
 
 ``gpt2onnx azureml-bench-kit OUT --skus A,B,C`` calls `write_bench_kit`. The kit::
 
@@ -62,7 +64,10 @@ done
 [ -n "$sku" ] && [ -n "$out" ] || { echo "usage: run_bench.sh --sku SIZE --out DIR" >&2; exit 2; }
 here="$(cd "$(dirname "$0")" && pwd)"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"  # the gpt2onnx copy beside this script
-models="${GPT2ONNX_BENCH_WORKDIR:-$PWD}/models"
+work="${GPT2ONNX_BENCH_WORKDIR:-$PWD}"
+models="$work/models"
+# The baselines' exports (Optimum: ~0.8 GB at 124M) go to the node's disk, never to the job's output.
+export GPT2ONNX_CACHE="${GPT2ONNX_CACHE:-$work/cache}"
 : "${GPT2ONNX_BENCH_MODEL:?the job sets it}" "${GPT2ONNX_BENCH_PRECISIONS:?the job sets it}"
 mkdir -p "$out"
 for precision in ${GPT2ONNX_BENCH_PRECISIONS//,/ }; do
@@ -151,14 +156,27 @@ rm -rf downloads records
 mkdir -p records
 while read -r sku name; do
   az ml job download -n "$name" --output-name {output} --download-path "downloads/$sku" >/dev/null
-  n=0
-  while IFS= read -r -d '' f; do cp "$f" records/; n=$((n + 1)); done \\
-    < <(find "downloads/$sku" -name '*.json' -path '*{output}*' -print0)
+  n=0  # bench records only: hidden folders (caches) are skipped, other JSON files are not records
+  while IFS= read -r -d '' f; do
+    grep -q '"schema": *"{schema}/' "$f" || continue
+    cp "$f" records/; n=$((n + 1))
+  done < <(find "downloads/$sku" -name '.*' -prune -o -name '*.json' -path '*{output}*' -print0)
   echo "$sku $name: $n record(s)" >&2
   [ "$n" -gt 0 ] || {{ echo "collect.sh: no record from $sku ($name); see 'az ml job show -n $name'" >&2; exit 1; }}
 done < jobs.txt
 ${{GPT2ONNX:-gpt2onnx}} report records --out report --prices "$prices"
 '''
+
+
+def record_schema_prefix() -> str:
+    """What a bench record's "schema" starts with, as a grep pattern: how collect.sh tells records from other JSON.
+
+    >>> print(record_schema_prefix())
+    gpt2onnx\\.bench
+    """
+    from ..bench.record import SCHEMA
+
+    return re.escape(SCHEMA.rsplit("/", 1)[0])
 
 
 def cluster_name(sku: str) -> str:
@@ -315,7 +333,7 @@ def write_bench_kit(outdir: str, *, skus: Sequence[str], model: str = "gpt2", pr
                 sku=sku, cluster=cluster_name(sku), display=f"gpt2onnx-bench-{sku}", experiment=experiment,
                 command=node_command(sku), env=env, output=OUTPUT))
         _write(tmp, "submit.sh", SUBMIT_SH.format(skus=" ".join(names)), executable=True)
-        _write(tmp, "collect.sh", COLLECT_SH.format(output=OUTPUT), executable=True)
+        _write(tmp, "collect.sh", COLLECT_SH.format(output=OUTPUT, schema=record_schema_prefix()), executable=True)
         if prices is not None:
             hours = estimate_hours(precisions=len(precisions), batch_sizes=batch_sizes, prompt_tokens=prompt_tokens,
                                    new_tokens=new_tokens, baselines=baselines, repeats=repeats, warmup=warmup)

@@ -23,11 +23,13 @@ model carries it. Why models-from-code and not a pickled `PythonModel`: MLflow 3
 deprecating pickle deserialization, and a script does not tie the model to the
 cloudpickle and Python versions of the machine that packaged it.
 
->>> package_mlflow("out/gpt2-int8", "out/gpt2-int8-mlflow")         # doctest: +SKIP
-'out/gpt2-int8-mlflow'
->>> import mlflow                                                   # doctest: +SKIP
->>> model = mlflow.pyfunc.load_model("out/gpt2-int8-mlflow")        # doctest: +SKIP
->>> model.predict(["Hello,"], params={"max_new_tokens": 20, "seed": 1})  # doctest: +SKIP
+For example::
+
+    package_mlflow("out/gpt2-int8", "out/gpt2-int8-mlflow")
+    # -> 'out/gpt2-int8-mlflow'
+    import mlflow
+    model = mlflow.pyfunc.load_model("out/gpt2-int8-mlflow")
+    model.predict(["Hello,"], params={"max_new_tokens": 20, "seed": 1})
 
 The served model itself (its `predict`, the signature's params and defaults) is
 `gpt2onnx.integrations.mlflow_pyfunc`; its names are re-exported here, where the code
@@ -94,8 +96,10 @@ def requirements() -> list[str]:
 def default_name(manifest) -> str:
     """An Azure ML model name for a folder: ``{name}-onnx-{precision}``, letters, digits, ``-_.`` only.
 
-    >>> default_name(artifact.read_manifest("out/gpt2-int8"))   # doctest: +SKIP
-    'gpt2-onnx-int8'
+    For example::
+
+        default_name(artifact.read_manifest("out/gpt2-int8"))
+        # -> 'gpt2-onnx-int8'
     """
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{manifest.name}-onnx-{manifest.precision}")
     return name.strip("-_.")[:255] or "gpt2-onnx"
@@ -146,8 +150,10 @@ def package_mlflow(model_dir: str, out: str, *, name: str | None = None, version
         ArtifactError: ``model_dir`` is missing or damaged.
         ExportError: ``out`` exists (pass force=True) or cannot be written.
 
-    >>> package_mlflow("out/gpt2-int8", "out/gpt2-int8-mlflow", version=2)   # doctest: +SKIP
-    'out/gpt2-int8-mlflow'
+    For example::
+
+        package_mlflow("out/gpt2-int8", "out/gpt2-int8-mlflow", version=2)
+        # -> 'out/gpt2-int8-mlflow'
     """
     mlflow = require_mlflow()
     model_dir, out = os.fspath(model_dir), os.fspath(out)

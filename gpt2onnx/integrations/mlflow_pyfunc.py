@@ -1,9 +1,11 @@
 """The served MLflow pyfunc model: prompts in, completions out, with the Azure ML gpt2 params.
 
->>> import mlflow                                                   # doctest: +SKIP
->>> model = mlflow.pyfunc.load_model("out/gpt2-int8-mlflow")        # doctest: +SKIP
->>> model.predict(["Hello,"], params={"max_new_tokens": 20, "seed": 1})  # doctest: +SKIP
-['Hello, ...']
+For example::
+
+    import mlflow
+    model = mlflow.pyfunc.load_model("out/gpt2-int8-mlflow")
+    model.predict(["Hello,"], params={"max_new_tokens": 20, "seed": 1})
+    # -> ['Hello, ...']
 
 `gpt2onnx.integrations.mlflow` packages a model folder with this model (its code file
 calls `python_model()`). Every prompt goes through `Generator.prepare`, so a request is
@@ -74,6 +76,7 @@ class _Pyfunc:
         schema_log = logging.getLogger("mlflow.models.utils")  # where MLflow reports the params it drops
         if not any(type(f).__name__ == "_DroppedParams" for f in schema_log.filters):
             schema_log.addFilter(_DroppedParams())
+        _refuse_extra_columns()
 
     def predict(self, context, model_input, params=None) -> list[str]:
         """One completion per input row, as strings, in order (the Azure ML gpt2 response)."""
@@ -113,6 +116,41 @@ class _DroppedParams(logging.Filter):
         except Exception:  # another MLflow wording or version: the params stay dropped, as MLflow logs
             pass
         return True
+
+
+def _refuse_extra_columns() -> None:
+    """Refuse a DataFrame of several columns before MLflow keeps only its first one.
+
+    The signature (the Azure ML gpt2 card's) is one unnamed string column, and MLflow checks
+    only that an input has at least that many columns, then passes the first one on
+    silently: a table {"id", "prompt"} would generate from its ids. There is no MLflow
+    option to refuse that, so this wraps `mlflow.pyfunc._validate_prediction_input` (the
+    check every `PyFuncModel.predict` runs, the scoring server's included): an input of more
+    columns than a one-unnamed-string-column signature declares is an invalid-parameter
+    error (HTTP 400) naming its columns. Installed once per process, by `load_context`;
+    other models in the process with that same signature get the refusal too. Where MLflow
+    has no such function (another version), inputs go through unchanged, as MLflow does.
+    """
+    import mlflow.pyfunc as pyfunc
+
+    original = getattr(pyfunc, "_validate_prediction_input", None)
+    if original is None or getattr(original, "gpt2onnx_guard", False):
+        return
+
+    def validate(data, params, input_schema, *args, **kwargs):
+        cols = list(getattr(data, "columns", []))
+        spec = getattr(input_schema, "inputs", None) or []
+        if len(cols) > 1 and len(spec) == 1 and getattr(spec[0], "name", "") is None and \
+                str(getattr(spec[0], "type", "")).endswith("string"):
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException.invalid_parameter_value(
+                f"the input has {len(cols)} columns {[str(c) for c in cols]}; send one string column of prompts "
+                "(or a list of strings), e.g. df[['prompt']]")
+        return original(data, params, input_schema, *args, **kwargs)
+
+    validate.gpt2onnx_guard = True
+    pyfunc._validate_prediction_input = validate
 
 
 def _prediction_context():

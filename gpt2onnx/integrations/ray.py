@@ -1,11 +1,13 @@
 """Ray Data: generate over a Dataset with one model per actor (extra ``[ray]``).
 
->>> import ray, gpt2onnx.integrations.ray as g2r                                                  # doctest: +SKIP
->>> ds = ray.data.read_json("prompts.jsonl")          # a "prompt" column, optional "id"  # doctest: +SKIP
->>> out = ds.map_batches(g2r.Gpt2OnnxPredictor, fn_constructor_args=("models/gpt2-int8",),
-...                      fn_constructor_kwargs={"threads": 2}, num_cpus=2, batch_size=64,
-...                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4))  # doctest: +SKIP
->>> out.write_json("results/")                                                       # doctest: +SKIP
+For example::
+
+    import ray, gpt2onnx.integrations.ray as g2r
+    ds = ray.data.read_json("prompts.jsonl")  # a "prompt" column, optional "id"
+    out = ds.map_batches(g2r.Gpt2OnnxPredictor, fn_constructor_args=("models/gpt2-int8",),
+                         fn_constructor_kwargs={"threads": 2}, num_cpus=2, batch_size=64,
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4))
+    out.write_json("results/")
 
 or, with the sizing done for you, ``g2r.generate_dataset(ds, "models/gpt2-int8", actors=4, threads=2)``.
 
@@ -65,10 +67,12 @@ class Gpt2OnnxPredictor:
             names the node).
         InvalidRequestError: `params` or `batch_size` is invalid (at actor start).
 
-    >>> pred = Gpt2OnnxPredictor("models/gpt2-int8", params={"max_new_tokens": 5})       # doctest: +SKIP
-    >>> out = pred({"prompt": np.array(["Hello", None], dtype=object)})                  # doctest: +SKIP
-    >>> list(out["error"])                                                               # doctest: +SKIP
-    [None, 'the row has no "prompt" (or "input_data"); give each row the text to continue as "prompt"']
+    For example::
+
+        pred = Gpt2OnnxPredictor("models/gpt2-int8", params={"max_new_tokens": 5})
+        out = pred({"prompt": np.array(["Hello", None], dtype=object)})
+        list(out["error"])
+        # -> [None, 'the row has no "prompt" (or "input_data"); give each row the text to continue as "prompt"']
     """
 
     def __init__(self, model_dir: str, *, threads: int = 1, params: GenerationParams | dict | None = None,
@@ -144,7 +148,9 @@ def generate_dataset(ds, model_dir: str, *, actors: int = 1, threads: int = 1,
     Returns:
         The lazy output Dataset (see `Gpt2OnnxPredictor` for its columns).
 
-    >>> generate_dataset(ray.data.read_json("in.jsonl"), "models/gpt2-int8", actors=2, threads=2)  # doctest: +SKIP
+    For example::
+
+        generate_dataset(ray.data.read_json("in.jsonl"), "models/gpt2-int8", actors=2, threads=2)
     """
     import ray.data
 

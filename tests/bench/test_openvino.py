@@ -35,7 +35,8 @@ def no_openvino_genai(monkeypatch):
 
 
 @pytest.fixture
-def not_run(no_openvino_genai, tiny_int8, tmp_path):
+def not_run(no_openvino_genai, tiny_int8, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2ONNX_CACHE", str(tmp_path / "cache"))
     return bench.run_bench(tiny_int8, baselines=["openvino"], out_dir=str(tmp_path), **SMALL)
 
 
@@ -47,7 +48,7 @@ def test_not_run_without_openvino_genai(not_run, tmp_path):
     missing = ", ".join(benchruns.missing_packages("openvino"))  # openvino-genai, and whatever else is absent
     assert ov["error"] == f"not run: needs {missing} {HINT}" and missing.startswith("openvino-genai")
     assert ov["tokens_per_s"] is None and ov["token_ms"] is None
-    assert not os.path.exists(os.path.join(tmp_path, ".cache"))  # no export attempted
+    assert not os.path.exists(os.path.join(tmp_path, "cache"))  # no export attempted
     [ratio] = results.ratios(not_run)
     assert ratio["baseline"] == "openvino" and ratio["baseline_error"] == ov["error"]
     table = bench.format_table(not_run)
@@ -91,13 +92,14 @@ def test_report_shows_the_openvino_baseline(not_run, tmp_path):
 
 @pytest.mark.skipif(not _has_openvino(), reason=f"OpenVINO GenAI is not installed for {_ov_python()} "
                                                  "(bash scripts/install_openvino.sh)")
-def test_openvino_run_makes_a_row(tiny_int8, tmp_path):
+def test_openvino_run_makes_a_row(tiny_int8, tmp_path, monkeypatch):
     """Needs the OpenVINO packages: optimum-intel's int8 export of the tiny model, then LLMPipeline at b1 and b8.
 
     8 x 40 prompt tokens pass the scheduler's default budget of 256 per step: the run
     must still prefill the batch in one step (every step a batch of 8).
     """
-    rec = bench.run_bench(tiny_int8, baselines=["openvino"], out_dir=str(tmp_path),
+    monkeypatch.setenv("GPT2ONNX_CACHE", str(tmp_path / "cache"))
+    rec = bench.run_bench(tiny_int8, baselines=["openvino"], out_dir=str(tmp_path / "results"),
                           **{**SMALL, "batch_sizes": [1, 8], "prompt_tokens": [40], "new_tokens": 3})
     ov = [r for r in rec["results"] if r["runtime"] == "openvino"]
     assert [(r["precision"], r["batch_size"]) for r in ov] == [("int8", 1), ("int8", 8)]
@@ -107,8 +109,9 @@ def test_openvino_run_makes_a_row(tiny_int8, tmp_path):
         assert r["first_token_ms"]["p50"] > 0 and r["tokens_per_s"] > 0 and r["floor_ratio"] > 0
         assert r["load_s"] > 0 and r["peak_rss_mb"] > 0
     assert "openvino-genai" in rec["environment"]["versions"]
-    [entry] = os.listdir(os.path.join(tmp_path, ".cache", "openvino"))
-    [ir] = os.listdir(os.path.join(tmp_path, ".cache", "openvino", entry))
+    [entry] = os.listdir(os.path.join(tmp_path, "cache", "openvino"))  # $GPT2ONNX_CACHE, not --out
+    [ir] = os.listdir(os.path.join(tmp_path, "cache", "openvino", entry))
+    assert len(os.listdir(os.path.join(tmp_path, "results"))) == 1  # the record alone
     assert ir.startswith("int8-")
     assert {r["baseline"] for r in results.ratios(rec)} == {"openvino"}
     assert all(r["decode_speedup"] > 0 for r in results.ratios(rec))

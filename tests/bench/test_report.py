@@ -11,7 +11,7 @@ import pytest
 from gpt2onnx.bench import record as results, report
 from gpt2onnx.errors import ArtifactError, Gpt2OnnxError, InvalidRequestError
 
-from conftest import BENCH_FIXTURES as FIXTURES
+from conftest import BENCH_FIXTURES as FIXTURES, REPO
 
 NAMES = ("f4s_v2.json", "d4as_v4.json", "e4s_v3.json")
 F4S_CPU = "Intel(R) Xeon(R) Platinum 8272CL CPU @ 2.60GHz"
@@ -140,7 +140,7 @@ def test_says_clearly_when_no_sku_meets_the_slos(tmp_path):
 
 
 def test_html_embeds_every_plot(tmp_path):
-    rep, _, html = build(tmp_path, three(), prices_path=os.path.join("bench", "prices.example.toml"))
+    rep, _, html = build(tmp_path, three(), prices_path=os.path.join(REPO, "bench", "prices.example.toml"))
     kinds = sorted(os.path.basename(p) for p in rep.plot_paths)
     assert kinds == ["group1_cost.png", "group1_latency.png", "group1_speedup.png", "group1_tokens_per_s.png"]
     assert html.count('src="data:image/png;base64,') == 4
@@ -153,7 +153,7 @@ def test_html_embeds_every_plot(tmp_path):
 
 
 def test_example_prices_are_labelled(tmp_path):
-    rep, md, html = build(tmp_path, three(), prices_path=os.path.join("bench", "prices.example.toml"))
+    rep, md, html = build(tmp_path, three(), prices_path=os.path.join(REPO, "bench", "prices.example.toml"))
     assert "EXAMPLE placeholder prices" in md and "(USD, EXAMPLE prices)" in md
     assert "(EXAMPLE prices)" in rep.recommendations[0].note and "EXAMPLE" in html
 
@@ -272,6 +272,18 @@ def test_a_mismatched_record_is_never_recommended_even_when_fastest(tmp_path):
     assert row["recommended SKU"] == "Standard_E4s_v3" and "Standard_F4s_v2" in row["why"]
 
 
+def test_a_ds3_v2_record_on_4_cores_matches_and_is_recommended(tmp_path):
+    """DSv2 has one vCPU per core: a real Standard_DS3_v2 (4 vCPUs, 4 physical cores) is no mismatch."""
+    ds3 = fixture("f4s_v2.json")
+    ds3["sku"] = "Standard_DS3_v2"
+    ds3["environment"].update(logical_cores=4, physical_cores=4, memory_gib=13.7)
+    rep, md, _ = build(tmp_path, [write(tmp_path, "ds3_v2.json", ds3), *three()[1:]])
+    assert not [w for w in rep.warnings if "ds3_v2.json" in w]
+    (rec,) = rep.recommendations
+    assert rec.sku == "Standard_DS3_v2"  # the fastest, and what it says it is
+    assert {r["file"]: r["SKU"] for r in table(md, "### Machines")}["ds3_v2.json"] == "Standard_DS3_v2"
+
+
 def test_the_why_column_names_the_deciding_figure_over_three_skus(tmp_path):
     rep, md, _ = build(tmp_path, three())  # no SLO, no prices: the fastest token p50
     why = table(md, "## Recommendations")[0]["why"]
@@ -294,7 +306,7 @@ def test_rebuilding_replaces_the_report(tmp_path):
 
 
 def test_the_report_folder_is_rewritten_whole(tmp_path):
-    with_cost, _, _ = build(tmp_path, three(), prices_path=os.path.join("bench", "prices.example.toml"))
+    with_cost, _, _ = build(tmp_path, three(), prices_path=os.path.join(REPO, "bench", "prices.example.toml"))
     assert os.path.exists(tmp_path / "out" / "group1_cost.png")
     without, _, _ = build(tmp_path, three())  # no prices: no cost plot, and none left from before
     assert sorted(os.listdir(tmp_path / "out")) == sorted(

@@ -152,17 +152,21 @@ def test_missing_source_folder_makes_an_error_row(tiny_int8, tmp_path):
 
 
 @pytest.mark.slow  # Optimum's own export + its int8 quantization, then both runs
-def test_optimum_baselines_fp32_and_int8_cached(tiny_int8, tmp_path):
-    rec = bench.run_bench(tiny_int8, baselines=["optimum"], out_dir=str(tmp_path), **{**SMALL, "new_tokens": 3})
+def test_optimum_baselines_fp32_and_int8_cached(tiny_int8, tmp_path, monkeypatch):
+    cache, out = tmp_path / "cache", tmp_path / "results"
+    monkeypatch.setenv("GPT2ONNX_CACHE", str(cache))
+    rec = bench.run_bench(tiny_int8, baselines=["optimum"], out_dir=str(out), **{**SMALL, "new_tokens": 3})
     rows = {(r["runtime"], r["precision"]): r for r in rec["results"]}
     assert set(rows) == {("gpt2onnx", "int8"), ("optimum", "fp32"), ("optimum", "int8")}
     for r in rows.values():
         assert r["error"] is None, r["error"]
         assert r["token_ms"]["p50"] <= r["token_ms"]["p90"] <= r["token_ms"]["p99"] and r["floor_ratio"] > 0
     # Optimum's own int8 reads fewer weight bytes per step than its fp32: the floor ratios differ in basis.
-    [entry] = os.listdir(os.path.join(tmp_path, ".cache", "optimum"))
-    cached = os.listdir(os.path.join(tmp_path, ".cache", "optimum", entry))
+    [entry] = os.listdir(cache / "optimum")  # the export is cached in $GPT2ONNX_CACHE ...
+    cached = os.listdir(cache / "optimum" / entry)
     assert "fp32" in cached and any(c.startswith("int8-") for c in cached)
+    [record] = os.listdir(out)  # ... and --out holds the record alone
+    assert record.endswith(".json")
     assert {r["baseline_precision"] for r in results.ratios(rec)} == {"fp32", "int8"}
 
 

@@ -10,9 +10,9 @@ import pytest
 from gpt2onnx.bench import skus
 from gpt2onnx.errors import Gpt2OnnxError, InvalidRequestError
 
-from conftest import REPO
+from conftest import REPO, shared_path
 
-CARD = "/work/shared/seeds/002_c6dbc762f0944603.txt"
+CARD = ("seeds", "002_c6dbc762f0944603.txt")  # the Azure ML gpt2 model card, in the shared folder
 GIB = 1024**3
 
 # Independent of the TOML: Azure's published vCPU / memory (GiB) of each size.
@@ -23,12 +23,13 @@ EXPECTED = {
     **{f"Standard_FX{n}mds": (n, 21 * n) for n in (4, 12, 24, 36, 48)},
     **{f"Standard_E{n}s_v3": (n, 8 * n) for n in (2, 4, 8, 16, 32, 48)}, "Standard_E64s_v3": (64, 432),
 }
+# Independent of the TOML: the "vCPU: Core" column of Azure's compute unit table
+# (https://learn.microsoft.com/azure/virtual-machines/acu): DSv2 has no hyper-threading.
+VCPUS_PER_CORE = {"DSv2": 1, "Dav4": 2, "Dasv4": 2, "Fsv2": 2, "FX": 2, "Esv3": 2}
 
 
 def card_cpu_allow_list() -> set[str]:
-    if not os.path.exists(CARD):
-        pytest.skip("model card seed file not present")
-    with open(CARD, encoding="utf-8") as f:
+    with open(shared_path(*CARD), encoding="utf-8") as f:
         line = next(ln for ln in f if ln.startswith("inference_compute_allow_list"))
     names = ast.literal_eval(line.split(":", 1)[1].strip())
     return {n for n in names if not n.startswith(("Standard_NC", "Standard_ND", "Standard_NV"))}
@@ -46,7 +47,8 @@ def test_vcpus_memory_and_cores():
     for name, (vcpus, mem) in EXPECTED.items():
         sku = catalog[name]
         assert (sku.vcpus, sku.memory_gib) == (vcpus, mem), name
-        assert sku.physical_cores == vcpus // 2  # vCPUs are hyper-threads
+        assert sku.physical_cores == vcpus // VCPUS_PER_CORE[sku.family], name
+    assert catalog["Standard_DS3_v2"].physical_cores == 4 and catalog["Standard_F4s_v2"].physical_cores == 2
 
 
 def test_isa_by_family():
@@ -82,7 +84,8 @@ def test_format_catalog_table_and_fit_column():
     table = skus.format_catalog()
     assert all(name in table for name in EXPECTED)
     assert "| Standard_D4as_v4 | Dasv4 | 4 | 2 | 16 | yes | no | no | no |" in table
-    assert "| Standard_DS3_v2 | DSv2 | 4 | 2 | 14 | yes | host | host | no |" in table
+    assert "| Standard_DS3_v2 | DSv2 | 4 | 4 | 14 | yes | host | host | no |" in table
+    assert "vCPUs on DSv2 (one vCPU per core)" in table
     small = skus.format_catalog(model_bytes=170 * 10**6)  # gpt2 int8
     row = next(ln for ln in small.splitlines() if ln.startswith("| Standard_F4s_v2 |"))
     assert row.endswith("yes (1.2 of 6.0 GiB) |")
@@ -113,8 +116,30 @@ def env(**over) -> dict:
 def test_check_cpu_matching_machine_has_no_warnings():
     assert skus.check_cpu("Standard_F4s_v2", env()) == []
     # Host-dependent flags never warn either way.
-    no512 = env(memory_gib=14.0, isa={"avx2": True, "avx512f": False, "avx512_vnni": False, "amx": False})
+    no512 = env(memory_gib=14.0, physical_cores=4,  # a DS3_v2: 4 vCPUs on 4 cores
+                isa={"avx2": True, "avx512f": False, "avx512_vnni": False, "amx": False})
     assert skus.check_cpu("Standard_DS3_v2", no512) == []
+
+
+def test_a_ds3_v2_with_4_vcpus_on_4_cores_matches():
+    """DSv2 has one vCPU per core: a real DS3_v2 (4 vCPUs, 4 cores, 14 GiB, Intel) is no mismatch."""
+    ds3 = env(logical_cores=4, physical_cores=4, memory_gib=13.7,
+              isa={"avx2": True, "avx512f": True, "avx512_vnni": True, "amx": False})
+    assert skus.check_cpu("Standard_DS3_v2", ds3) == []
+    warnings = skus.check_cpu("Standard_DS3_v2", dict(ds3, physical_cores=2))  # what a hyper-threaded VM shows
+    assert warnings == ["Standard_DS3_v2: 2 physical cores detected, catalog says 4"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "vcpus_per_core"), ("vcpus_per_core = 4\n", "vcpus_per_core must be 1 or 2, got 4"),
+])
+def test_every_family_states_its_vcpus_per_core(tmp_path, text, match):
+    path = tmp_path / "skus.toml"
+    path.write_text('[[family]]\nname = "X"\nprocessors = ["Intel"]\nnotes = ""\n' + text
+                    + 'isa = {avx2 = true, avx512f = true, avx512_vnni = true, amx = false}\n'
+                    + 'sizes = [{name = "Standard_X4", vcpus = 4, memory_gib = 16}]\n')
+    with pytest.raises(Gpt2OnnxError, match=match):
+        skus.load_catalog(str(path))
 
 
 def test_check_cpu_warns_on_mismatch():

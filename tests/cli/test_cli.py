@@ -7,7 +7,7 @@ import argparse
 import io
 import logging
 
-import huggingface_hub
+import huggingface_hub.constants  # the submodule itself: the fixture below patches it
 import pytest
 
 import gpt2onnx
@@ -32,12 +32,24 @@ def test_help_of_every_command_shows_each_default_once(command):
     parser = _subparsers()[command]
     text = " ".join(parser.format_help().split())
     for action in parser._actions:
-        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            continue
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings:
+            continue  # (identity: a default of 0 is shown, 0 == False is no reason to hide it)
         assert action.help, f"{command} {action.option_strings[0]} has a default but no help"
         assert f"(default: {action.default})" in text, (command, action.option_strings[0])
     for action in parser._actions:  # a default stated in the help text and by the formatter: twice
         assert (action.help or "").count("default") <= 1, (command, action.option_strings)
+
+
+def test_export_help_shows_the_exporters_real_defaults():
+    """`export --help` states what `gpt2onnx.export` does when a flag is left out, not a copy that can drift."""
+    import inspect
+
+    text = " ".join(_subparsers()["export"].format_help().split())
+    real = inspect.signature(gpt2onnx.export).parameters
+    for flag, name in (("--precision", "precision"), ("--kv-cache", "kv_cache"), ("--seed", "seed")):
+        action = next(a for a in _subparsers()["export"]._actions if flag in a.option_strings)
+        assert action.default == real[name].default, flag
+        assert f"{flag} " in text and f"(default: {real[name].default})" in text
 
 
 def test_generation_flags_show_the_generation_params_defaults():
@@ -96,6 +108,9 @@ def test_random_weights_fallback_is_a_notice_not_an_error(offline_tiny_hub_id, t
     assert f"gpt2onnx: notice: the weights of '{FAKE_HUB_ID}' cannot be downloaded here" in err
     assert "RANDOM WEIGHTS (seed 0)" in err
     assert artifact.read_manifest(out).source.random_weights
+    steps = [ln for ln in err.splitlines() if ln.startswith("gpt2onnx export: ")]
+    assert [ln.split(" (step")[0] for ln in steps].count("gpt2onnx export: load model") == 1  # one export, not two
+    assert steps[0].startswith("gpt2onnx export: load model (step 1/") and "step 1/" not in " ".join(steps[1:])
 
 
 # -- progress in a log: plain lines -------------------------------------------------------

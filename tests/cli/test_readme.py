@@ -166,3 +166,57 @@ def test_inline_commands_name_real_subcommands_and_flags(span):
     except SystemExit as e:
         if e.code != 0 or words[-1] != "--help":
             pytest.fail(f"README inline `{span}` does not parse")
+
+
+def _written_by_the_readme() -> set[str]:
+    """Every path the README's commands write, relative to the repository root; folders end in '/'."""
+    commands = [shlex.split(line, comments=True) for line in _shell_lines()]
+    commands += [shlex.split(span.replace("\n", " ")) for span in
+                 re.findall(r"`(gpt2onnx [^`]+)`", open(README, encoding="utf-8").read())]
+    paths: set[str] = set()
+    for words in commands:
+        if ">" in words:  # a redirect writes its target
+            paths.add(words[words.index(">") + 1])
+            words = words[:words.index(">")]
+        if len(words) < 3 or words[0] != "gpt2onnx":
+            continue
+        try:
+            args = build_parser().parse_args(words[1:])
+        except SystemExit:
+            continue  # not a runnable command (the test above checks those that should be)
+        for name in WRITES:
+            value = getattr(args, name, None)
+            if isinstance(value, str) and (name != "out" or f"--{name}" in words or args.command == "mlflow"):
+                paths.add(value)
+                if args.command == "batch" and name == "output":
+                    paths.add(value + ".state")  # the resume state beside the output
+    for block in _blocks("python"):
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                args = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                if name == "export" and len(args) >= 2:
+                    paths.add(args[1])
+                elif name == "run_batch" and len(args) >= 3:
+                    paths |= {args[2], args[2] + ".state"}
+    placeholder = re.compile(r"[A-Z][A-Z0-9_]+(\.[a-z]+)*")  # OUT.jsonl, MODEL_DIR: the reader's own names
+    return {_norm(p).rstrip("/") + ("/" if not os.path.splitext(p.rstrip("/"))[1] else "")
+            for p in paths if not placeholder.fullmatch(os.path.basename(p.rstrip("/")))}
+
+
+def test_every_file_the_readme_writes_is_gitignored(tmp_path):
+    """Following the README from the repository root leaves `git status` clean: .gitignore covers every output."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    written = _written_by_the_readme()
+    assert {"prompts.jsonl", "results.jsonl", "results.jsonl.state", "deploy/", "mlflow-gpt2/",
+            "models/gpt2-int8-py/", "report/"} <= written  # the README really was read
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    shutil.copy(os.path.join(ROOT, ".gitignore"), tmp_path / ".gitignore")
+    r = subprocess.run(["git", "-C", str(tmp_path), "check-ignore", "--no-index", "--stdin"],
+                       input="\n".join(sorted(written)) + "\n", capture_output=True, text=True)
+    assert r.returncode in (0, 1), r.stderr
+    assert sorted(written - set(r.stdout.splitlines())) == [], "add them to .gitignore, or write under out/"

@@ -244,6 +244,14 @@ def test_write_kit(tmp_path, tiny_int8):
     assert not (tmp_path / "k2").exists()
 
 
+def test_kit_threads_are_the_skus_physical_cores(tmp_path, tiny_int8):
+    """DSv2 has one vCPU per core: a DS3_v2 gets 4 threads, a hyper-threaded F4s_v2 2."""
+    for sku, threads in (("Standard_DS3_v2", 4), ("Standard_F4s_v2", 2)):
+        out = azureml_kit.write_kit(tiny_int8, str(tmp_path / sku), instance_type=sku)
+        dep = open(os.path.join(out, "deployment.yml")).read()
+        assert f'GPT2ONNX_THREADS: "{threads}"' in dep, dep
+
+
 # -- the real server ------------------------------------------------------------------
 
 def post(port: int, body: bytes, timeout: float = 30) -> tuple[int, bytes]:
@@ -288,3 +296,60 @@ def test_cli_kit(tmp_path, tiny_int8, capsys):
     assert "endpoint_name: ep1\n" in dep and 'GPT2ONNX_THREADS: "4"' in dep
     assert cli.main(["azureml-kit", tiny_int8, out]) == 1
     assert "pass --force" in capsys.readouterr().err
+
+
+NAMES = {"gpt2onnx": True, "ep1": True, "my-endpoint-name": True, "a" * 32: True, "Gpt2-Int8": True,
+         "ab": False, "a" * 33: False, "1gpt2": False, "gpt2-": False, "-gpt2": False, "gpt2_int8": False,
+         "gpt2.int8": False, "gpt2 int8": False, "": False}
+
+
+@pytest.mark.parametrize("name, ok", NAMES.items())
+def test_endpoint_and_deployment_names_follow_azure_ml(name, ok, tiny_int8, tmp_path, capsys):
+    """Azure ML's rule (begin with a letter, 3-32 letters/digits/'-', end alphanumeric), checked before writing."""
+    from gpt2onnx import cli
+
+    for flag in ("--endpoint", "--deployment"):
+        out = tmp_path / f"kit{flag}"
+        assert cli.main(["azureml-kit", tiny_int8, str(out), f"{flag}={name}"]) == (0 if ok else 1)
+        err = capsys.readouterr().err.strip()
+        if not ok:
+            what = flag.removeprefix("--")
+            assert len(err.splitlines()) == 1 and f"{what} name {name!r} is not one Azure ML accepts" in err
+            assert not out.exists()
+            suggested = re.search(r"e\.g\. '([^']*)'", err).group(1)
+            azureml_kit.check_azure_name(suggested, what)  # the suggestion itself is accepted
+
+
+def test_our_name_rule_is_the_azure_ml_sdks():
+    """The same verdicts as azure-ai-ml's own endpoint name pattern plus the documented 3-32 length."""
+    constants = pytest.importorskip("azure.ai.ml.constants._endpoint")
+    pattern = re.compile(constants.EndpointConfigurations.NAME_REGEX_PATTERN)
+    for name, ok in NAMES.items():
+        assert (pattern.match(name) is not None and 3 <= len(name) <= 32) == ok, name
+
+
+def test_kit_of_random_weights_says_so(tiny_src, tmp_path, capsys):
+    import gpt2onnx
+    from gpt2onnx import cli
+
+    model = str(tmp_path / "random")
+    gpt2onnx.export(tiny_src, model, random_weights=True, progress=False)
+    out = str(tmp_path / "kit")
+    assert cli.main(["azureml-kit", model, out]) == 0
+    err = capsys.readouterr().err
+    assert "gpt2onnx: warning: " in err and "has RANDOM WEIGHTS: the endpoint will answer meaningless text" in err
+    import yaml
+
+    spec = yaml.safe_load(open(os.path.join(out, "model.yml")))
+    assert spec["description"].startswith("RANDOM WEIGHTS") and spec["tags"]["weights"] == "random"
+
+
+
+def test_kit_of_pretrained_weights_is_not_flagged(tiny_int8, tmp_path, capsys):
+    import yaml
+    from gpt2onnx import cli
+
+    assert cli.main(["azureml-kit", tiny_int8, str(tmp_path / "kit")]) == 0
+    assert "RANDOM WEIGHTS" not in capsys.readouterr().err
+    spec = yaml.safe_load(open(tmp_path / "kit" / "model.yml"))
+    assert not spec["description"].startswith("RANDOM") and spec["tags"]["weights"] == "pretrained"

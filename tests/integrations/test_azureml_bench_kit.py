@@ -157,7 +157,7 @@ def test_a_nodes_command_run_here_makes_a_record_labelled_with_its_sku(bench_kit
     r = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "\r" not in r.stderr  # a job log gets plain progress lines
-    [name] = [n for n in os.listdir(out) if n.endswith(".json")]
+    [name] = os.listdir(out)  # the record, nothing else
     rec = results.load(str(out / name))
     assert rec["sku"] == "Standard_F4s_v2" and rec["model"]["name"] == "tiny"
     assert rec["environment"]["git_revision"] is None or len(rec["environment"]["git_revision"]) == 40
@@ -174,8 +174,50 @@ def test_a_nodes_command_run_here_makes_a_record_labelled_with_its_sku(bench_kit
         assert "Standard_F4s_v2 (" in cap.out
 
 
-def _fake_az(tmp_path) -> str:
-    """An `az` that logs its calls; job create names the job after its size, download copies a fixture record."""
+@pytest.mark.slow  # an Optimum export of the tiny model, then PyTorch and Optimum runs
+def test_the_default_baselines_leave_only_records_in_the_output_and_collect(tiny_src, tmp_path):
+    """The kit with its default baselines (PyTorch and Optimum): a node's output holds its record and nothing
+    else (the Optimum export is cached on the node's disk), and collect.sh turns it into a report."""
+    kit_dir = kit.write_bench_kit(str(tmp_path / "kit"), skus=["Standard_F4s_v2"], batch_sizes=[1], prompt_tokens=[4],
+                                  new_tokens=2, repeats=1, warmup=0)
+    with open(os.path.join(kit_dir, "jobs", "Standard_F4s_v2.yml"), encoding="utf-8") as f:
+        job = yaml.safe_load(f)
+    assert "--baselines pytorch,optimum" in job["environment_variables"]["GPT2ONNX_BENCH_ARGS"]
+    work = tmp_path / "node"
+    shutil.copytree(os.path.join(kit_dir, "code"), work)
+    out = tmp_path / "outputs" / "records"
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_ / "python").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GPT2ONNX_SKU", "GPT2ONNX_CACHE")}
+    env.update(job["environment_variables"])
+    env.update(PATH=f"{bin_}:{env['PATH']}", GPT2ONNX_BENCH_MODEL=tiny_src, GPT2ONNX_BENCH_PRECISIONS="fp32",
+               GPT2ONNX_BENCH_EXPORT_ARGS="", HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    command = job["command"].replace("${{outputs.records}}", str(out))
+    r = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [name] = os.listdir(out)  # the record only: no .cache, no export
+    rec = results.load(str(out / name))
+    assert {(row["runtime"], row["precision"], row["error"]) for row in rec["results"]} == {
+        ("gpt2onnx", "fp32", None), ("pytorch", "fp32", None), ("optimum", "fp32", None), ("optimum", "int8", None)}
+    assert os.listdir(work / "cache" / "optimum")  # the export is cached on the node, beside its models
+    outputs = tmp_path / "downloaded"
+    shutil.copytree(out, outputs)
+    with open(os.path.join(kit_dir, "jobs.txt"), "w", encoding="utf-8") as f:  # what submit.sh writes
+        f.write("Standard_F4s_v2 job-Standard_F4s_v2\n")
+    env = dict(os.environ, PATH=f"{_fake_az(tmp_path, {'Standard_F4s_v2': str(outputs)})}:{os.environ['PATH']}",
+               GPT2ONNX=f"{sys.executable} -m gpt2onnx", PYTHONPATH=os.pathsep.join(sys.path))
+    prices = os.path.join(REPO, "bench", "prices.example.toml")
+    r = subprocess.run(["bash", os.path.join(kit_dir, "collect.sh"), prices], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(os.path.join(kit_dir, "records")) == [name]
+    assert "Standard_F4s_v2" in open(os.path.join(kit_dir, "report", "report.md"), encoding="utf-8").read()
+
+
+def _fake_az(tmp_path, outputs: dict[str, str]) -> str:
+    """An `az` that logs its calls; job create names the job after its size, download copies `outputs[size]`
+    (a job's output folder) to where Azure ML puts it."""
     bin_ = tmp_path / "fakebin"
     bin_.mkdir()
     az = bin_ / "az"
@@ -184,7 +226,7 @@ import os, shutil, sys
 a = sys.argv[1:]
 with open({str(tmp_path / 'az.log')!r}, "a") as f:
     f.write(" ".join(a) + "\\n")
-fixtures = {FIXTURE_OF!r}
+outputs = {outputs!r}
 if a[:3] == ["ml", "job", "create"]:
     print("job-" + os.path.basename(a[a.index("-f") + 1]).removesuffix(".yml"))
 elif a[:3] == ["ml", "job", "show"]:
@@ -192,17 +234,30 @@ elif a[:3] == ["ml", "job", "show"]:
 elif a[:3] == ["ml", "job", "download"]:
     sku = a[a.index("-n") + 1].removeprefix("job-")
     dest = os.path.join(a[a.index("--download-path") + 1], "named-outputs", a[a.index("--output-name") + 1])
-    os.makedirs(dest)
-    shutil.copy(os.path.join({FIXTURES!r}, fixtures[sku]), os.path.join(dest, sku + ".json"))
+    shutil.copytree(outputs[sku], dest)
 """)
     az.chmod(0o755)
     return str(bin_)
 
 
+def _job_outputs(tmp_path) -> dict[str, str]:
+    """Each size's job output: its fixture record, beside the JSON files that are not records
+    (a stray config.json, an export cache in a hidden folder, as an older bench wrote there)."""
+    outputs = {}
+    for sku in SKUS:
+        out = tmp_path / "outputs" / sku
+        (out / ".cache" / "optimum" / "0123" / "fp32").mkdir(parents=True)
+        shutil.copy(os.path.join(FIXTURES, FIXTURE_OF[sku]), out / f"{sku}.json")
+        (out / "config.json").write_text('{"model_type": "gpt2"}')
+        (out / ".cache" / "optimum" / "0123" / "fp32" / "config.json").write_text('{"model_type": "gpt2"}')
+        outputs[sku] = str(out)
+    return outputs
+
+
 def test_submit_then_collect_gives_one_report_over_three_skus(bench_kit, tmp_path):
     work = tmp_path / "kit"
     shutil.copytree(bench_kit, work)
-    env = dict(os.environ, PATH=f"{_fake_az(tmp_path)}:{os.environ['PATH']}",
+    env = dict(os.environ, PATH=f"{_fake_az(tmp_path, _job_outputs(tmp_path))}:{os.environ['PATH']}",
                GPT2ONNX=f"{sys.executable} -m gpt2onnx", PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run(["bash", str(work / "submit.sh")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

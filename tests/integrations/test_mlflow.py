@@ -146,6 +146,20 @@ def test_bad_requests_are_invalid_parameter_errors(pyfunc):
     assert pyfunc.predict(pd.DataFrame({"p": []}, dtype=object)) == []
 
 
+def test_a_table_of_several_columns_is_refused_not_cut_to_its_first(pyfunc, gen):
+    """MLflow alone passes the first column on (here the ids) and drops the prompts without a word."""
+    from mlflow.exceptions import MlflowException
+
+    table = pd.DataFrame({"id": ["a1", "a2"], "prompt": PROMPTS[:2]})
+    with pytest.raises(MlflowException) as e:
+        pyfunc.predict(table, params={"max_new_tokens": 2})
+    msg = str(e.value)
+    assert msg == ("the input has 2 columns ['id', 'prompt']; send one string column of prompts "
+                   "(or a list of strings), e.g. df[['prompt']]")
+    want = [r.text for r in gen.generate(PROMPTS[:2], {**g2m.PARAM_DEFAULTS, "max_new_tokens": 2, "seed": 1})]
+    assert pyfunc.predict(table[["prompt"]], params={"max_new_tokens": 2, "seed": 1}) == want
+
+
 def test_misspelt_param_is_refused_with_a_did_you_mean(pyfunc, gen):
     """MLflow drops params its signature does not list (with a warning); predict() refuses them instead."""
     from mlflow.exceptions import MlflowException

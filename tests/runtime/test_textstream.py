@@ -1,6 +1,7 @@
 """TextStream with the real GPT-2 tokenizer: no half characters, stop strings, O(window)."""
 
 import doctest
+import functools
 
 import pytest
 from hypothesis import given, settings
@@ -10,9 +11,17 @@ from tokenizers import Tokenizer
 import gpt2onnx.textstream
 from gpt2onnx.textstream import TextStream
 
-TOKENIZER = Tokenizer.from_file("/work/shared/data/tokenizer.json")
-VOCAB = TOKENIZER.get_vocab_size()
-EOS = TOKENIZER.token_to_id("<|endoftext|>")
+from conftest import shared_path
+
+
+@functools.cache
+def tokenizer() -> Tokenizer:
+    """The real GPT-2 tokenizer, from the shared folder (read at first use, not at import)."""
+    return Tokenizer.from_file(shared_path("data", "tokenizer.json"))
+
+
+# Any id of the vocabulary, drawn once the tokenizer is loaded.
+IDS = st.deferred(lambda: st.integers(0, tokenizer().get_vocab_size() - 1))
 
 # Text that splits characters over tokens: emoji (with ZWJ and flags), CJK, accents.
 MIXED = "Hello 😀 world 日本語の文章です。 café 🇯🇵 👨‍👩‍👧 naïve Ελληνικά end\n\nNext"
@@ -21,12 +30,12 @@ TEXTS = st.lists(CHARS, max_size=40).map("".join)
 
 
 def encode(text: str) -> list[int]:
-    return TOKENIZER.encode(text).ids
+    return tokenizer().encode(text).ids
 
 
 def stream(ids, stop=()):
     """Push every id, then finish; return the pieces (the last one from finish) and the stream."""
-    ts = TextStream(TOKENIZER.decode, stop=tuple(stop))
+    ts = TextStream(tokenizer().decode, stop=tuple(stop))
     pieces = [ts.push(i) for i in ids]
     pieces.append(ts.finish())
     return pieces, ts
@@ -37,17 +46,17 @@ def test_docstring_examples():
 
 
 def test_the_test_text_really_splits_characters():
-    assert any("\ufffd" in TOKENIZER.decode([i]) for i in encode(MIXED))
+    assert any("\ufffd" in tokenizer().decode([i]) for i in encode(MIXED))
 
 
 def test_emoji_and_cjk_are_never_emitted_in_half():
     ids = encode(MIXED)
     pieces, ts = stream(ids)
     assert all("\ufffd" not in p for p in pieces)
-    assert "".join(pieces) == ts.text == TOKENIZER.decode(ids) == MIXED
+    assert "".join(pieces) == ts.text == tokenizer().decode(ids) == MIXED
     # The emoji takes two tokens: the first yields nothing, the second the whole emoji.
     first = encode("Hello")
-    ts = TextStream(TOKENIZER.decode)
+    ts = TextStream(tokenizer().decode)
     assert [ts.push(i) for i in first] == ["Hello"]
     emoji = encode("Hello 😀")[len(first):]
     assert len(emoji) == 2
@@ -59,23 +68,23 @@ def test_emoji_and_cjk_are_never_emitted_in_half():
 def test_pieces_concatenate_to_the_full_decode(text):
     ids = encode(text)
     pieces, ts = stream(ids)
-    assert "".join(pieces) == ts.text == TOKENIZER.decode(ids)
+    assert "".join(pieces) == ts.text == tokenizer().decode(ids)
     assert all("\ufffd" not in p for p in pieces)
     assert not ts.stopped
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, VOCAB - 1), max_size=30))
+@given(st.lists(IDS, max_size=30))
 def test_arbitrary_token_ids_concatenate_to_the_full_decode(ids):
     """Also invalid byte sequences (lone continuation bytes, truncated emoji) and eos."""
     pieces, ts = stream(ids)
-    assert "".join(pieces) == ts.text == TOKENIZER.decode(ids)
+    assert "".join(pieces) == ts.text == tokenizer().decode(ids)
 
 
 def test_dangling_incomplete_character_is_flushed_by_finish():
     ids = encode("ok 😀")[:-1]  # the emoji's last token is missing
     pieces, ts = stream(ids)
-    assert pieces[-1] == TOKENIZER.decode(ids)[len("ok"):]
+    assert pieces[-1] == tokenizer().decode(ids)[len("ok"):]
     assert pieces[-1].endswith("\ufffd") and "".join(pieces[:-1]) == "ok"
     assert ts.finish() == ""  # finishing twice flushes nothing more
     with pytest.raises(RuntimeError, match="create a new TextStream"):
@@ -86,7 +95,7 @@ def test_dangling_incomplete_character_is_flushed_by_finish():
 @given(text=TEXTS, data=st.data())
 def test_output_is_the_text_before_the_first_stop_string(text, data):
     ids = encode(text)
-    full = TOKENIZER.decode(ids)
+    full = tokenizer().decode(ids)
     # Stop strings taken from the text (so they occur, often across tokens) or made up.
     n_stops = data.draw(st.integers(1, 3))
     stops = []
@@ -120,7 +129,7 @@ def test_output_is_the_text_before_the_first_stop_string(text, data):
 def test_stop_string_across_token_boundaries():
     text = "The answer is 42.\n\nQuestion: why?"
     ids = encode(text)
-    ts = TextStream(TOKENIZER.decode, stop=("\n\nQuestion",))
+    ts = TextStream(tokenizer().decode, stop=("\n\nQuestion",))
     pieces = [ts.push(i) for i in ids]
     assert ts.stopped and ts.stop_string == "\n\nQuestion"
     assert ts.text == "The answer is 42."
@@ -140,7 +149,7 @@ def test_stop_string_split_inside_a_token_and_inside_an_emoji():
 
 def test_stop_string_at_the_very_start():
     ids = encode("Hello world")
-    ts = TextStream(TOKENIZER.decode, stop=("Hel",))
+    ts = TextStream(tokenizer().decode, stop=("Hel",))
     assert ts.push(ids[0]) == ""
     assert ts.stopped
     assert [ts.push(i) for i in ids[1:]] == [""] * (len(ids) - 1)
@@ -149,13 +158,13 @@ def test_stop_string_at_the_very_start():
 
 def test_possible_stop_prefix_is_held_then_released():
     ids = encode("a cat, a car")
-    ts = TextStream(TOKENIZER.decode, stop=(" cap",))
+    ts = TextStream(tokenizer().decode, stop=(" cap",))
     out = [ts.push(i) for i in ids]
     assert " ca" not in out  # " cat" starts like " cap": held until it is known not to be
     assert "".join(out) + ts.finish() == "a cat, a car"
     assert not ts.stopped
     # A held prefix at the end of the generation is emitted by finish().
-    ts = TextStream(TOKENIZER.decode, stop=("car!",))
+    ts = TextStream(tokenizer().decode, stop=("car!",))
     assert "".join(ts.push(i) for i in ids) == "a cat, a "
     assert ts.finish() == "car"
 
@@ -176,7 +185,7 @@ def test_decodes_only_a_window_of_recent_tokens():
 
     def decode(ids):
         calls.append(len(ids))
-        return TOKENIZER.decode(ids)
+        return tokenizer().decode(ids)
 
     ids = encode((MIXED + " ") * 20)
     assert len(ids) > 500
@@ -184,6 +193,6 @@ def test_decodes_only_a_window_of_recent_tokens():
     for i in ids:
         ts.push(i)
     ts.finish()
-    assert ts.text == TOKENIZER.decode(ids)
+    assert ts.text == tokenizer().decode(ids)
     assert max(calls) <= 12  # a few tokens per emoji, never the whole sequence
     assert len(calls) <= 2 * len(ids) + 2
