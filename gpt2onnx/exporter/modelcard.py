@@ -55,9 +55,9 @@ def _kv_line(kv: dict | None) -> str:
 def _scheme_line(q: dict) -> str:
     """The precision row's recipe: MatMulNBits blocks, or the qgemm scheme (exporter/qgemm.py)."""
     if q.get("scheme") == "qgemm":
-        seven = q.get("seven_bits", "activations")
-        return (" — qgemm: int8 weights per output column (±127, or ±63 where 7-bit) x uint8 activations "
-                f"quantized per row at run time (7-bit {seven}), onnxruntime MatMulIntegerToFloat; "
+        w, a = ("±63 (7 bits)", "8 bits") if q.get("seven_bits") == "weights" else ("±127", "7 bits")
+        return (f" — qgemm: int8 weights per output column within {w} x uint8 activations quantized per row "
+                f"at run time ({a}), onnxruntime MatMulIntegerToFloat; "
                 f"LM head {q['lm_head']}, embeddings {q['embedding']}"
                 + (" (one token table for both, a scale per token)" if q.get("shared_table") else ""))
     return (f" — {q['scheme']} {q['bits']}-bit {q.get('algorithm', 'rtn').upper()}, block {q['block_size']}, "
