@@ -30,12 +30,16 @@ session_options = graphio.session_options  # the old home of the rule; kept for 
 def needs_row_pairs(manifest) -> bool:
     """Whether a folder's graph holds a MatMul whose rows depend on M's parity (see the module doc).
 
-    fp32: no. int4 with 4-bit weights at block 32 everywhere (the token table too): no.
-    Anything else quantized (8-bit MatMulNBits, 4-bit at other block sizes, an 8-bit head): yes.
+    fp32: no. int8 of the ``qgemm`` scheme (u8 x s8 integer GEMM, activations quantized per row;
+    the whole-graph probe tests/row_probe.py finds no bit that differs): no. int4 with 4-bit
+    weights at block 32 everywhere (the token table too): no. Anything else quantized (8-bit
+    MatMulNBits, 4-bit at other block sizes, an 8-bit head): yes.
     """
     if manifest.precision == "fp32":
         return False
     q = manifest.quantization or {}
+    if q.get("scheme") == "qgemm":  # every MatMul on the integer GEMM, rows quantized alone (exporter/qgemm.py)
+        return False
     return not (q.get("bits") == 4 and q.get("block_size") == 32 and q.get("lm_head") == "int4"
                 and q.get("table_block_size") == 32)
 

@@ -52,6 +52,20 @@ def _kv_line(kv: dict | None) -> str:
             "a consumer that makes its own float32 past tensors must make them int8")
 
 
+def _scheme_line(q: dict) -> str:
+    """The precision row's recipe: MatMulNBits blocks, or the qgemm scheme (exporter/qgemm.py)."""
+    if q.get("scheme") == "qgemm":
+        w, a = ("±63 (7 bits)", "8 bits") if q.get("seven_bits") == "weights" else ("±127", "7 bits")
+        return (f" — qgemm: int8 weights per output column within {w} x uint8 activations quantized per row "
+                f"at run time ({a}), onnxruntime MatMulIntegerToFloat; "
+                f"LM head {q['lm_head']}, embeddings {q['embedding']}"
+                + (" (one token table for both, a scale per token)" if q.get("shared_table") else ""))
+    return (f" — {q['scheme']} {q['bits']}-bit {q.get('algorithm', 'rtn').upper()}, block {q['block_size']}, "
+            f"{'symmetric' if q['symmetric'] else 'asymmetric (uint8 zero points)'}, "
+            f"accuracy_level {q['accuracy_level']}; LM head {q['lm_head']}, embeddings {q['embedding']}"
+            + (f" (one token table for both, block {q['table_block_size']})" if q.get("shared_table") else ""))
+
+
 def render(manifest: dict) -> str:
     """The text of MODEL_CARD.md for a manifest."""
     src, d = manifest["source"], manifest["dims"]
@@ -82,11 +96,7 @@ def render(manifest: dict) -> str:
         f"vocab {d['vocab_size']}, context {d['n_positions']} |",
         f"| parameters | {manifest.get('n_params', 0) / 1e6:.1f} M |",
         f"| precision | {manifest['precision']}"
-        + (f" — {q['scheme']} {q['bits']}-bit {q.get('algorithm', 'rtn').upper()}, block {q['block_size']}, "
-           f"{'symmetric' if q['symmetric'] else 'asymmetric (uint8 zero points)'}, "
-           f"accuracy_level {q['accuracy_level']}; LM head {q['lm_head']}, embeddings {q['embedding']}"
-           + (f" (one token table for both, block {q['table_block_size']})" if q.get("shared_table") else "")
-           if q else "") + " |",
+        + (_scheme_line(q) if q else "") + " |",
         f"| KV cache | {_kv_line(manifest.get('kv_cache'))} |",
         f"| files | {total_mb:.1f} MB in total (see gpt2onnx.json for sizes and sha256) |",
         f"| graph | one decoder with KV cache, opset {manifest.get('opset')}, onnxruntime contrib ops |",

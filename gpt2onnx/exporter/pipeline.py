@@ -93,6 +93,14 @@ def _tokenizer(cfg: ExportConfig, src, vocab_size: int):
     return t
 
 
+def _opset(path: str) -> int:
+    """The default-domain opset of the written graph (17; 21 for the qgemm scheme, see exporter/qgemm.py)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return next(int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx"))
+
+
 def _versions() -> dict:
     return package_versions(("onnxruntime", "onnx", "torch", "transformers", "numpy"))
 
@@ -275,7 +283,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
         "eos_token_id": int(eos),
         "bos_token_id": int(bos),
         "io": graph.io_names(dims.n_layer),
-        "opset": graph.OPSET,
+        "opset": _opset(os.path.join(tmp, "model.onnx")),
         "parity": par,
         "fidelity": fid,
         "tools": _versions(),

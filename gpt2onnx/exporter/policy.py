@@ -57,7 +57,7 @@ def quantize_gated(cfg, tmp: str, fp32_path: str, steps, dims, outliers: dict, g
         table: dict = {}
         path = fp32_path  # fp32 weights: only the cache is quantized
         if recipe is not None:
-            what = f"block {recipe.block_size}" + (f", {recipe.lm_head} table" if precision == "int4" else "")
+            what = recipe.label + (f", {recipe.lm_head} table" if precision == "int4" else "")
             if n == 0:
                 bar.step(f"quantize {precision}")
             else:

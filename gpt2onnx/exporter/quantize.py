@@ -1,8 +1,12 @@
 """Quantized weight formats for the exported graph: recipes, the outlier split, the driver.
 
-A recipe (`QuantRecipe`) says how the transformer's MatMuls become onnxruntime's
-``MatMulNBits`` (bits, block, zero points, algorithm: see `nbits`) and at how many bits
-the token table serves as embedding and LM head (stored once for both: `nbits.tie_table`).
+A recipe (`QuantRecipe`) says which scheme the transformer's MatMuls take. int8 ships
+``scheme="qgemm"`` (`INT8`): onnxruntime's u8 x s8 integer GEMM with activations quantized
+per row, weights per column, the token table int8 per token (see `qgemm`). The other scheme,
+and int8's fallback when qgemm misses the gate (`INT8_NBITS`), is onnxruntime's
+``MatMulNBits`` (bits, block, zero points, algorithm: see `nbits`) with the token table at
+`lm_head` bits serving as embedding and LM head (stored once for both: `nbits.tie_table`);
+int4 uses it too. The rest of this note is about MatMulNBits.
 ``accuracy_level=4`` lets onnxruntime run those MatMuls on int8 dot-product kernels
 (VNNI / AMX where the CPU has them); it is ~30x faster here than the float path
 (``accuracy_level`` unset dequantizes each weight matrix on every call).
@@ -18,7 +22,8 @@ decomposition, Dettmers et al. 2022)::
     X ──Mul(mask: 0 at outliers)──MatMulNBits(W, outlier rows 0)──┐
     └──Gather(outlier channels)───MatMul(W[outliers]) in fp32─────Add── Y  (= X @ W)
 
-A model without outliers (random weights, say) gets no extra nodes and loses no speed.
+A model without outliers (random weights, say) gets no extra nodes and loses no speed. The
+qgemm scheme quantizes each row with the scale of its largest value, so it takes the split too.
 """
 
 from __future__ import annotations
@@ -32,13 +37,16 @@ from onnx import helper, numpy_helper
 
 from .graph import EXTERNAL_DATA
 from .nbits import ALGORITHMS, fit_block, head_is_tied, quantize_matmuls, tie_table
+from .qgemm import SEVEN_BITS, quantize_qgemm
+
+SCHEMES = ("MatMulNBits", "qgemm")
 
 
 @dataclass(frozen=True)
 class QuantRecipe:
     """How a quantized graph is made (recorded in the manifest's ``quantization``)."""
 
-    scheme: str = "MatMulNBits"  # onnxruntime contrib op with block-wise quantized weights
+    scheme: str = "MatMulNBits"  # or "qgemm": per-row u8 activations x per-column s8 weights (see qgemm)
     bits: int = 8  # of the transformer MatMuls
     block_size: int = 128  # weights per scale along K; smaller = more accurate, more scales, slower
     symmetric: bool = True  # no zero points (weights centred on 0); False = a uint8 zero point per block
@@ -49,12 +57,26 @@ class QuantRecipe:
     table_block_size: int = 128  # block of the token table
     outlier_ratio: float = 6.0  # an input channel whose calibrated |max| is > this x the median's stays fp32
     max_outliers: int = 16  # per MatMul, the largest first
+    seven_bits: str = "activations"  # qgemm: the operand kept to |q| <= 63 (AVX2 int16 saturation; see qgemm)
 
     def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.scheme == "qgemm" and (self.bits, self.lm_head) != (8, "int8"):
+            raise ValueError("the qgemm scheme is 8-bit: bits=8, lm_head and embedding 'int8'")
+        if self.seven_bits not in SEVEN_BITS:
+            raise ValueError(f"seven_bits must be one of {SEVEN_BITS}, got {self.seven_bits!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.lm_head != self.embedding:
             raise ValueError("the LM head and the embedding share one table: give them the same precision")
+
+    @property
+    def label(self) -> str:
+        """What the exporter's progress calls this recipe."""
+        if self.scheme == "qgemm":
+            return f"qgemm (7-bit {self.seven_bits})"
+        return f"block {self.block_size}"
 
     @property
     def table_bits(self) -> int:
@@ -66,8 +88,10 @@ class QuantRecipe:
 
 Int8Recipe = QuantRecipe  # the name before int4 existed
 
-INT8 = QuantRecipe(block_size=128)  # shipped: decode 11 % faster than block 32 here (see docs/quality.md)
-FALLBACK_BLOCK = 32  # the exporter retries with this block size when INT8 misses the fidelity gate
+INT8_NBITS = QuantRecipe(block_size=128)  # MatMulNBits: decode 11 % faster than block 32 here (docs/quality.md)
+INT8_QGEMM = QuantRecipe(scheme="qgemm", seven_bits="weights", block_size=0, accuracy_level=0, table_block_size=0)
+INT8 = INT8_QGEMM  # shipped (issue #21, bench/README.md); a miss falls back to INT8_NBITS, then its finer block
+FALLBACK_BLOCK = 32  # MatMulNBits' retry block size when block 128 misses the fidelity gate
 
 # The int4 ladder, tried in order until one passes the int4 gate (docs/quality.md, "int4"):
 # the 4-bit token table first (embedding and LM head), then the 8-bit table, then a finer block with
@@ -81,14 +105,15 @@ def recipes_to_try(recipe: QuantRecipe | None = None, n_embd: int = 768, *, prec
                    ) -> list[QuantRecipe]:
     """The recipes the exporter tries in order.
 
-    int8: `recipe` (default `INT8`), then the finer fallback block. int4: `INT4_LADDER`
-    (or `recipe` alone). Block sizes shrink to the largest power of two that divides
-    `n_embd` (every MatMul's K is n_embd or 4 x n_embd): onnxruntime pads a partial
+    int8: `recipe` (default `INT8`, the qgemm scheme, which has no block), then for qgemm
+    MatMulNBits' ladder (`INT8_NBITS`), for MatMulNBits the finer fallback block. int4:
+    `INT4_LADDER` (or `recipe` alone). Block sizes shrink to the largest power of two that
+    divides `n_embd` (every MatMul's K is n_embd or 4 x n_embd): onnxruntime pads a partial
     block, which would cost memory for nothing (gpt2-xl's 1600 -> 64).
 
-    >>> [r.block_size for r in recipes_to_try()]
-    [128, 32]
-    >>> [r.block_size for r in recipes_to_try(n_embd=1600)]
+    >>> [r.label for r in recipes_to_try()]
+    ['qgemm (7-bit weights)', 'block 128', 'block 32']
+    >>> [r.block_size for r in recipes_to_try(INT8_NBITS, n_embd=1600)]
     [64, 32]
     >>> [(r.block_size, r.lm_head) for r in recipes_to_try(precision="int4")]
     [(32, 'int4'), (32, 'int8'), (16, 'int8')]
@@ -101,6 +126,8 @@ def recipes_to_try(recipe: QuantRecipe | None = None, n_embd: int = 768, *, prec
         ladder = [fit(r) for r in ([recipe] if recipe else INT4_LADDER)]
         return [r for i, r in enumerate(ladder) if r not in ladder[:i]]
     recipe = recipe or INT8
+    if recipe.scheme == "qgemm":  # per column: no block to fit; a miss falls back to MatMulNBits
+        return [recipe] + recipes_to_try(INT8_NBITS, n_embd)
     out = [fit(recipe)]
     finer = fit(recipe, min(FALLBACK_BLOCK, recipe.block_size))
     return out if finer == out[0] else out + [finer]
@@ -118,8 +145,11 @@ def quantize_model(fp32_path: str, out_folder: str, recipe: QuantRecipe = INT8,
     model = onnx.load(fp32_path)
     tied = head_is_tied(model)  # before the split zeroes the head's outlier rows
     keep_fp32 = split_outliers(model, outliers or {})
-    model = quantize_matmuls(model, recipe, keep_fp32 + ["lm_head"])
-    table = tie_table(model, recipe.table_bits, recipe.table_block_size, recipe.accuracy_level, tied)
+    if recipe.scheme == "qgemm":
+        table = quantize_qgemm(model, recipe.seven_bits, keep_fp32, tied)
+    else:
+        model = quantize_matmuls(model, recipe, keep_fp32 + ["lm_head"])
+        table = tie_table(model, recipe.table_bits, recipe.table_block_size, recipe.accuracy_level, tied)
     if report is not None:
         report.update(table)
     path = os.path.join(out_folder, "model.onnx")

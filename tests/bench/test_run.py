@@ -114,11 +114,11 @@ def test_weight_bytes_leave_out_gathered_tables(tiny_fp32, tiny_int8):
     int8 = bench.onnx_weight_bytes(os.path.join(tiny_int8, "model.onnx"))
     # fp32 ties the LM head to wte, so only wpe is left out.
     assert fp32 == pytest.approx((n_params - d["n_positions"] * d["n_embd"]) * 4, rel=0.02)
-    # int8: every MatMul (LM head included) at 1 byte + a 4-byte scale per block; the int8
-    # token table (GatherBlockQuantized) and wpe are only gathered, so they do not count.
-    q = artifact.read_manifest(tiny_int8).to_dict()["quantization"]
+    # int8 (qgemm): every MatMul (LM head included: the token table, read through its Transpose) at 1 byte
+    # + a 4-byte scale per output column; the per-token scales of the embedding and wpe are only gathered.
+    assert artifact.read_manifest(tiny_int8).to_dict()["quantization"]["scheme"] == "qgemm"
     e, layers, v = d["n_embd"], d["n_layer"], d["vocab_size"]
-    assert int8 == pytest.approx((12 * e * e * layers + e * v) * (1 + 4 / q["block_size"]), rel=0.1)
+    assert int8 == pytest.approx(12 * e * e * layers + e * v + 4 * (9 * e * layers + v), rel=0.1)
 
 
 def test_baselines_without_the_export_extra_are_reported_not_run(tiny_int8, tmp_path, monkeypatch):

@@ -79,12 +79,12 @@ def test_check_thresholds():
 
 
 def test_gate_fires_on_damaged_int8(tiny_int8, fp32, tmp_path):
-    """Corrupt the block scales of the shipped int8 graph: the gate must say so."""
+    """Corrupt the weight scales of the shipped int8 graph (per column: qgemm): the gate must say so."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(os.path.join(tiny_int8, "model.onnx"))
-    scales = {n.input[2] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    scales = {n.input[3] for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"}
     assert scales
     rng = np.random.default_rng(0)
     for init in model.graph.initializer:

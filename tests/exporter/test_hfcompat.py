@@ -160,8 +160,9 @@ def test_folder_has_what_transformers_and_optimum_read(vary):
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_optimum_greedy_generate_gives_the_runtime_tokens(vary, precision):
     """One prompt at a time. Optimum runs the LM head over every prompt position (our runtime
-    over the last only) at batch 1; on int8 the MatMulNBits kernels then see other row counts,
-    so a token may differ only where the two best logits are within the kernels' rounding."""
+    over the last only) at batch 1. int8 (qgemm) rows do not depend on the row count, so the
+    tokens are equal; a MatMulNBits folder (the gate's fallback) sees other row counts, so a
+    token may differ only where the two best logits are within the kernels' rounding."""
     import torch
 
     folder = vary[precision]
@@ -174,7 +175,7 @@ def test_optimum_greedy_generate_gives_the_runtime_tokens(vary, precision):
         ids = torch.tensor([gen.tokenizer.encode(prompt).ids])
         theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                 do_sample=False)[0, ids.shape[1]:].tolist()
-        if precision == "fp32" or ours == theirs:
+        if precision == "fp32" or ours == theirs or artifact.read_manifest(folder).quantization["scheme"] == "qgemm":
             assert ours == theirs, prompt
             continue
         k = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)  # first difference: a near tie

@@ -18,7 +18,7 @@ from gpt2onnx import artifact
 from gpt2onnx.cli import main
 from gpt2onnx.errors import ArtifactError, ExportError
 from gpt2onnx.eval.fidelity import windows
-from gpt2onnx.exporter import kvcache, policy
+from gpt2onnx.exporter import kvcache, policy, quantize
 from gpt2onnx.eval import gate
 from gpt2onnx.eval.gate import GATE, GATE_WINDOWS, KV_CALIBRATION_TOKENS, kv_calibration_slice
 
@@ -185,22 +185,25 @@ def test_auto_falls_back_to_an_fp32_cache_when_the_int8_cache_misses(tiny_src, t
     """`auto` exports the same weights with an fp32 cache, saying so, instead of failing. The tiny model's
     attention barely moves its logits (even saturated scales pass), so the first rung's miss is simulated."""
     real, calls = policy.check, []
+    int8_rungs = len(quantize.recipes_to_try(n_embd=32))  # every weight recipe is tried with the int8 cache first
 
     def check(figures, gate):
         calls.append(1)
-        return real(figures, gate) + (["mean_kl (simulated miss of the int8 cache)"] if len(calls) == 1 else [])
+        return real(figures, gate) + (["mean_kl (simulated miss of the int8 cache)"] if len(calls) <= int8_rungs
+                                      else [])
 
     monkeypatch.setattr(policy, "check", check)
     m = gpt2onnx.export(tiny_src, tmp_path / "auto", precision="int8", progress=True)
     assert m["kv_cache"] == {"dtype": "fp32"} and m["fidelity"]["status"] == "passed"
-    assert [t["kv_cache"] for t in m["quantization"]["tried"]] == ["int8", "fp32"]
-    assert m["quantization"]["tried"][0]["missed"] and not m["quantization"]["tried"][1]["missed"]
+    tried = m["quantization"]["tried"]
+    assert [t["kv_cache"] for t in tried] == ["int8"] * int8_rungs + ["fp32"] and int8_rungs == 2  # qgemm, block 32
+    assert all(t["missed"] for t in tried[:-1]) and not tried[-1]["missed"] and tried[-1]["what"] == tried[0]["what"]
     assert "again with an fp32 KV cache" in capsys.readouterr().err
     assert gpt2onnx.load(str(tmp_path / "auto")).generate("a", max_new_tokens=2)[0].generated_tokens == 2
     calls.clear()
     with pytest.raises(FidelityError, match="--kv-cache fp32"):  # asked for int8 explicitly: no fallback
         gpt2onnx.export(tiny_src, tmp_path / "int8", precision="int8", kv_cache="int8", progress=False)
-    assert len(calls) == 1
+    assert len(calls) == int8_rungs
 
 
 def test_a_kv_cache_that_misses_the_gate_is_refused_unless_accepted(tiny_src, tmp_path, monkeypatch):

@@ -96,13 +96,13 @@ def test_int8_folder(tiny_int8):
     m = artifact.verify(tiny_int8).to_dict()
     assert m["precision"] == "int8"
     q = m["quantization"]
-    assert q["scheme"] == "MatMulNBits" and q["bits"] == 8 and q["lm_head"] == "int8"
+    assert q["scheme"] == "qgemm" and q["bits"] == 8 and q["lm_head"] == "int8"
     p = m["parity"]
     assert p["fp32_max_abs_diff"] <= 1e-3  # the graph before quantization
     assert 0.5 <= p["int8"]["top1_agreement"] <= 1.0 and 0.0 <= p["int8"]["mean_kl"] < 0.5
     ops = _ops(tiny_int8)
     assert "MatMul" not in ops and "Gemm" not in ops  # every weight matmul quantized, LM head included
-    assert ops.count("MatMulNBits") == 2 * 4 + 1
+    assert ops.count("MatMulIntegerToFloat") == 2 * 4 + 1 and "MatMulNBits" not in ops
     assert not os.path.exists(os.path.join(tiny_int8, "fp32"))
 
 
@@ -267,7 +267,7 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
     src.model.save_pretrained(src_dir)
     m = gpt2onnx.export(src_dir, str(tmp_path / "ok"), precision="int8", progress=False)
     assert m["fidelity"]["status"] == "passed" and len(m["quantization"]["outlier_channels"]) == 4
-    assert [t["block_size"] for t in m["quantization"]["tried"]] == [32]  # n_embd 32: 128 shrinks to 32
+    assert [t["what"] for t in m["quantization"]["tried"]] == ["qgemm (7-bit weights)"]
 
     monkeypatch.setattr(quantize, "INT8", dataclasses.replace(quantize.INT8, outlier_ratio=float("inf")))
     with pytest.raises(FidelityError, match="misses the fidelity gate.*mean_kl.*--accept-fidelity-miss"):
@@ -275,16 +275,19 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
     assert not (tmp_path / "bad").exists() and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
     m = gpt2onnx.export(src_dir, str(tmp_path / "kept"), precision="int8", progress=False, accept_fidelity_miss=True)
     assert m["fidelity"]["missed"] and m["fidelity"]["status"].startswith("missed")
-    # --kv-cache auto: the recipe with the int8 cache, then with an fp32 cache; both missed, the last kept
-    assert [(t["block_size"], t["kv_cache"]) for t in m["quantization"]["tried"]] == [(32, "int8"), (32, "fp32")]
+    # --kv-cache auto: qgemm, then MatMulNBits (block 128 fitted to n_embd 32), with the int8 cache, then again
+    # with an fp32 cache; all missed, the last kept
+    assert [(t["what"], t["kv_cache"]) for t in m["quantization"]["tried"]] == [
+        ("qgemm (7-bit weights)", "int8"), ("block 32", "int8"), ("qgemm (7-bit weights)", "fp32"), ("block 32", "fp32")]
     assert all(t["missed"] for t in m["quantization"]["tried"]) and m["kv_cache"] == {"dtype": "fp32"}
     assert gpt2onnx.load(str(tmp_path / "kept")).generate("a", max_new_tokens=2)[0].generated_tokens == 2
     assert read_manifest(str(tmp_path / "kept")).to_dict()["fidelity"]["missed"]
     assert "WARNING: this int8 export MISSED the gate" in (tmp_path / "kept" / "MODEL_CARD.md").read_text()
 
 
-def test_a_fidelity_miss_retries_with_the_finer_block(tmp_path, monkeypatch):
-    """n_embd 64: block 64 first; when it misses, block 32, written over (not appended to) the first."""
+def test_a_fidelity_miss_retries_with_matmulnbits_then_the_finer_block(tmp_path, monkeypatch):
+    """n_embd 64: qgemm first; when it misses, MatMulNBits block 64, then block 32, each written over (not
+    appended to) the one before."""
     import gpt2onnx
     from conftest import save_tiny_gpt2
     from gpt2onnx.exporter import policy
@@ -293,17 +296,20 @@ def test_a_fidelity_miss_retries_with_the_finer_block(tmp_path, monkeypatch):
     first = []
     real_check = policy.check
 
-    def check_missing_the_first(figures, gate=None):  # the first measurement misses, the retry passes
+    def check_missing_the_first(figures, gate=None):  # the first two measurements miss, the third passes
         first.append(figures)
-        return ["top1_agreement 0 < 0.99 (forced)"] if len(first) == 1 else real_check(figures, gate)
+        return ["top1_agreement 0 < 0.99 (forced)"] if len(first) <= 2 else real_check(figures, gate)
 
     monkeypatch.setattr(policy, "check", check_missing_the_first)
     m = gpt2onnx.export(src_dir, str(tmp_path / "m"), precision="int8", progress=False)
-    assert [(t["block_size"], bool(t["missed"])) for t in m["quantization"]["tried"]] == [(64, True), (32, False)]
-    assert m["quantization"]["block_size"] == 32 and m["fidelity"]["status"] == "passed"
+    assert [(t["what"], bool(t["missed"])) for t in m["quantization"]["tried"]] == [
+        ("qgemm (7-bit weights)", True), ("block 64", True), ("block 32", False)]
+    q = m["quantization"]
+    assert (q["scheme"], q["block_size"]) == ("MatMulNBits", 32) and m["fidelity"]["status"] == "passed"
+    assert m["opset"] == 17  # the qgemm graph's opset 21 did not stick
     monkeypatch.setattr(policy, "check", real_check)
     once = gpt2onnx.export(src_dir, str(tmp_path / "once"), precision="int8", progress=False)["quantization"]["tried"]
-    assert [t["block_size"] for t in once] == [64]
+    assert [t["what"] for t in once] == ["qgemm (7-bit weights)"]
     data = {d: os.path.getsize(tmp_path / d / "model.onnx.data") for d in ("m", "once")}
     assert data["m"] < 1.5 * data["once"], data  # the retry rewrote the data file, did not append to it
     assert gpt2onnx.load(str(tmp_path / "m")).generate("a", max_new_tokens=2)[0].generated_tokens == 2

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gpt2onnx.exporter.policy import cpu_session
 from gpt2onnx.exporter.nbits import blockwise_symmetric
-from gpt2onnx.exporter.quantize import FALLBACK_BLOCK, INT8, fit_block, outlier_channels, recipes_to_try, split_outliers
+from gpt2onnx.exporter.quantize import (FALLBACK_BLOCK, INT8, INT8_NBITS, fit_block, outlier_channels, recipes_to_try,
+                                        split_outliers)
 from gpt2onnx.exporter.quantize import QuantRecipe as Int8Recipe
 
 
@@ -29,17 +30,19 @@ def test_fit_block_halves_down_to_16(n, block, fit):
 
 
 @pytest.mark.parametrize("n_embd,blocks", [
-    (768, [128, 32]),  # gpt2: the shipped recipe, then the finer fallback
+    (768, [128, 32]),  # gpt2: MatMulNBits block 128, then the finer block
     (1600, [64, 32]),  # gpt2-xl: 1600 = 64 x 25
     (32, [32]),  # the tiny test model: both shrink to 32, tried once
     (48, [16]),  # odd dims: 16 divides 48, nothing larger does
     (100, [128, 32]),  # no power of two >= 16 divides it: onnxruntime pads a partial block
 ])
 def test_recipes_to_try_shrink_to_fit_n_embd(n_embd, blocks):
-    recipes = recipes_to_try(n_embd=n_embd)
-    assert [r.block_size for r in recipes] == blocks
-    assert all(replace(r, table_block_size=INT8.table_block_size) == replace(INT8, block_size=r.block_size)
-               for r in recipes)  # only the blocks change (the token table's block shrinks the same way)
+    """The shipped int8 recipe (qgemm: per column, no block) first, then MatMulNBits' blocks fitted to n_embd."""
+    first, *rest = recipes_to_try(n_embd=n_embd)
+    assert first == INT8 and INT8.scheme == "qgemm" and INT8.seven_bits == "weights"
+    assert [r.block_size for r in rest] == blocks
+    assert all(replace(r, table_block_size=INT8_NBITS.table_block_size) == replace(INT8_NBITS, block_size=r.block_size)
+               for r in rest)  # only the blocks change (the token table's block shrinks the same way)
 
 
 def test_recipes_to_try_keep_a_custom_recipe_and_never_coarsen_it():
@@ -56,7 +59,7 @@ def test_recipe_json_is_what_the_manifest_records(tiny_int8):
 
     recorded = artifact.read_manifest(tiny_int8).quantization
     assert INT8.to_json().keys() <= recorded.keys()
-    assert recorded["scheme"] == "MatMulNBits" and recorded["bits"] == 8 and recorded["block_size"] == 32
+    assert recorded["scheme"] == "qgemm" and recorded["bits"] == 8 and recorded["seven_bits"] == "weights"
 
 
 def calibration(k: int, outliers: dict[int, float]) -> np.ndarray:
@@ -143,13 +146,24 @@ def test_blockwise_8bit_round_trip_within_half_a_step():
     assert q.min() >= 1 and q.max() <= 255  # symmetric: -127 .. 127 around 128
 
 
-def test_int8_folder_has_matmulnbits_and_an_8bit_embedding(tiny_int8):
+def test_int8_folder_runs_every_matmul_on_the_qgemm_with_one_token_table(tiny_int8):
     import os
+
+    from gpt2onnx.artifact import read_manifest
 
     model = onnx.load(os.path.join(tiny_int8, "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert "MatMul" not in ops  # every MatMul, the LM head included, is MatMulNBits (a random model has no outliers)
-    assert ops.count("MatMulNBits") == 4 * 2 + 1
-    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gather.attribute}
-    assert gather.input[0] == "wte.weight_q" and attrs["bits"] == 8 and attrs["block_size"] == 32  # one table
+    assert "MatMul" not in ops and "MatMulNBits" not in ops  # a random model has no outliers: nothing stays fp32
+    assert ops.count("MatMulIntegerToFloat") == 4 * 2 + 1  # the LM head too
+    inits = {t.name: t for t in model.graph.initializer}
+    tables = [t for t in inits.values() if list(t.dims) == [1000, 32]]
+    assert [t.name for t in tables] == ["wte.weight_s8"] and tables[0].data_type == TensorProto.INT8  # stored once
+    head = next(n for n in model.graph.node if n.name == "lm_head")
+    transpose = next(n for n in model.graph.node if n.output[0] == head.input[1])
+    assert transpose.op_type == "Transpose" and transpose.input[0] == "wte.weight_s8"
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "wte.weight_s8"]
+    assert [n.name for n in gathers] == ["embed_tokens"]  # the embedding reads the same table
+    lengths = [int(d.value) for i in model.graph.initializer for d in i.external_data if d.key == "length"]
+    assert sum(n >= 1000 * 32 for n in lengths) == 1, sorted(lengths)[-3:]  # its bytes once in the data file
+    assert {i.version for i in model.opset_import if i.domain in ("", "ai.onnx")} == {21}
+    assert read_manifest(tiny_int8).opset == 21

@@ -47,7 +47,7 @@ def test_typed_fields_of_an_export(tiny_int8):
     assert m.present_names == ["present.0.key", "present.0.value", "present.1.key", "present.1.value"]
     on_disk = {n: os.path.getsize(os.path.join(tiny_int8, n)) for n in os.listdir(tiny_int8) if n != artifact.MANIFEST}
     assert {n: f["bytes"] for n, f in m.files.items()} == on_disk and m.size_bytes == sum(on_disk.values())
-    assert m.quantization["scheme"] == "MatMulNBits" and m.fidelity and m.parity and m.tools
+    assert m.quantization["scheme"] == "qgemm" and m.fidelity and m.parity and m.tools
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.precision = "fp32"
 
@@ -119,7 +119,7 @@ def test_summary_lines(tiny_int8, tiny_fp32, folder):
     assert [ln.split()[0] for ln in lines] == ["model", "precision", "dims", "files", "parity", "fidelity", "made",
                                                "created"]
     assert lines[0].endswith("(pretrained)")
-    assert lines[1] == "precision  int8 (MatMulNBits), KV cache int8 (PER_CHANNEL)"  # the default for int8
+    assert lines[1] == "precision  int8 (qgemm), KV cache int8 (PER_CHANNEL)"  # the default for int8
     assert lines[2].startswith("dims       2 layers, 2 heads, 32 dims, vocab 1000, context 64, ")
     assert lines[2].endswith(" M parameters")
     n = len(os.listdir(tiny_int8)) - 1

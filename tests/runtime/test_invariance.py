@@ -97,7 +97,8 @@ def test_alone_equals_batched_int8_kv_cache(tiny_kv8, weights):
 def test_every_matmul_sees_an_even_number_of_rows_where_the_graph_needs_it(tiny_fp32, tiny_int8, tiny_int4, tiny_kv8,
                                                                            monkeypatch, precision):
     """The rule behind the promise, checked on every step: with an 8-bit MatMulNBits in the graph,
-    rows x new tokens and rows x kept positions are even; without one, a lone row runs alone."""
+    rows x new tokens and rows x kept positions are even; without one (fp32, int4 block 32, int8 on the
+    QGEMM), a lone row runs alone."""
     seen = []
     real = Engine.step
 
@@ -123,10 +124,13 @@ def test_every_matmul_sees_an_even_number_of_rows_where_the_graph_needs_it(tiny_
 
 
 def test_which_graphs_need_row_pairs(tiny_fp32, tiny_int8):
-    """8-bit MatMulNBits anywhere -> pairs; fp32 or 4-bit block-32 everywhere -> none (measured, see _engine)."""
-    assert needs_row_pairs(read_manifest(tiny_int8))
+    """8-bit MatMulNBits anywhere -> pairs; fp32, the qgemm scheme (the int8 default) or 4-bit block-32
+    everywhere -> none (measured: see _engine and tests/runtime/test_qgemm_rows.py)."""
+    assert read_manifest(tiny_int8).quantization["scheme"] == "qgemm" and not needs_row_pairs(read_manifest(tiny_int8))
     assert not needs_row_pairs(read_manifest(tiny_fp32))
     m = read_manifest(tiny_int8)
+    nbits = {"scheme": "MatMulNBits", "bits": 8, "block_size": 128, "lm_head": "int8", "table_block_size": 128}
+    assert needs_row_pairs(dataclasses.replace(m, quantization=nbits))  # a folder that fell back to MatMulNBits
     four = {"bits": 4, "block_size": 32, "lm_head": "int4", "table_block_size": 32}
     assert not needs_row_pairs(dataclasses.replace(m, precision="int4", quantization=four))
     for change in ({"lm_head": "int8"}, {"block_size": 128}, {"table_block_size": 128}):
