@@ -21,6 +21,8 @@ def add_parsers(sub) -> None:
 
 
 def _add_batch(subparsers) -> None:
+    from ..batch.core import BATCHING
+
     b = subparsers.add_parser("batch", help="generate for a JSONL file of prompts: in order, resumable, error rows",
                               description="Generate for every line of INPUT.jsonl into OUTPUT.jsonl. Rerun the same "
                                           "command after a crash to finish the job.")
@@ -28,7 +30,7 @@ def _add_batch(subparsers) -> None:
     b.add_argument("input", metavar="INPUT.jsonl")
     b.add_argument("output", metavar="OUTPUT.jsonl")
     b.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="rows decoding together")
-    b.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+    b.add_argument("--batching", choices=BATCHING, default=BATCHING[0],
                    help="continuous: a finished row's slot takes the next prompt at once; static: batches run to "
                         "their end (same output)")
     add_param_flags(b)
