@@ -99,27 +99,35 @@ class Window:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def pop_done(self) -> list[Row]:
-        """The finished rows at the head, removed (empty while the head row is still running)."""
+    def pop_done(self, ordered: bool = True) -> list[Row]:
+        """The finished rows at the head, removed (empty while the head row is still running); with
+        `ordered` False, every finished row."""
+        if not ordered:
+            done = [r for r in self.rows if r.out is not None]
+            if done:
+                self.rows = deque(r for r in self.rows if r.out is None)
+            return done
         out = []
         while self.rows and self.rows[0].out is not None:
             out.append(self.rows.popleft())
         return out
 
 
-def iter_batches(generator, rows: Iterable[Row], *, batch_size: int,
-                 batching: str = "continuous") -> Iterator[list[Row]]:
+def iter_batches(generator, rows: Iterable[Row], *, batch_size: int, batching: str = "continuous",
+                 ordered: bool = True) -> Iterator[list[Row]]:
     """Run parsed rows; yield the rows finished at the head of the input, in order, as the head advances.
 
     A pending row (``out`` None) is prepared when it is read; one that `Generator.prepare`
-    refuses gets its error row there. Every yielded row has ``out``.
+    refuses gets its error row there. Every yielded row has ``out``. With `ordered` False,
+    every row is yielded as soon as it is finished, for a caller that puts them in order
+    itself (a worker process of `gpt2onnx.batch.pool`).
     """
     if batching == "static":
-        return _static(generator, rows, batch_size)
-    return _continuous(generator, rows, batch_size)
+        return _static(generator, rows, batch_size, ordered)
+    return _continuous(generator, rows, batch_size, ordered)
 
 
-def _continuous(generator, rows: Iterable[Row], batch_size: int) -> Iterator[list[Row]]:
+def _continuous(generator, rows: Iterable[Row], batch_size: int, ordered: bool) -> Iterator[list[Row]]:
     window = Window()
     started: dict[int, tuple[Row, float]] = {}
 
@@ -135,9 +143,9 @@ def _continuous(generator, rows: Iterable[Row], batch_size: int) -> Iterator[lis
     for i, result in generator.generate_iterable(requests(), batch_size=batch_size):
         row, t0 = started.pop(i)
         complete(row, result, time.perf_counter() - t0)
-        if head := window.pop_done():
+        if head := window.pop_done(ordered):
             yield head
-    if head := window.pop_done():  # error rows after the last generated one
+    if head := window.pop_done(ordered):  # error rows after the last generated one
         yield head
 
 
@@ -148,7 +156,7 @@ def complete(row: Row, result, seconds: float) -> None:
                          seconds=round(seconds, 6))
 
 
-def _static(generator, rows: Iterable[Row], batch_size: int) -> Iterator[list[Row]]:
+def _static(generator, rows: Iterable[Row], batch_size: int, ordered: bool) -> Iterator[list[Row]]:
     rows = iter(rows)
     window = Window()
     limit = WINDOW_BATCHES * batch_size
@@ -165,13 +173,13 @@ def _static(generator, rows: Iterable[Row], batch_size: int) -> Iterator[list[Ro
         pending = [r for r in window.rows if r.out is None]
         if pending:
             run_one_batch(generator, _pick_batch(pending, batch_size))
-        if head := window.pop_done():
+        if head := window.pop_done(ordered):
             yield head
 
 
 def prepare_row(generator, row: Row) -> Row:
-    """Check and tokenize a pending row (`Generator.prepare`); a refused one gets its error row."""
-    if row.out is None:
+    """Check and tokenize a pending row (`Generator.prepare`) unless it is already; a refused one gets its error row."""
+    if row.out is None and row.request is None:
         try:
             row.request = generator.prepare(row.prompt, row.params)
         except InvalidRequestError as e:

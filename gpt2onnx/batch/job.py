@@ -39,7 +39,7 @@ from .. import artifact
 from ..errors import InvalidRequestError
 from ..params import GenerationParams, resolve
 from .core import check_batch_size, check_batching, iter_batches
-from .pool import check_workers, iter_pool
+from .pool import Workers, check_workers, iter_pool
 from .rows import Row, read_lines
 from .state import STATE_FORMAT, STATE_VERSION, check_paths, fingerprint, model_identity, open_output
 
@@ -105,19 +105,26 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
                                       "copy), not a loaded Generator; pass its folder, or workers=1")
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     check_paths(input_path, output_path)
-    gen = model_or_dir
+    input_sha, input_lines = fingerprint(input_path)
+    gen = pool = None
     if pooled:  # verified once here: each worker then loads it without hashing the weights again
         manifest = artifact.verify(model_or_dir)
+        pool = Workers(model_or_dir, workers, threads=threads, batch_size=batch_size, batching=batching)
     else:
+        gen = model_or_dir
         if not loaded:
             from ..runtime import load
 
             gen = load(model_or_dir, threads=threads)
         manifest = gen.manifest
-    input_sha, input_lines = fingerprint(input_path)
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "input_sha256": input_sha, "params": base.to_dict(),
              "model": model_identity(manifest)}
-    writer, done, _ = open_output(output_path, state)
+    try:
+        writer, done, _ = open_output(output_path, state)
+    except BaseException:
+        if pool is not None:
+            pool.stop(kill=True)
+        raise
     bar = None
     ok = errors = tokens = 0
     read = _Reader()
@@ -125,8 +132,7 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
     try:
         rows = read(read_lines(input_path, base, done))
         if pooled:
-            results = iter_pool(model_or_dir, rows, workers=workers, threads=threads, batch_size=batch_size,
-                                batching=batching)
+            results = iter_pool(pool, rows)
         else:
             results = iter_batches(gen, rows, batch_size=batch_size, batching=batching)
         t_run = time.perf_counter()
@@ -143,6 +149,8 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
     finally:
         if results is not None:
             results.close()  # a pool stops its workers at once
+        if pool is not None:
+            pool.stop(kill=True)  # (done already unless the job failed before its first row)
         writer.close()
         if bar is not None:
             bar.close()

@@ -48,6 +48,7 @@ class Row:
     request: Any = None  # the runtime.Request, once prepared
     out: dict | None = None  # the finished output row (None while pending)
     done: bool = False  # already in the output from an earlier run
+    worker: int | None = None  # the worker process that generated it (`gpt2onnx.batch.pool`); None: this one
 
     @property
     def tokens(self) -> int:
