@@ -17,7 +17,7 @@ output). The road of a job, each step once::
 
     params -> GenerationParams (checked once)   paths checked (nothing created)
     model loaded and verified (a damaged folder stops here, before any output file)
-    open_output: lock, .state checked or written, torn tail cut, done keys
+    open_output: lock, .state checked or written (with the job seed), torn tail cut, done keys
     read_lines -> Row (params merged) -> core (or pool) -> finished rows, in order -> Writer (fsync)
 
 Rows are keyed by (input line, index within the line), not by position, so a row is
@@ -30,6 +30,7 @@ this process still reads the input and is the only writer of the output and its 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 
 from .. import artifact
 from ..errors import InvalidRequestError
-from ..params import GenerationParams, resolve
+from ..params import SEED_LIMIT, GenerationParams, resolve
 from .core import check_batch_size, check_batching, iter_batches
 from .pool import Workers, check_workers, iter_pool
 from .rows import Row, read_lines
@@ -69,7 +70,11 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
             job (same input, params and model), only the missing rows are generated.
         batch_size: prompts per model call; prompts of similar length are batched.
         params: job defaults (a `GenerationParams` or a dict of overrides); a line's
-            own parameters win.
+            own parameters win. Their ``seed`` is the job seed: each row without a seed
+            of its own gets one derived from it and the row's place in the input
+            (`rows.row_seed`), so sampled rows differ from each other and a resumed job
+            writes what an uninterrupted one does. None (the default) draws a job seed,
+            recorded in OUTPUT's ``.state`` for the resume.
         progress: progress on stderr (a bar on a terminal, a plain line every 10 s
             elsewhere); None shows it only when stderr is a terminal.
         threads: intra-op threads (per worker) when `model_or_dir` is a folder; default:
@@ -117,20 +122,22 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
 
             gen = load(model_or_dir, threads=threads)
         manifest = gen.manifest
+    seed = base.seed if base.seed is not None else secrets.randbelow(SEED_LIMIT)  # the job seed
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "input_sha256": input_sha, "params": base.to_dict(),
-             "model": model_identity(manifest)}
+             "model": model_identity(manifest), "seed": seed}
     try:
-        writer, done, _ = open_output(output_path, state)
+        writer, done, job = open_output(output_path, state)
     except BaseException:
         if pool is not None:
             pool.stop(kill=True)
         raise
+    seed = job.get("seed")  # a resumed job goes on with its first run's seed (None: a job from before seeds)
     bar = None
     ok = errors = tokens = 0
     read = _Reader()
     results = None
     try:
-        rows = read(read_lines(input_path, base, done))
+        rows = read(read_lines(input_path, base, done, seed=seed))
         if pooled:
             results = iter_pool(pool, rows)
         else:

@@ -10,7 +10,10 @@ A request is ``{"id": ..., "prompt": "...", <GenerationParams overrides>}`` or t
 ML request form ``{"input_data": ["...", ...], "params": {...}}``. Each row carries its
 key ``line << 24 | index``, the resume key that `gpt2onnx.batch.state` reads back from
 the output, and its parameters: the job's `GenerationParams` with the request's own on
-top (`GenerationParams.merge`, the one place they are checked). A line
+top (`GenerationParams.merge`, the one place they are checked). With a job seed, a row
+that sets no seed of its own gets one derived from the job seed and its key (`row_seed`,
+as vLLM gives each request its own seed), so a sampled job gives the same text however it
+is batched, split over workers or resumed. A line
 that is not JSON, not an object, of the wrong shape or with a bad parameter gets its
 `out` set to ``{"id", "line", "index", "error"}`` here (`output_row` shapes every
 output row); the prompt is checked when the core (`gpt2onnx.batch.core`) prepares it.
@@ -60,7 +63,8 @@ def row_key_of(line: int, index: int) -> int:
     return line << _INDEX_BITS | index
 
 
-def read_lines(path: str, base: GenerationParams, done: array.array | None = None) -> Iterator[Row]:
+def read_lines(path: str, base: GenerationParams, done: array.array | None = None, *,
+               seed: int | None = None) -> Iterator[Row]:
     """Yield a `Row` per prompt of a JSONL file: marked done (its key is in `done`), an error row, or pending."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -69,7 +73,7 @@ def read_lines(path: str, base: GenerationParams, done: array.array | None = Non
                 raw = raw[3:]
             if not raw.strip():
                 continue
-            for row in parse_line(n, raw.rstrip(b"\r\n"), complete, base):
+            for row in parse_line(n, raw.rstrip(b"\r\n"), complete, base, seed=seed):
                 row.done = done is not None and _contains(done, row.key)
                 yield row
 
@@ -79,7 +83,8 @@ def _contains(sorted_keys: array.array, key: int) -> bool:
     return i < len(sorted_keys) and sorted_keys[i] == key
 
 
-def parse_line(n: int, raw: bytes, complete: bool, base: GenerationParams) -> list[Row]:
+def parse_line(n: int, raw: bytes, complete: bool, base: GenerationParams, *, seed: int | None = None
+               ) -> list[Row]:
     """The rows of JSONL line `n`; a line that is not a JSON request gives one error row."""
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -92,16 +97,17 @@ def parse_line(n: int, raw: bytes, complete: bool, base: GenerationParams) -> li
         else:  # too deeply nested, or an integer with too many digits
             reason = "too deeply nested" if isinstance(e, RecursionError) else str(e).split(":")[0]
         return [_error(n, f"line {n} is not valid JSON{hint}: {reason}")]
-    return parse_request(n, obj, base)
+    return parse_request(n, obj, base, seed=seed)
 
 
-def parse_request(n: int, obj: Any, base: GenerationParams) -> list[Row]:
+def parse_request(n: int, obj: Any, base: GenerationParams, *, seed: int | None = None) -> list[Row]:
     """The rows of request `n` (a decoded JSON object); a malformed request gives one error row.
 
     Args:
         n: the request's line number (1-based), kept in its rows and their ids.
         obj: ``{"id", "prompt", <params>}`` or ``{"id", "input_data": [...], "params": {...}}``.
         base: the job's default parameters; the request's own win.
+        seed: the job seed: a row with no seed of its own gets `row_seed` (None: the rows keep `base.seed`).
     """
     if not isinstance(obj, dict):
         return [_error(n, f"line {n} must be a JSON object with a \"prompt\", got {type(obj).__name__}")]
@@ -112,7 +118,7 @@ def parse_request(n: int, obj: Any, base: GenerationParams) -> list[Row]:
         if "prompt" not in obj:
             return [_error(n, NO_PROMPT, id_=id_)]
         rows = [Row(row_key_of(n, 0), f"line-{n}" if id_ is None else id_, n, 0, obj["prompt"])]
-        return _with_params(rows, {k: v for k, v in obj.items() if k not in _LINE_KEYS}, base)
+        return _with_params(rows, {k: v for k, v in obj.items() if k not in _LINE_KEYS}, base, seed)
     unknown = sorted(set(obj) - set(_REQUEST_KEYS), key=str)
     if unknown:
         return [_error(n, f"line {n}: unknown key {unknown[0]!r} in an input_data line; "
@@ -125,17 +131,34 @@ def parse_request(n: int, obj: Any, base: GenerationParams) -> list[Row]:
                           f"{MAX_PROMPTS_PER_LINE:_}", id_=id_)]
     rows = [Row(row_key_of(n, k), f"{n}:{k}" if id_ is None else f"{id_}:{k}", n, k, prompt)
             for k, prompt in enumerate(prompts)]
-    return _with_params(rows, obj.get("params", {}), base)
+    return _with_params(rows, obj.get("params", {}), base, seed)
 
 
-def _with_params(rows: list[Row], own: Any, base: GenerationParams) -> list[Row]:
+def _with_params(rows: list[Row], own: Any, base: GenerationParams, seed: int | None) -> list[Row]:
     """Give each row the job's parameters with the request's `own` on top; bad ones make every row an error row."""
     for row in rows:
+        mine = own
+        if seed is not None and isinstance(own, dict) and "seed" not in own:  # a row's own seed wins
+            mine = {**own, "seed": row_seed(seed, row.line, row.index)}
         try:
-            row.params = base.merge(own)
+            row.params = base.merge(mine)
         except InvalidRequestError as e:
             row.out = error_row(row, str(e))
     return rows
+
+
+def row_seed(job_seed: int, line: int, index: int) -> int:
+    """The seed of row (line, index) of a job: independent of every other row's, the same in every run.
+
+    numpy's `SeedSequence` (how numpy derives parallel streams) mixes the job seed with the row's key.
+
+    >>> row_seed(7, 1, 0) == row_seed(7, 1, 0) != row_seed(7, 2, 0)
+    True
+    """
+    import numpy as np
+
+    state = np.random.SeedSequence(job_seed, spawn_key=(line, index)).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))  # below 2**63, as GenerationParams.seed must be
 
 
 def _error(n: int, message: str, id_=None) -> Row:

@@ -6,7 +6,7 @@
 
 How a job survives a crash::
 
-    OUTPUT.state   written first (atomic): input sha256, job params, model identity
+    OUTPUT.state   written first (atomic): input sha256, job params, model identity, job seed
     OUTPUT         rows appended in input order; flush + fsync after every batch
 
     restart:  check OUTPUT.state  ->  cut a torn last line  ->  keys (line, index) of

@@ -33,7 +33,9 @@ def _add_batch(subparsers) -> None:
     b.add_argument("--batching", choices=BATCHING, default=BATCHING[0],
                    help="continuous: a finished row's slot takes the next prompt at once; static: batches run to "
                         "their end (same output)")
-    add_param_flags(b)
+    add_param_flags(b, help={"seed": "job seed: each row without a seed of its own gets one derived from it and "
+                                     "its place in the input, the same on a resume (default: drawn at random and "
+                                     "kept in OUTPUT.state)"})
     b.add_argument("--threads", type=int, help="intra-op threads per worker (default: physical cores // workers)")
     b.add_argument("--workers", type=int, default=1,
                    help="processes generating, each with its own copy of the model; this one writes OUTPUT in order")

@@ -197,6 +197,32 @@ def test_batch_sigkill_at_exact_moments_then_rerun(job, tiny_int8, tmp_path, hoo
     _check_complete(out, ref)
 
 
+def test_a_sampled_job_without_a_seed_resumes_to_the_uninterrupted_text(tiny_int8, tmp_path):
+    """Rows sampled with no seed anywhere: the job draws a seed, keeps it in OUTPUT.state, and the rerun after a
+    SIGKILL goes on with it, so the output equals one uninterrupted run with that job seed (before, the resumed
+    rows were drawn afresh, with no warning)."""
+    rng = random.Random(2)
+    with open(tmp_path / "in.jsonl", "w", encoding="utf-8") as f:
+        for i in range(60):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+            f.write(json.dumps({"id": i, "prompt": words, "max_new_tokens": rng.randint(4, 14)} if i % 9 else
+                               {"input_data": [words, words], "params": {"max_new_tokens": 6}}) + "\n")
+    out = tmp_path / "out.jsonl"
+    cmd = [*_cmd(tiny_int8, tmp_path, out), "--do-sample", "--temperature", "1.5"]
+    _run_until_parked(cmd, "after-fsync-4", tmp_path / "parked")
+    kept = read_rows(out)
+    assert kept, "the kill should land after some rows were written"
+    _finish(cmd, out)
+    seed = json.loads((tmp_path / "out.jsonl.state").read_text())["seed"]
+    assert isinstance(seed, int)
+    whole = tmp_path / "whole.jsonl"
+    assert cli.main(["batch", tiny_int8, str(tmp_path / "in.jsonl"), str(whole), "--batch-size", "3", "--threads",
+                     "1", "--no-progress", "--do-sample", "--temperature", "1.5", "--seed", str(seed)]) == 0
+    got, want = read_rows(out), read_rows(whole)
+    assert got == want and got[: len(kept)] == kept
+    assert len({r["text"] for r in got}) > len(got) * 0.9  # sampled: the rows differ
+
+
 def test_batch_killed_again_and_again_at_random_points(job, tiny_int8, tmp_path):
     """Up to 6 SIGKILLs, each once the output has grown by a random amount; then one clean run."""
     d, ref = job
