@@ -142,7 +142,8 @@ def check(folder: str, manifest) -> None:
             raise ArtifactError(f"{folder}/gpt2onnx.json says {what} {_show(says)} but model.onnx has {_show(graph)}; "
                                 "the manifest was edited or belongs to another graph: re-export the folder")
 
-    for key, says, graph in (("inputs", list(manifest.inputs), g.inputs), ("outputs", list(manifest.outputs), g.outputs)):
+    for key, says, graph in (("inputs", list(manifest.inputs), g.inputs),
+                             ("outputs", list(manifest.outputs), g.outputs)):
         i = next((i for i, (a, b) in enumerate(zip(says, graph)) if a != b), min(len(says), len(graph)))
         same(f"io.{key}[{i}]", says[i] if i < len(says) else None, graph[i] if i < len(graph) else None)
     same("precision", manifest.precision, g.precision)

@@ -4,18 +4,18 @@
 >>> run_batch("out/gpt2-int8", "in.jsonl", "out.jsonl", workers=2)   # doctest: +SKIP
 BatchSummary(rows=1000, ok=1000, errors=0, ...)
 
-Each worker process loads the model once (before the job's output is created) and runs one long continuous batch over the
-rows it is handed (`gpt2onnx.batch.core.iter_batches` over its own `Generator`), taking
-the next row into a slot as soon as one frees. The parent reads the input and hands out
-rows one at a time, each to the worker with the fewest rows in hand, keeping each worker
-`LOOKAHEAD` batches ahead so a free slot never waits for the parent: a job of 12 rows on
-2 workers gives each 6. A worker sends every row back the moment it is finished (or
-refused), out of order: a row held back behind a long one would count against the
-worker's share while its slot waits for a new row, and both sides would wait forever.
-The parent puts them in input order (`core.Window`) and writes the finished head of the
-input at once, so the output is flushed as rows complete, as with one process. The parent stays the only
-writer of OUTPUT and its ``.state``; resume, ordering and error rows are exactly those of
-``workers=1``::
+Each worker process loads the model once (before the job's output is created) and runs
+one long continuous batch over the rows it is handed (`gpt2onnx.batch.core.iter_batches`
+over its own `Generator`), taking the next row into a slot as soon as one frees. The
+parent reads the input and hands out rows one at a time, each to the worker with the
+fewest rows in hand, keeping each worker `LOOKAHEAD` batches ahead so a free slot never
+waits for the parent: a job of 12 rows on 2 workers gives each 6. A worker sends every
+row back the moment it is finished (or refused), out of order: a row held back behind a
+long one would count against the worker's share while its slot waits for a new row, and
+both sides would wait forever. The parent puts them in input order (`core.Window`) and
+writes the finished head of the input at once, so the output is flushed as rows complete,
+as with one process. The parent stays the only writer of OUTPUT and its ``.state``;
+resume, ordering and error rows are exactly those of ``workers=1``::
 
     input ─> rows ─> row 1 ─> worker A ─┐   (row 2 ─> worker B, row 3 ─> A, ...: the least busy)
                      window (input order) <── finished rows, as they finish

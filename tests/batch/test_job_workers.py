@@ -226,3 +226,34 @@ def test_a_worker_killed_is_a_one_line_error_and_the_rerun_finishes(job, tiny_in
     kept = read_rows(out)
     assert kept and kept == read_rows(job / "ref.jsonl")[: len(kept)]
     _finish(job, tiny_int8, out)
+
+
+@pytest.mark.slow
+def test_sampled_job_on_two_workers_killed_and_resumed_equals_one_process_124m(gpt2_124m, tmp_path):
+    """124M int8, sampled rows (most without a seed of their own), 2 workers x 1 thread: SIGKILL mid-job, rerun;
+    the output equals one process with 2 threads given the job seed the first run drew (kept in OUTPUT.state)."""
+    model = gpt2_124m["int8"]
+    make_input(tmp_path / "in.jsonl", 30, seed=8)
+    base = ["batch", model, str(tmp_path / "in.jsonl")]
+    flags = ["--batch-size", "4", "--no-progress", "--do-sample", "--temperature", "0.9"]
+    out = tmp_path / "out.jsonl"
+    run = [sys.executable, "-m", "gpt2onnx", *base, str(out), *flags, "--workers", "2", "--threads", "1"]
+    proc = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 8):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the job never got there"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT_S)
+    kept = read_rows(out)
+    r = subprocess.run(run, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f", {len(kept)} already done" in r.stdout, (r.stdout, r.stderr[-2000:])
+    seed = json.loads((tmp_path / "out.jsonl.state").read_text())["seed"]
+    assert cli.main([*base, str(tmp_path / "one.jsonl"), *flags, "--threads", "2", "--seed", str(seed)]) == 0
+    assert read_rows(out) == read_rows(tmp_path / "one.jsonl") and read_rows(out)[: len(kept)] == kept

@@ -158,3 +158,23 @@ def test_every_kind_of_export_agrees_with_its_graph(fixture, request):
     m = artifact.verify(folder)
     g = read_graph(os.path.join(folder, "model.onnx"))
     assert g.precision == m.precision and len(g.attention) == m.dims.n_layer
+
+
+@pytest.mark.slow
+def test_124m_exports_agree_with_their_graphs_and_an_edited_precision_is_refused(gpt2_124m, tmp_path):
+    """At real scale (outlier channels split off in fp32 MatMuls, block-128 int8, the int4 table ladder) every
+    export passes its own checks, and the issue's edit (int8 -> fp32, which broke batch invariance) is refused."""
+    from gpt2onnx.graphcheck import read_graph
+
+    for precision, folder in gpt2_124m.items():
+        m = artifact.verify(folder, check_hashes=False)
+        assert read_graph(os.path.join(folder, "model.onnx")).precision == m.precision == precision
+    src, d = gpt2_124m["int8"], tmp_path / "edited"
+    d.mkdir()
+    for name in os.listdir(src):  # the weights by link: only the manifest changes
+        (d / name).symlink_to(os.path.join(src, name)) if name == "model.onnx.data" else shutil.copy(
+            os.path.join(src, name), d / name)
+    edit(d, lambda m: (m.update(precision="fp32", quantization=None),
+                       m.update({artifact.SELF_HASH: artifact.content_sha256(m)})))
+    with pytest.raises(ArtifactError, match="says precision 'fp32' but model.onnx has 'int8'"):
+        artifact.verify(str(d), check_hashes=False)
