@@ -3,9 +3,10 @@
 A model folder holds ``model.onnx`` (+ ``model.onnx.data``), ``tokenizer.json``,
 ``config.json``, ``MODEL_CARD.md`` and the manifest ``gpt2onnx.json``. The manifest
 records what the folder is (source, precision, dims, I/O names), how it was made
-(tool versions, quantization), how good it is (parity figures), and the size and
-sha256 of every file, so a damaged folder is refused at load instead of producing
-wrong text.
+(tool versions, quantization), how good it is (parity figures), the size and sha256 of
+every file, and the sha256 of its own content (``manifest_sha256``); `verify` also checks
+what it says against config.json and the graph (`gpt2onnx.graphcheck`). So a damaged or
+edited folder is refused at load instead of producing wrong text.
 
 For example::
 
@@ -38,7 +39,8 @@ DIMS = ("n_layer", "n_head", "n_embd", "head_dim", "vocab_size", "n_positions") 
 # The Azure ML gpt2 card's inference-min-sku-spec "2|0|8|28" (vCPU|GPU|GiB|disk GiB): what the
 # model card writes and what `gpt2onnx skus` checks a VM size against.
 MIN_INFERENCE_VM = {"vcpus": 2, "gpus": 0, "memory_gib": 8, "disk_gib": 28}
-CONFIG_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")  # also in config.json
+PRECISIONS = ("fp32", "int8", "int4")
+SELF_HASH = "manifest_sha256"  # sha256 of the manifest's own content without this field (`content_sha256`)
 KV_CACHE_DTYPES = {"fp32": "float32", "int8": "int8"}  # manifest kv_cache.dtype -> numpy dtype of the buffers
 
 
@@ -181,9 +183,16 @@ def describe_files(folder: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def content_sha256(manifest: dict) -> str:
+    """sha256 of a manifest's content, its own `SELF_HASH` field left out (canonical JSON: sorted keys)."""
+    body = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(folder: str, manifest: dict) -> None:
-    """Write the manifest, adding the file table (call after every other file is written)."""
+    """Write the manifest, adding the file table and its own sha256 (call after every other file is written)."""
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, files=describe_files(folder))
+    manifest[SELF_HASH] = content_sha256(manifest)
     atomic_write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
@@ -237,6 +246,9 @@ def read_manifest(folder: str) -> Manifest:
     for key in ("dims", "files", "precision", "io"):
         if not isinstance(manifest.get(key), dict if key != "precision" else str):
             raise ArtifactError(f"{path} lacks '{key}'; the folder is damaged, re-export it")
+    if manifest["precision"] not in PRECISIONS:
+        raise ArtifactError(f"{path}: precision {_show(manifest['precision'])} is not one this gpt2onnx knows "
+                            f"({', '.join(PRECISIONS)}); upgrade gpt2onnx or re-export the folder")
     dims = manifest["dims"]
     for key in DIMS:
         if not _positive_int(dims.get(key)):
@@ -259,23 +271,6 @@ def _positive_int(value: Any) -> bool:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _check_config(folder: str, dims: dict) -> None:
-    """The manifest's dims must be the ones of config.json (which the sha256 table covers)."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e.__class__.__name__}); the folder is damaged, "
-                            "re-export it") from None
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{path} is not a model config (a JSON object); the folder is damaged, re-export it")
-    for key in CONFIG_DIMS:
-        if key in config and config[key] != dims[key]:
-            raise ArtifactError(f"the manifest of {folder!r} says {key} {dims[key]} but config.json says "
-                                f"{_show(config[key])}; the folder is damaged, re-export it")
 
 
 def verify(folder: str, *, check_hashes: bool = True) -> Manifest:
@@ -319,7 +314,13 @@ def verify(folder: str, *, check_hashes: bool = True) -> Manifest:
                 f"{path} does not match its sha256 in the manifest (damaged or modified); "
                 "copy the model folder again or re-export it"
             )
-    _check_config(folder, manifest.raw["dims"])
+    from .graphcheck import check
+
+    check(folder, manifest)  # config.json and the graph agree with what the manifest says about them
+    own = manifest.raw.get(SELF_HASH)
+    if own is not None and own != content_sha256(manifest.raw):
+        raise ArtifactError(f"{folder}/{MANIFEST} was edited after export (its content does not match its "
+                            f"{SELF_HASH}); restore the original file or re-export the folder")
     return manifest
 
 

@@ -126,12 +126,7 @@ class GenerationParams:
         >>> GenerationParams.from_dict({"max_new_tokens": 20, "stop": ["\\n"]}).stop
         ('\\n',)
         """
-        if not isinstance(d, Mapping):
-            raise InvalidRequestError(
-                f"generation parameters must be a JSON object (dict), got {type(d).__name__}"
-            )
-        _check_keys(d)
-        return cls(**d)
+        return cls().merge(d)
 
     def replace(self, **overrides: Any) -> GenerationParams:
         """Return a copy with some fields changed, validated like the constructor.
@@ -139,6 +134,23 @@ class GenerationParams:
         >>> GenerationParams().replace(do_sample=True, seed=3).seed
         3
         """
+        return self.merge(overrides)
+
+    def merge(self, overrides: Mapping[str, Any]) -> GenerationParams:
+        """These parameters with a request's own on top, validated once: a batch row over its job's defaults.
+
+        Raises:
+            InvalidRequestError: `overrides` is not a mapping, has an unknown key, or a bad value.
+
+        >>> GenerationParams(max_new_tokens=20).merge({"seed": 3}).max_new_tokens
+        20
+        """
+        if not isinstance(overrides, Mapping):
+            raise InvalidRequestError(
+                f"generation parameters must be a JSON object (dict), got {type(overrides).__name__}"
+            )
+        if not overrides:
+            return self
         _check_keys(overrides)
         return dataclasses.replace(self, **overrides)
 
@@ -154,6 +166,24 @@ class GenerationParams:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationParams))
+
+
+def resolve(params: GenerationParams | Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None
+            ) -> GenerationParams:
+    """What an entry takes as parameters (a `GenerationParams`, a dict of overrides or None) as one
+    validated `GenerationParams`, with `overrides` (keyword arguments) on top.
+
+    >>> resolve({"top_k": 5}, {"seed": 1}).top_k, resolve(None).max_new_tokens
+    (5, 50)
+    """
+    overrides = overrides or {}
+    if params is None:
+        return DEFAULTS.merge(overrides)
+    if isinstance(params, GenerationParams):
+        return params.merge(overrides)
+    if isinstance(params, Mapping):
+        return DEFAULTS.merge({**params, **overrides})
+    raise InvalidRequestError(f"params must be a GenerationParams or a dict, got {type(params).__name__}")
 
 
 TYPO_CUTOFF = 0.8  # "tempreature", "max_tokens", "top-p" are this close to a name; "topic", "tokens" are not
@@ -234,3 +264,6 @@ def _stop(value: Any) -> tuple[str, ...]:
         except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON) can never be generated
             _fail("stop", s, "valid Unicode text (no lone surrogates)")
     return tuple(value)
+
+
+DEFAULTS = GenerationParams()  # after the validators it runs

@@ -26,7 +26,7 @@ from ._engine import Engine
 from ._scheduler import Sequence as Seq
 from ._scheduler import run
 from .errors import InvalidRequestError
-from .params import GenerationParams
+from .params import GenerationParams, resolve
 from .request import GenerationResult, Request, StepResult
 from .textstream import TextStream
 
@@ -74,7 +74,7 @@ class Generator:
         Raises:
             InvalidRequestError: a bad prompt or parameter, or a prompt too long.
         """
-        params = self._params(params, overrides)
+        params = resolve(params, overrides)  # a GenerationParams alone is used as it is
         if not isinstance(prompt, str):
             raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}")
         try:
@@ -110,7 +110,7 @@ class Generator:
         >>> gen.generate("Hello", max_new_tokens=5)[0].finish_reason   # doctest: +SKIP
         'length'
         """
-        params = self._params(params, overrides)
+        params = resolve(params, overrides)  # a GenerationParams alone is used as it is
         prompts = [prompts] if isinstance(prompts, str) else prompts
         return self.generate_batch([self._prepare_at(i, p, params) for i, p in enumerate(self._prompt_list(prompts))])
 
@@ -176,15 +176,6 @@ class Generator:
         return (step for _, step in self.stream_batch([request]))
 
     # -- internals --------------------------------------------------------------------
-
-    def _params(self, params, overrides) -> GenerationParams:
-        if params is None:
-            return GenerationParams.from_dict(overrides)
-        if not isinstance(params, GenerationParams):
-            if isinstance(params, dict):
-                return GenerationParams.from_dict({**params, **overrides})
-            raise InvalidRequestError(f"params must be a GenerationParams or a dict, got {type(params).__name__}")
-        return params.replace(**overrides) if overrides else params
 
     @staticmethod
     def _prompt_list(prompts) -> list:

@@ -28,8 +28,40 @@ def _manifest(d, change) -> None:
 
 
 def _rehash(d) -> None:
-    """Rewrite the file table as if the damage had happened before the manifest was written."""
-    _manifest(d, lambda m: m.update(files=artifact.describe_files(d)))
+    """Rewrite the file table (and the manifest's own sha256) as if the damage had happened before the
+    manifest was written."""
+    _manifest(d, lambda m: (m.update(files=artifact.describe_files(d)), _self_hash(m)))
+
+
+def _self_hash(m: dict) -> None:
+    m[artifact.SELF_HASH] = artifact.content_sha256(m)
+
+
+def _edit(change, *, self_hash: bool = True):
+    """Edit the manifest with its own sha256 recomputed (or dropped, as in a folder exported before it
+    existed), so only the checks against config.json and the graph can catch the edit."""
+    def damage(d) -> None:
+        def apply(m: dict) -> None:
+            change(m)
+            _self_hash(m) if self_hash else m.pop(artifact.SELF_HASH, None)
+        _manifest(d, apply)
+    return damage
+
+
+def _config(d, **values) -> None:
+    """Edit config.json too, and rehash: the manifest and config.json agree, the graph does not."""
+    path = os.path.join(d, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(values)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    _rehash(d)
+
+
+def _swap(names: list, a: str, b: str) -> None:
+    i, j = names.index(a), names.index(b)
+    names[i], names[j] = names[j], names[i]
 
 
 def _flip(path, offset) -> None:
@@ -77,16 +109,16 @@ DAMAGE = [
     ("data-truncated-hashes-off", lambda d: _truncate(J(d, "model.onnx.data"), 5000), False,
      r"truncated or replaced"),  # sizes are checked even without hashes
     ("model.onnx-truncated-rehashed", lambda d: (_truncate(J(d, "model.onnx"), 3000), _rehash(d)), True,
-     r"onnxruntime cannot load .*model.onnx \(.*\); re-export the model folder"),
+     r"model.onnx is not a readable ONNX model \(DecodeError\); the folder is damaged, re-export it"),
     ("data-truncated-rehashed", lambda d: (_truncate(J(d, "model.onnx.data"), 3000), _rehash(d)), True,
      r"onnxruntime cannot load .*model.onnx \(.*\); re-export the model folder"),
     ("model.onnx-garbage-rehashed", lambda d: (_write(J(d, "model.onnx"), os.urandom(14000)), _rehash(d)), True,
-     r"onnxruntime cannot load"),
+     r"model.onnx is not a readable ONNX model|model.onnx holds no graph"),
     ("data-flipped-byte", lambda d: _flip(J(d, "model.onnx.data"), 1000), True,
      r"model.onnx.data does not match its sha256 in the manifest \(damaged or modified\)"),
     ("model.onnx-flipped-byte", lambda d: _flip(J(d, "model.onnx"), 2), True, r"model.onnx does not match its sha256"),
     ("model.onnx-flipped-byte-hashes-off", lambda d: _flip(J(d, "model.onnx"), 2), False,
-     r"onnxruntime cannot load .*INVALID_PROTOBUF"),
+     r"model.onnx is not a readable ONNX model"),
     ("data-flipped-byte-hashes-off", lambda d: _flip(J(d, "model.onnx.data"), 1000), False, None),  # undetected
     ("manifest-missing", lambda d: os.remove(J(d, "gpt2onnx.json")), True,
      r"has an ONNX model but no gpt2onnx.json: it is not a gpt2onnx export .*'gpt2onnx export SOURCE OUTDIR'"),
@@ -138,12 +170,57 @@ DAMAGE = [
     ("optimum-folder", _optimum, True,
      r"has an ONNX model but no gpt2onnx.json: it is not a gpt2onnx export \(an Optimum export\?\); make one from "
      r"the original model with 'gpt2onnx export SOURCE OUTDIR'"),
+    # Hand edits of the manifest fields that decide how the graph is run: the graph or config.json refuses
+    # each even with the manifest's own sha256 recomputed (or absent, as in older exports).
+    ("precision-int8-to-fp32", _edit(lambda m: m.update(precision="fp32")), True,
+     r"gpt2onnx.json says precision 'fp32' but model.onnx has 'int8'; the manifest was edited .*re-export"),
+    ("precision-int8-to-fp32-no-self-hash", _edit(lambda m: m.update(precision="fp32"), self_hash=False), True,
+     r"says precision 'fp32' but model.onnx has 'int8'"),
+    ("precision-int4", _edit(lambda m: m.update(precision="int4")), True, r"says precision 'int4' but model.onnx"),
+    ("precision-fp16", _edit(lambda m: m.update(precision="fp16")), True,
+     r"precision 'fp16' is not one this gpt2onnx knows \(fp32, int8, int4\); upgrade gpt2onnx or re-export"),
+    ("quantization-scheme", _edit(lambda m: m["quantization"].update(scheme="MatMulNBits")), True,
+     r"says quantization.scheme 'MatMulNBits' but model.onnx has 'qgemm'"),
+    ("quantization-bits", _edit(lambda m: m["quantization"].update(bits=4)), True,
+     r"says quantization.bits 4 but model.onnx has 8"),
+    ("quantization-block_size", _edit(lambda m: m["quantization"].update(block_size=16)), True,
+     r"says quantization.block_size 16 but model.onnx has 0"),
+    ("quantization-accuracy_level", _edit(lambda m: m["quantization"].update(accuracy_level=4)), True,
+     r"says quantization.accuracy_level 4 but model.onnx has 0"),
+    ("quantization-lm_head", _edit(lambda m: m["quantization"].update(lm_head="int4")), True,
+     r"says quantization.lm_head 'int4' but model.onnx has 'int8'"),
+    ("quantization-embedding", _edit(lambda m: m["quantization"].update(embedding="fp32")), True,
+     r"says quantization.embedding 'fp32' but model.onnx has 'int8'"),
+    ("quantization-table_block_size", _edit(lambda m: m["quantization"].update(table_block_size=16)), True,
+     r"says quantization.table_block_size 16 but model.onnx has None"),
+    ("quantization-dropped", _edit(lambda m: m.update(quantization=None)), True,
+     r"says quantization.scheme None but model.onnx has 'qgemm'"),
+    ("kv_cache-dtype", _edit(lambda m: m.update(kv_cache={"dtype": "fp32"})), True,
+     r"says kv_cache.dtype 'fp32' but model.onnx has 'int8'"),
+    ("kv_cache-quant_type", _edit(lambda m: m["kv_cache"].update(quant_type="PER_TENSOR")), True,
+     r"says kv_cache.quant_type 'PER_TENSOR' but model.onnx has 'PER_CHANNEL'"),
+    ("io-past-swapped", _edit(lambda m: _swap(m["io"]["inputs"], "past_key_values.0.key", "past_key_values.0.value")),
+     True, r"says io.inputs\[3\] 'past_key_values.0.value' but model.onnx has 'past_key_values.0.key'"),
+    ("io-present-renamed", _edit(lambda m: m["io"]["outputs"].__setitem__(-1, "present.1.val")), True,
+     r"says io.outputs\[4\] 'present.1.val' but model.onnx has 'present.1.value'"),
+    ("opset", _edit(lambda m: m.update(opset=18)), True, r"says opset 18 but model.onnx has 21"),
+    ("eos-not-config", _edit(lambda m: m.update(eos_token_id=5)), True, r"says eos_token_id 5 but config.json says"),
+    ("dims-n_head-with-config", lambda d: (_config(d, n_head=4), _edit(lambda m: m["dims"].update(n_head=4,
+                                                                                             head_dim=8))(d)), True,
+     r"says dims.n_head 4 but model.onnx has 2"),
+    ("dims-n_positions-with-config", lambda d: (_config(d, n_positions=1024), _edit(
+        lambda m: m["dims"].update(n_positions=1024))(d)), True,
+     r"says dims.n_positions, n_embd \[1024, 32\] but model.onnx has \[64, 32\]"),
+    ("dims-vocab-with-config", lambda d: (_config(d, vocab_size=1001), _edit(
+        lambda m: m["dims"].update(vocab_size=1001))(d)), True, r"says dims.vocab_size 1001 but model.onnx has 1000"),
+    # Any other edit: the manifest's own sha256.
+    ("random_weights-edited", lambda d: _manifest(d, lambda m: m["source"].update(random_weights=True)), True,
+     r"gpt2onnx.json was edited after export \(its content does not match its manifest_sha256\); restore"),
     ("empty-folder", lambda d: [os.remove(J(d, n)) for n in os.listdir(d)], True,
      r"is not a gpt2onnx model folder \(no gpt2onnx.json\); export one with 'gpt2onnx export SOURCE OUTDIR'"),
 ]
 IDS = [c[0] for c in DAMAGE]
-CONTENT_ONLY = {"model.onnx-truncated-rehashed", "data-truncated-rehashed", "model.onnx-garbage-rehashed",
-                "tokenizer-corrupt", "tokenizer-of-another-model"}
+CONTENT_ONLY = {"data-truncated-rehashed", "tokenizer-corrupt", "tokenizer-of-another-model"}
 
 PROBE = r"""
 import contextlib, io, json, sys

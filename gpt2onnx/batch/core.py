@@ -11,14 +11,16 @@ line-3 unknown generation parameter 'tempreature'; did you mean 'temperature'? a
 
 Every entry that runs many prompts goes through here: `gpt2onnx batch` / `run_batch`
 (which adds the output file, its ``.state``, resume, the lock and fsync), Azure ML batch
-and Ray. A row is prepared (`Generator.prepare`: parameters, prompt, context room) once,
-when it is read; a refused row becomes an error row on the spot, and only good
-`Request`s reach the generator.
+and Ray. A row's parameters are merged onto the job's and checked once when it is parsed
+(`gpt2onnx.batch.rows`); its prompt is prepared (`Generator.prepare`: prompt, context
+room) once, when it is read. A refused row becomes an error row on the spot (shaped, like
+every output row, by `rows.output_row`), and only good `Request`s reach the generator.
 
 Continuous batching (the default): `Generator.generate_iterable` keeps `batch_size`
 rows decoding; when one finishes, the next row is read, prepared and prefilled into its
 slot. Rows finish out of order; the window holds them until the head of the input is
-done, so the output stays in input order::
+done (`Window`, also used by static batching and the worker pool), so the output stays
+in input order::
 
     requests ─> rows (parse) ─> prepared when read ─> generate_iterable (slots) ─┐
                     window (input order) <── row finished: `complete` ──────────┘
@@ -37,12 +39,12 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 
 from ..errors import InvalidRequestError
-from ..params import GenerationParams
-from .rows import Row, error_row, parse_request
+from ..params import GenerationParams, resolve
+from .rows import Row, error_row, output_row, parse_request
 
 WINDOW_BATCHES = 8  # static batching: rows read ahead = 8 x batch size: room to group by length
 MAX_BATCH_SIZE = 1024
-BATCHING = ("continuous", "static")
+BATCHING = ("continuous", "static")  # what `batching=` and `gpt2onnx batch --batching` take
 
 
 def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int = 8,
@@ -69,7 +71,7 @@ def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int 
     """
     check_batch_size(batch_size)
     check_batching(batching)
-    base = job_params(params)
+    base = resolve(params)  # a bad job setting fails here, before any row is read
 
     def rows() -> Iterator[Row]:
         for n, obj in enumerate(requests, start=1):
@@ -80,58 +82,83 @@ def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int 
             for row in ready)
 
 
-def iter_batches(generator, rows: Iterable[Row], *, batch_size: int,
-                 batching: str = "continuous") -> Iterator[list[Row]]:
+class Window:
+    """Rows in input order, finished or not: the output advances only at its head.
+
+    Every way of running rows (continuous, static, worker processes) finishes them out of
+    order and hands them on through here, so the output stays in input order.
+    """
+
+    def __init__(self):
+        self.rows: deque[Row] = deque()
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        return row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def pop_done(self, ordered: bool = True) -> list[Row]:
+        """The finished rows at the head, removed (empty while the head row is still running); with
+        `ordered` False, every finished row."""
+        if not ordered:
+            done = [r for r in self.rows if r.out is not None]
+            if done:
+                self.rows = deque(r for r in self.rows if r.out is None)
+            return done
+        out = []
+        while self.rows and self.rows[0].out is not None:
+            out.append(self.rows.popleft())
+        return out
+
+
+def iter_batches(generator, rows: Iterable[Row], *, batch_size: int, batching: str = "continuous",
+                 ordered: bool = True) -> Iterator[list[Row]]:
     """Run parsed rows; yield the rows finished at the head of the input, in order, as the head advances.
 
     A pending row (``out`` None) is prepared when it is read; one that `Generator.prepare`
-    refuses gets its error row there. Every yielded row has ``out``.
+    refuses gets its error row there. Every yielded row has ``out``. With `ordered` False,
+    every row is yielded as soon as it is finished, for a caller that puts them in order
+    itself (a worker process of `gpt2onnx.batch.pool`).
     """
     if batching == "static":
-        return _static(generator, rows, batch_size)
-    return _continuous(generator, rows, batch_size)
+        return _static(generator, rows, batch_size, ordered)
+    return _continuous(generator, rows, batch_size, ordered)
 
 
-def _continuous(generator, rows: Iterable[Row], batch_size: int) -> Iterator[list[Row]]:
-    window: deque[Row] = deque()
+def _continuous(generator, rows: Iterable[Row], batch_size: int, ordered: bool) -> Iterator[list[Row]]:
+    window = Window()
     started: dict[int, tuple[Row, float]] = {}
 
     def requests():  # pulled by the scheduler whenever a slot is free
         n = 0
         for row in rows:
-            window.append(prepare_row(generator, row))
+            window.add(prepare_row(generator, row))
             if row.out is None:
                 started[n] = (row, time.perf_counter())  # n: the request's index in generate_iterable
                 n += 1
                 yield row.request
 
-    def ready() -> list[Row]:
-        out = []
-        while window and window[0].out is not None:
-            out.append(window.popleft())
-        return out
-
     for i, result in generator.generate_iterable(requests(), batch_size=batch_size):
         row, t0 = started.pop(i)
         complete(row, result, time.perf_counter() - t0)
-        head = ready()
-        if head:
+        if head := window.pop_done(ordered):
             yield head
-    head = ready()  # error rows after the last generated one
-    if head:
+    if head := window.pop_done(ordered):  # error rows after the last generated one
         yield head
 
 
 def complete(row: Row, result, seconds: float) -> None:
     """Fill a finished row's output (each generated row passes here once, in either batching mode)."""
-    row.out = {"id": row.id, "line": row.line, "index": row.index, "text": result.text,
-               "prompt_tokens": result.prompt_tokens, "generated_tokens": result.generated_tokens,
-               "finish_reason": result.finish_reason, "seconds": round(seconds, 6)}
+    row.out = output_row(row, text=result.text, prompt_tokens=result.prompt_tokens,
+                         generated_tokens=result.generated_tokens, finish_reason=result.finish_reason,
+                         seconds=round(seconds, 6))
 
 
-def _static(generator, rows: Iterable[Row], batch_size: int) -> Iterator[list[Row]]:
+def _static(generator, rows: Iterable[Row], batch_size: int, ordered: bool) -> Iterator[list[Row]]:
     rows = iter(rows)
-    window: deque[Row] = deque()
+    window = Window()
     limit = WINDOW_BATCHES * batch_size
     exhausted = False
     while True:
@@ -140,22 +167,19 @@ def _static(generator, rows: Iterable[Row], batch_size: int) -> Iterator[list[Ro
             if row is None:
                 exhausted = True
             else:
-                window.append(prepare_row(generator, row))
+                window.add(prepare_row(generator, row))
         if not window:
             return
-        pending = [r for r in window if r.out is None]
+        pending = [r for r in window.rows if r.out is None]
         if pending:
             run_one_batch(generator, _pick_batch(pending, batch_size))
-        ready = []
-        while window and window[0].out is not None:
-            ready.append(window.popleft())
-        if ready:
-            yield ready
+        if head := window.pop_done(ordered):
+            yield head
 
 
 def prepare_row(generator, row: Row) -> Row:
-    """Check and tokenize a pending row (`Generator.prepare`); a refused one gets its error row."""
-    if row.out is None:
+    """Check and tokenize a pending row (`Generator.prepare`) unless it is already; a refused one gets its error row."""
+    if row.out is None and row.request is None:
         try:
             row.request = generator.prepare(row.prompt, row.params)
         except InvalidRequestError as e:
@@ -193,13 +217,3 @@ def check_batch_size(batch_size) -> None:
 def check_batching(batching) -> None:
     if batching not in BATCHING:
         raise InvalidRequestError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
-
-
-def job_params(params) -> dict:
-    """Job defaults as a dict of overrides, checked now: a bad job setting fails before any row is read."""
-    if params is None:
-        return {}
-    if isinstance(params, GenerationParams):
-        return params.to_dict()
-    GenerationParams.from_dict(params)
-    return dict(params)

@@ -1,20 +1,20 @@
 """Batch output: the OUTPUT.jsonl of a batch job, its OUTPUT.state, resume and locked appends.
 
->>> from gpt2onnx.batch.state import Writer, prepare_output
->>> done = prepare_output("out.jsonl", state)   # doctest: +SKIP
->>> w = Writer("out.jsonl")                     # doctest: +SKIP
->>> w.write([{"id": "a", "line": 1, "index": 0, "text": "..."}]); w.close()   # doctest: +SKIP
+>>> from gpt2onnx.batch.state import open_output
+>>> out, done, job = open_output("out.jsonl", state)                        # doctest: +SKIP
+>>> out.write([{"id": "a", "line": 1, "index": 0, "text": "..."}]); out.close()   # doctest: +SKIP
 
 How a job survives a crash::
 
-    OUTPUT.state   written first (atomic): input sha256, job params, model identity
+    OUTPUT.state   written first (atomic): input sha256, job params, model identity, job seed
     OUTPUT         rows appended in input order; flush + fsync after every batch
 
     restart:  check OUTPUT.state  ->  cut a torn last line  ->  keys (line, index) of
               the rows present  ->  skip those rows  ->  append the rest
 
-`prepare_output` does the restart half and returns the done keys, sorted, for
-`gpt2onnx.batch.rows.read_lines` to mark done; `Writer` appends (flock-ed, fsynced).
+`open_output` does all of it in one call: it opens and locks OUTPUT, checks or writes its
+``.state``, cuts a torn tail and returns a sized `Writer` (flock-ed, fsynced appends) with
+the sorted done keys, for `gpt2onnx.batch.rows.read_lines` to mark done.
 """
 
 from __future__ import annotations
@@ -38,7 +38,24 @@ STATE_FORMAT = "gpt2onnx-batch-state"
 STATE_VERSION = 1
 
 
-def check_input(input_path: str, output_path: str) -> None:
+def check_paths(input_path: str, output_path: str) -> None:
+    """Before the model is loaded: the input is a file, and OUTPUT can be written and is not being written now.
+
+    Nothing is created here; `open_output` creates OUTPUT once the model has loaded.
+    """
+    _check_input(input_path, output_path)
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):
+        raise _cannot_open(output_path, "No such file or directory")
+    if os.path.isfile(output_path):
+        try:
+            with open(output_path, "rb") as f:
+                _lock(f, output_path)  # released at close: a busy output fails now, not after the model load
+        except OSError as e:
+            raise _cannot_open(output_path, e.strerror or e) from None
+
+
+def _check_input(input_path: str, output_path: str) -> None:
     if not os.path.exists(input_path):
         raise BatchError(f"input file {input_path!r} does not exist")
     if not os.path.isfile(input_path):
@@ -74,8 +91,28 @@ def _state_path(output_path: str) -> str:
     return output_path + ".state"
 
 
-def prepare_output(output_path: str, state: dict) -> array.array:
-    """Check that OUTPUT belongs to this job, cut a torn tail, and return the sorted done keys."""
+def open_output(output_path: str, state: dict) -> tuple["Writer", array.array, dict]:
+    """Open OUTPUT for this job: lock it, check that it belongs to this job (or start it), cut a torn tail.
+
+    Args:
+        state: what the ``.state`` sidecar records of the job (input sha256, params, model, seed).
+
+    Returns:
+        (the `Writer`, sized after any cut; the sorted keys of the rows already written; the
+        job's state: `state`, or the one an interrupted run wrote, whose `seed` the rest must use).
+    """
+    writer = Writer(output_path)  # opened and locked first: a second job on this output stops here
+    try:
+        done, job = _resume(output_path, state)
+        writer.size = writer.f.seek(0, os.SEEK_END)  # after a torn tail was cut
+    except BaseException:
+        writer.close()
+        raise
+    return writer, done, job
+
+
+def _resume(output_path: str, state: dict) -> tuple[array.array, dict]:
+    """Check that OUTPUT belongs to this job, cut a torn tail; the sorted done keys and the job's state."""
     state_path = _state_path(output_path)
     has_rows = os.path.isfile(output_path) and os.path.getsize(output_path) > 0
     old = None
@@ -89,18 +126,18 @@ def prepare_output(output_path: str, state: dict) -> array.array:
             if has_rows:
                 raise BatchError(f"{state_path} is damaged; delete {output_path} and its .state file to start over")
             old = None
-    if has_rows:
-        if old is None:
-            raise BatchError(f"output {output_path!r} already exists and was not written by 'gpt2onnx batch' "
-                             "(no .state file); choose another output file or delete it")
-        for field, what in (("input_sha256", "a different input file"), ("params", "different generation parameters"),
-                            ("model", "a different model")):
-            if old.get(field) != state[field]:
-                raise BatchError(f"output {output_path!r} was made from {what}; write to a new output file, "
-                                 f"or delete it and {os.path.basename(state_path)} to start over")
-    else:
+    if not has_rows:
         _write_state(state_path, state)
-    return _done_keys(output_path) if has_rows else array.array("q")
+        return array.array("q"), state
+    if old is None:
+        raise BatchError(f"output {output_path!r} already exists and was not written by 'gpt2onnx batch' "
+                         "(no .state file); choose another output file or delete it")
+    for field, what in (("input_sha256", "a different input file"), ("params", "different generation parameters"),
+                        ("model", "a different model")):
+        if old.get(field) != state[field]:
+            raise BatchError(f"output {output_path!r} was made from {what}; write to a new output file, "
+                             f"or delete it and {os.path.basename(state_path)} to start over")
+    return _done_keys(output_path), old
 
 
 def _write_state(path: str, state: dict) -> None:
@@ -168,17 +205,12 @@ class Writer:
             self.f = open(path, "ab")
             self.size = self.f.tell()
         except OSError as e:
-            raise BatchError(f"cannot open output {path!r} for writing ({e.strerror or e}); "
-                             "check the output folder exists and is writable") from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.f.close()
-                raise BatchError(f"output {path!r} is being written by another running batch job; wait for it to "
-                                 "finish (or stop it), or write to another file") from None
-            except OSError:
-                pass  # a filesystem without locks: run one job per output, as before
+            raise _cannot_open(path, e.strerror or e) from None
+        try:
+            _lock(self.f, path)
+        except BaseException:
+            self.f.close()
+            raise
 
     def write(self, rows: list[dict]) -> None:
         if not rows:
@@ -208,6 +240,24 @@ class Writer:
             self.f.close()
         except OSError:
             pass
+
+
+def _lock(f, path: str) -> None:
+    """flock OUTPUT for this job until `f` is closed; a lock held by another job is a one-line `BatchError`."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BatchError(f"output {path!r} is being written by another running batch job; wait for it to "
+                         "finish (or stop it), or write to another file") from None
+    except OSError:
+        pass  # a filesystem without locks: run one job per output, as before
+
+
+def _cannot_open(path: str, reason) -> BatchError:
+    return BatchError(f"cannot open output {path!r} for writing ({reason}); check the output folder exists "
+                      "and is writable")
 
 
 _LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}  # str.splitlines() splits on these

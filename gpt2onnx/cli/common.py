@@ -1,15 +1,26 @@
-"""What several commands share: the generation-parameter flags."""
+"""What several commands share: the generation-parameter flags, made from `GenerationParams` itself.
+
+Each field of `GenerationParams` gives one flag (``top_p`` -> ``--top-p``) of its type, with
+the first sentence of its docstring entry and its default as help; booleans get a
+``--no-`` form too. A new parameter is a new flag with nothing to add here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
+import types
+import typing
 
 from ..errors import InvalidRequestError
 
 
 def param_overrides(a) -> dict:
     """CLI flags and --params JSON -> GenerationParams keys (flags win)."""
+    from ..params import FIELDS
+
     out = {}
     if getattr(a, "params", None):
         try:
@@ -18,35 +29,56 @@ def param_overrides(a) -> dict:
             raise InvalidRequestError(f"--params is not valid JSON ({e.msg}); pass e.g. '{{\"top_p\": 0.9}}'") from None
         if not isinstance(out, dict):
             raise InvalidRequestError("--params must be a JSON object, e.g. '{\"top_p\": 0.9}'")
-    for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
-        if getattr(a, key, None) is not None:
-            out[key] = getattr(a, key)
-    if getattr(a, "do_sample", False):
-        out["do_sample"] = True
-    if getattr(a, "stop", None):
-        out["stop"] = a.stop
-    if getattr(a, "ignore_eos", False):
-        out["ignore_eos"] = True
-    if getattr(a, "truncation", False):
-        out["truncation"] = True
+    out.update({key: getattr(a, key) for key in FIELDS if getattr(a, key, None) is not None})
     return out
 
 
-def add_param_flags(p: argparse.ArgumentParser) -> None:
-    """The generation flags; an unset flag means GenerationParams' default, which --help shows."""
+def add_param_flags(p: argparse.ArgumentParser, *, help: dict[str, str] | None = None) -> None:
+    """One flag per `GenerationParams` field; an unset flag means the field's default, which --help shows.
+
+    Args:
+        help: help text replacing a field's own for this command (e.g. what ``--seed`` means in a job).
+    """
     from ..params import GenerationParams
 
-    d = GenerationParams()
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int,
-                   help=f"tokens to generate (default: {d.max_new_tokens})")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, help=f"sampling temperature; 0 = greedy (default: {d.temperature})")
-    p.add_argument("--top-k", dest="top_k", type=int, help=f"sample from the k likeliest; 0 = off (default: {d.top_k})")
-    p.add_argument("--top-p", dest="top_p", type=float, help=f"nucleus sampling mass (default: {d.top_p})")
-    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float,
-                   help=f"penalty of tokens already seen; 1 = none (default: {d.repetition_penalty})")
-    p.add_argument("--seed", type=int, help="sampling seed (default: fresh entropy)")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
-    p.add_argument("--truncation", action="store_true", help="drop prompt tokens from the left to fit the context")
+    hints = typing.get_type_hints(GenerationParams)
+    texts = _field_docs(GenerationParams.__doc__ or "")
+    for f in dataclasses.fields(GenerationParams):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _scalar(hints[f.name])
+        text = (help or {}).get(f.name) or f"{texts.get(f.name, f.name)} (default: {_shown(f.default)})"
+        text = text.replace("%", "%%")
+        if kind is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kind is str:  # stop: a tuple of strings, one flag per string
+            p.add_argument(flag, dest=f.name, action="append", metavar="TEXT", help=text + "; repeatable")
+        else:
+            p.add_argument(flag, dest=f.name, type=kind, metavar=f.name.upper(), help=text)
     p.add_argument("--params", metavar="JSON", help="generation parameters as JSON (Hugging Face names)")
+
+
+def _scalar(hint) -> type:
+    """int | None -> int; tuple[str, ...] -> str; other hints as they are."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    if typing.get_origin(hint) is tuple:
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+def _shown(default) -> str:
+    if default is None or default == ():
+        return "none"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
+
+
+def _field_docs(doc: str) -> dict[str, str]:
+    """The first sentence of each entry of a Google-style docstring's ``Attributes:`` section."""
+    section = doc.split("Attributes:", 1)[-1]
+    out = {}
+    for m in re.finditer(r"^\s{8}(\w+): (.+?)(?=^\s{8}\w+: |^\s*$|\Z)", section, re.M | re.S):
+        text = " ".join(m.group(2).split())
+        out[m.group(1)] = re.split(r"(?<=[^.])\.(\s|$)", text, maxsplit=1)[0]
+    return out

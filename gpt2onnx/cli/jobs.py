@@ -21,6 +21,8 @@ def add_parsers(sub) -> None:
 
 
 def _add_batch(subparsers) -> None:
+    from ..batch.core import BATCHING
+
     b = subparsers.add_parser("batch", help="generate for a JSONL file of prompts: in order, resumable, error rows",
                               description="Generate for every line of INPUT.jsonl into OUTPUT.jsonl. Rerun the same "
                                           "command after a crash to finish the job.")
@@ -28,10 +30,12 @@ def _add_batch(subparsers) -> None:
     b.add_argument("input", metavar="INPUT.jsonl")
     b.add_argument("output", metavar="OUTPUT.jsonl")
     b.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="rows decoding together")
-    b.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+    b.add_argument("--batching", choices=BATCHING, default=BATCHING[0],
                    help="continuous: a finished row's slot takes the next prompt at once; static: batches run to "
                         "their end (same output)")
-    add_param_flags(b)
+    add_param_flags(b, help={"seed": "job seed: each row without a seed of its own gets one derived from it and "
+                                     "its place in the input, the same on a resume (default: drawn at random and "
+                                     "kept in OUTPUT.state)"})
     b.add_argument("--threads", type=int, help="intra-op threads per worker (default: physical cores // workers)")
     b.add_argument("--workers", type=int, default=1,
                    help="processes generating, each with its own copy of the model; this one writes OUTPUT in order")

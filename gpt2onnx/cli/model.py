@@ -29,7 +29,7 @@ def _export(a) -> int:
 
 
 def _inspect(a) -> int:
-    from ..artifact import summary, verify
+    from ..artifact import SELF_HASH, summary, verify
 
     m = verify(a.model_dir, check_hashes=not a.no_hash)
     if a.json:
@@ -37,6 +37,8 @@ def _inspect(a) -> int:
     else:
         print(summary(m))
         print("files      all present" + (", sizes and sha256 verified" if not a.no_hash else ", sizes verified"))
+        own = ", its own sha256 verified" if SELF_HASH in m.raw else " (no manifest_sha256: an older export)"
+        print(f"manifest   agrees with config.json and model.onnx{own}")
     return 0
 
 

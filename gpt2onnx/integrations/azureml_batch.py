@@ -73,12 +73,12 @@ def init() -> None:
     from ..runtime import load
 
     params = _env_params()
-    GenerationParams.from_dict(params)  # a bad job config fails the deployment, not every row
+    job = GenerationParams.from_dict(params)  # a bad job config fails the deployment, not every row
     batch_size = _env_batch_size()
     output_dir = _env_output_dir()
     model_dir = find_model_dir()
     gen = load(model_dir, threads=threads_from_env())
-    _state.update(generator=gen, params=params, batch_size=batch_size, output_dir=output_dir)
+    _state.update(generator=gen, params=job, batch_size=batch_size, output_dir=output_dir)
     deployment_log().info("gpt2onnx: loaded %s (%s, %d threads), batch size %d, params %s, output %s", model_dir,
                           gen.manifest.precision, gen.threads, batch_size, json.dumps(params),
                           "files" if output_dir else "rows")

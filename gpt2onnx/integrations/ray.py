@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from ..batch import iter_results
-from ..batch.core import check_batch_size, job_params
+from ..batch.core import check_batch_size
 from ..batch.rows import one_line
 from ..errors import ArtifactError, InvalidRequestError
-from ..params import GenerationParams, looks_like_param
+from ..params import GenerationParams, looks_like_param, resolve
 
 OUTPUT_COLUMNS = ("text", "prompt_tokens", "generated_tokens", "finish_reason", "error")
 # Integer parameters: Arrow turns an int column with nulls into float64, so 5.0 must read as 5.
@@ -80,7 +80,7 @@ class Gpt2OnnxPredictor:
         from ..runtime import load
 
         check_batch_size(batch_size)
-        self.params = job_params(params)  # a bad job setting fails at actor start, not on every row
+        self.params = resolve(params)  # a bad job setting fails at actor start, not on every row
         self.batch_size = batch_size
         try:
             self.generator = load(os.fspath(model_dir), threads=threads)

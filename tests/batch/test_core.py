@@ -36,9 +36,10 @@ def test_order_error_rows_and_same_text_as_one_by_one(gen, monkeypatch):
         "not an object",
         {"id": "z", "prompt": _prompt(4), "do_sample": True, "seed": 5},
     ]
-    prepared = []
+    prepared, kinds = [], set()
     real_prepare = gen.prepare
-    monkeypatch.setattr(gen, "prepare", lambda p, params=None, **kw: prepared.append(p) or real_prepare(p, params, **kw))
+    monkeypatch.setattr(gen, "prepare", lambda p, params=None, **kw: prepared.append(p) or kinds.add(type(params))
+                        or real_prepare(p, params, **kw))
     rows = list(iter_results(gen, requests, batch_size=3, params={"max_new_tokens": 6}))
     assert [(r["id"], r["line"], r["index"], "error" in r) for r in rows] == [
         ("a", 1, 0, False), ("line-3", 3, 0, False), ("typo", 4, 0, True), ("no-prompt", 5, 0, True),
@@ -50,9 +51,11 @@ def test_order_error_rows_and_same_text_as_one_by_one(gen, monkeypatch):
     assert err["q:1"] == "prompt must be a string, got int"
     assert "exceeds the context of 64 tokens" in err["long"]
     assert "must be a JSON object" in err["line-8"]
-    # every prompt of a well-formed request is prepared exactly once (the typo row too: prepare refuses it)
-    assert sorted(map(repr, prepared)) == sorted(map(repr, [_prompt(1), _prompt(2), "x", _prompt(3), 7, "",
+    # every prompt of a well-formed request with good parameters is prepared exactly once, its parameters
+    # already one checked GenerationParams (the typo row is refused when its parameters are merged)
+    assert sorted(map(repr, prepared)) == sorted(map(repr, [_prompt(1), _prompt(2), _prompt(3), 7, "",
                                                              "the " * 80, _prompt(4)]))
+    assert kinds == {gpt2onnx.GenerationParams}
     want = {
         "a": gen.generate(_prompt(1), max_new_tokens=6)[0],
         "line-3": gen.generate(_prompt(2), max_new_tokens=3)[0],

@@ -253,13 +253,17 @@ def test_unwritable_output_is_one_clear_error(job, gen, tmp_path):
 
 @pytest.mark.parametrize("name", SURFACE_CASES)
 def test_run_batch_refuses_before_writing_rows(damaged, probed, tmp_path, name):
-    """A damaged model folder (tests/damaged_folders.py) is refused with load's line before any row."""
+    """A damaged model folder (tests/damaged_folders.py) is refused with load's line before OUTPUT or its .state
+    is created (it left an empty output and a .state behind)."""
     assert probed[name]["load"][0] == "ArtifactError"  # safe in process: the subprocess survived it
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "a"}\n')
     with pytest.raises(ArtifactError, match=re.escape(probed[name]["load"][1][:40])):
         run_batch(damaged[name], src, tmp_path / "out.jsonl", progress=False)
-    assert not (tmp_path / "out.jsonl").exists() or (tmp_path / "out.jsonl").read_bytes() == b""
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+    with pytest.raises(ArtifactError, match=re.escape(probed[name]["load"][1][:40])):  # workers verify it first
+        run_batch(damaged[name], src, tmp_path / "out.jsonl", progress=False, workers=2, threads=1)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
 
 def test_bad_arguments(job, gen, tmp_path):
@@ -306,3 +310,28 @@ def test_cli_progress_in_a_log_is_plain_lines(tiny_int8, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr
     assert any(line.startswith("gpt2onnx batch: 12/12 rows (100%)") for line in r.stderr.splitlines()), r.stderr
+
+
+def test_sampled_rows_get_their_own_seeds_from_the_job_seed(gen, tmp_path):
+    """vLLM-style per-row seeds: a row without a seed of its own gets one from the job seed and its place in the
+    input (the same prompt on two lines gives two texts), a row's own seed wins, the job seed is recorded and
+    another one is refused on the same output."""
+    from gpt2onnx.batch.rows import row_seed
+
+    prompt = "the cat sat on the"
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "prompt": prompt}, {"id": "b", "prompt": prompt}, {"id": "own", "prompt": prompt, "seed": 11},
+        {"input_data": [prompt, prompt], "params": {"max_new_tokens": 6}}]))
+    params = {"do_sample": True, "max_new_tokens": 12, "ignore_eos": True, "seed": 5}
+    run_batch(gen, src, tmp_path / "out.jsonl", params=params, progress=False)
+    rows = {r["id"]: r["text"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    one = lambda seed, **kw: gen.generate(prompt, **{**params, **kw, "seed": seed})[0].text  # noqa: E731
+    assert rows["a"] == one(row_seed(5, 1, 0)) and rows["b"] == one(row_seed(5, 2, 0)) and rows["a"] != rows["b"]
+    assert rows["own"] == one(11)
+    assert rows["4:1"] == one(row_seed(5, 4, 1), max_new_tokens=6) != rows["4:0"]
+    assert json.loads((tmp_path / "out.jsonl.state").read_text())["seed"] == 5
+    with pytest.raises(BatchError, match="different generation parameters"):
+        run_batch(gen, src, tmp_path / "out.jsonl", params={**params, "seed": 6}, progress=False)
+    run_batch(gen, src, tmp_path / "again.jsonl", params={**params, "seed": 6}, progress=False)
+    assert (tmp_path / "again.jsonl").read_text().count(rows["a"]) == 0  # another job seed, other texts

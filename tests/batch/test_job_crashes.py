@@ -89,7 +89,7 @@ def park():
     time.sleep(600)
 
 real_fsync, calls = os.fsync, [0]
-if hook == "load":                          # the state file is written, the output opened, the model loading
+if hook == "load":                          # the model loading: the output and its state not created yet
     runtime.load = lambda *a, **k: park()
 elif hook == "state":                       # the state's temp file written and fsynced, not yet renamed
     def fsync(fd):
@@ -186,7 +186,7 @@ def test_batch_sigkill_at_exact_moments_then_rerun(job, tiny_int8, tmp_path, hoo
         _run_until_parked(cmd, hook, tmp_path / "parked")
         after = out.read_bytes() if out.exists() else b""
         if hook == "load":
-            assert after == b"" and (tmp_path / "out.jsonl.state").exists()
+            assert not out.exists() and not (tmp_path / "out.jsonl.state").exists()
         if hook == "state":
             assert not (tmp_path / "out.jsonl.state").exists() and list(tmp_path.glob(".tmp-*"))
         if hook == "mid-line":
@@ -195,6 +195,32 @@ def test_batch_sigkill_at_exact_moments_then_rerun(job, tiny_int8, tmp_path, hoo
             assert after.endswith(b"\n") and before.startswith(after) and len(after) < len(before)
     assert " ok, " in _finish(cmd, out)
     _check_complete(out, ref)
+
+
+def test_a_sampled_job_without_a_seed_resumes_to_the_uninterrupted_text(tiny_int8, tmp_path):
+    """Rows sampled with no seed anywhere: the job draws a seed, keeps it in OUTPUT.state, and the rerun after a
+    SIGKILL goes on with it, so the output equals one uninterrupted run with that job seed (before, the resumed
+    rows were drawn afresh, with no warning)."""
+    rng = random.Random(2)
+    with open(tmp_path / "in.jsonl", "w", encoding="utf-8") as f:
+        for i in range(60):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+            f.write(json.dumps({"id": i, "prompt": words, "max_new_tokens": rng.randint(4, 14)} if i % 9 else
+                               {"input_data": [words, words], "params": {"max_new_tokens": 6}}) + "\n")
+    out = tmp_path / "out.jsonl"
+    cmd = [*_cmd(tiny_int8, tmp_path, out), "--do-sample", "--temperature", "1.5"]
+    _run_until_parked(cmd, "after-fsync-4", tmp_path / "parked")
+    kept = read_rows(out)
+    assert kept, "the kill should land after some rows were written"
+    _finish(cmd, out)
+    seed = json.loads((tmp_path / "out.jsonl.state").read_text())["seed"]
+    assert isinstance(seed, int)
+    whole = tmp_path / "whole.jsonl"
+    assert cli.main(["batch", tiny_int8, str(tmp_path / "in.jsonl"), str(whole), "--batch-size", "3", "--threads",
+                     "1", "--no-progress", "--do-sample", "--temperature", "1.5", "--seed", str(seed)]) == 0
+    got, want = read_rows(out), read_rows(whole)
+    assert got == want and got[: len(kept)] == kept
+    assert len({r["text"] for r in got}) > len(got) * 0.9  # sampled: the rows differ
 
 
 def test_batch_killed_again_and_again_at_random_points(job, tiny_int8, tmp_path):

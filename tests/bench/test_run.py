@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from gpt2onnx import bench, cli, cpu
+from gpt2onnx import artifact, bench, cli, cpu
 from gpt2onnx.bench import record as results, runs as benchruns
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
 
@@ -143,6 +143,7 @@ def test_missing_source_folder_makes_an_error_row(tiny_int8, tmp_path):
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
     manifest["source"]["id"] = str(tmp_path / "gone")
+    manifest[artifact.SELF_HASH] = artifact.content_sha256(manifest)  # a consistent manifest of a moved source
     with open(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f)
     rec = bench.run_bench(model, baselines=["pytorch"], out_dir=None, **{**SMALL, "new_tokens": 2})

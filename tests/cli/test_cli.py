@@ -52,11 +52,27 @@ def test_export_help_shows_the_exporters_real_defaults():
         assert f"{flag} " in text and f"(default: {real[name].default})" in text
 
 
-def test_generation_flags_show_the_generation_params_defaults():
+def test_generation_flags_are_the_generation_params_fields_with_their_defaults():
+    """One flag per GenerationParams field (made from the dataclass: a new field is a new flag), its help the
+    docstring's first sentence and the default; the flags give GenerationParams' own keys and types."""
+    import dataclasses
+
+    from gpt2onnx.cli.common import param_overrides
+
+    for command in ("generate", "batch"):
+        parser = _subparsers()[command]
+        text = " ".join(parser.format_help().split())
+        for f in dataclasses.fields(gpt2onnx.GenerationParams):
+            assert "--" + f.name.replace("_", "-") in text, (command, f.name)
     text = " ".join(_subparsers()["generate"].format_help().split())
-    d = gpt2onnx.GenerationParams()
-    assert f"tokens to generate (default: {d.max_new_tokens})" in text
-    assert f"(default: {d.top_k})" in text and "(default: fresh entropy)" in text
+    assert "Number of tokens to generate at most, 1 to 100,000; the runtime also checks it against the " \
+           "model's context (default: 50)" in text
+    assert "(default: none)" in text and "--no-return-full-text" in text
+    a = _subparsers()["generate"].parse_args(["m", "p", "--top-k", "5", "--no-return-full-text", "--stop", "x",
+                                              "--stop", "y", "--do-sample", "--params", '{"top_k": 9, "seed": 2}'])
+    assert param_overrides(a) == {"top_k": 5, "seed": 2, "return_full_text": False, "stop": ["x", "y"],
+                                  "do_sample": True}
+    assert param_overrides(_subparsers()["generate"].parse_args(["m", "p"])) == {}
 
 
 # -- one warning line, once -----------------------------------------------------------

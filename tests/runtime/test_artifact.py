@@ -129,3 +129,52 @@ def test_summary_lines(tiny_int8, tiny_fp32, folder):
     assert "precision  fp32\n" in fp32 and "fidelity" not in fp32
     edit(folder, lambda m: m["source"].update(random_weights=True, seed=7))
     assert "(RANDOM WEIGHTS (seed 7; text is meaningless))" in artifact.summary(artifact.read_manifest(str(folder)))
+
+
+def test_the_manifest_hashes_its_own_content(tiny_int8, folder, capsys):
+    """An export records the sha256 of its manifest's content; inspect says so, and a folder made before the
+    field existed (none) still loads, with the graph checks only."""
+    from gpt2onnx import cli
+
+    raw = artifact.read_manifest(tiny_int8).raw
+    assert raw[artifact.SELF_HASH] == artifact.content_sha256(raw)
+    assert artifact.content_sha256({**raw, "name": "other"}) != raw[artifact.SELF_HASH]
+    assert cli.main(["inspect", str(folder)]) == 0
+    assert "manifest   agrees with config.json and model.onnx, its own sha256 verified" in capsys.readouterr().out
+    edit(folder, lambda m: m.pop(artifact.SELF_HASH))
+    assert cli.main(["inspect", str(folder)]) == 0
+    assert "(no manifest_sha256: an older export)" in capsys.readouterr().out
+    edit(folder, lambda m: m.update(precision="fp32"))  # no self-hash to catch it: the graph does
+    with pytest.raises(ArtifactError, match="says precision 'fp32' but model.onnx has 'int8'"):
+        artifact.verify(str(folder), check_hashes=False)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_fp32", "tiny_int8_kvfp32", "tiny_int4"])
+def test_every_kind_of_export_agrees_with_its_graph(fixture, request):
+    """fp32, int8 with an fp32 cache and int4 (tiny_int8 is the damaged folders' source) pass their own checks."""
+    from gpt2onnx.graphcheck import read_graph
+
+    folder = request.getfixturevalue(fixture)
+    m = artifact.verify(folder)
+    g = read_graph(os.path.join(folder, "model.onnx"))
+    assert g.precision == m.precision and len(g.attention) == m.dims.n_layer
+
+
+@pytest.mark.slow
+def test_124m_exports_agree_with_their_graphs_and_an_edited_precision_is_refused(gpt2_124m, tmp_path):
+    """At real scale (outlier channels split off in fp32 MatMuls, block-128 int8, the int4 table ladder) every
+    export passes its own checks, and the issue's edit (int8 -> fp32, which broke batch invariance) is refused."""
+    from gpt2onnx.graphcheck import read_graph
+
+    for precision, folder in gpt2_124m.items():
+        m = artifact.verify(folder, check_hashes=False)
+        assert read_graph(os.path.join(folder, "model.onnx")).precision == m.precision == precision
+    src, d = gpt2_124m["int8"], tmp_path / "edited"
+    d.mkdir()
+    for name in os.listdir(src):  # the weights by link: only the manifest changes
+        (d / name).symlink_to(os.path.join(src, name)) if name == "model.onnx.data" else shutil.copy(
+            os.path.join(src, name), d / name)
+    edit(d, lambda m: (m.update(precision="fp32", quantization=None),
+                       m.update({artifact.SELF_HASH: artifact.content_sha256(m)})))
+    with pytest.raises(ArtifactError, match="says precision 'fp32' but model.onnx has 'int8'"):
+        artifact.verify(str(d), check_hashes=False)

@@ -33,8 +33,9 @@ def test_refused_at_load_with_one_line(probed, name, damage, verify, err):
     assert kind == "ArtifactError", got
     assert re.search(err, message) and "\n" not in message, message
     if verify:
-        # inspect checks the manifest, sizes and sha256 only: it passes a folder whose files match a
-        # manifest rewritten after the damage; loading is what parses the graph and the tokenizer.
+        # inspect checks the manifest, sizes, sha256 and the manifest against config.json and the graph's
+        # structure: it passes a folder whose weights or tokenizer were damaged before the manifest was
+        # rewritten; loading is what reads the weights and the tokenizer.
         for cmd in ("generate",) if name in CONTENT_ONLY else ("generate", "inspect"):
             rc, stderr = got[cmd]
             assert rc == 1 and stderr.count("\n") == 1 and stderr.startswith("gpt2onnx: error: "), (cmd, got)
