@@ -1,17 +1,12 @@
-"""The decode loop: rows in slots, one sampled token per row per step, stopping, continuous admission.
+"""The decode loop: sequences in a batch's slots, one sampled token each per step, stopping, admission.
 
->>> for row, token, reason, text in run(engine, rows, None, slots=len(rows), max_len=64,
-...                                     eos_token_id=50256):                      # doctest: +SKIP
-...     print(row.index, token, reason)
-
-Each row's prompt is prefilled at its own length (rows of equal length together, when
-they start together); then every active row decodes one token per step, each at its own
-position. A finished row frees its slot: with more rows to come (`more`), the next one
-is prefilled into it while the others go on (continuous batching); with none, the cache
-is compacted so the others stop paying for it. A row's tokens never depend on its
-neighbours (the engine gives every MatMul an even number of rows where the graph's kernels
-need it, and sampling is per row), so a row gives the same tokens alone, in any batch, or
-admitted mid-flight.
+Each sequence's prompt is prefilled at its own length (sequences of equal length together,
+when they start together); then every active sequence decodes one token per step, each at
+its own position. A finished sequence frees its slot: with more to come (`more`), the next
+one is prefilled into it while the others go on (continuous batching); with none, the
+batch is compacted so the others stop paying for it. A sequence's tokens never depend on
+its neighbours (the `Batch` keeps every kernel on one path, and sampling is per sequence),
+so it gives the same tokens alone, in any batch, or admitted mid-flight.
 """
 
 from __future__ import annotations
@@ -26,73 +21,67 @@ from ._engine import Batch
 from .request import GenerationResult, Request
 from .textstream import TextStream
 
+_NO_HISTORY = np.zeros(0, np.int64)  # what sampling reads for a sequence without a repetition penalty
 
-def run(engine, first: list["Row"], more: Iterator["Row"] | None, *, slots: int, max_len: int,
-        eos_token_id: int) -> Iterator[tuple["Row", int, str | None, str]]:
-    """Yield (row, token, finish_reason or None, new text) for every generated token of every row.
+
+def run(engine, first: list["Sequence"], more: Iterator["Sequence"] | None, *, slots: int, max_len: int,
+        eos_token_id: int) -> Iterator[tuple["Sequence", int, str | None, str]]:
+    """Yield (sequence, token, finish_reason or None, new text) for every generated token.
 
     Args:
-        first: rows that start together (prefilled as one batch when of equal length).
-        more: rows admitted one by one into freed slots, in order (None: no more).
-        slots: rows decoding at once; max_len: the longest prompt + new tokens of any row.
+        first: sequences that start together (prefilled as one batch when of equal length).
+        more: sequences admitted one by one into freed slots, in order (None: no more).
+        slots: sequences decoding at once; max_len: the longest prompt + new tokens of any.
     """
     batch = Batch(engine, max(slots, len(first)), max_len)
-    occupant: list[Row | None] = [None] * batch.slots
-    fresh: dict[int, np.ndarray] = {}  # slot -> prefill logits of a row admitted since the last step
+    fresh: dict[int, np.ndarray] = {}  # slot -> prefill logits of a sequence admitted since the last step
     if first:
-        for s, logits in enumerate(batch.prefill([r.request.input_ids for r in first])):
-            occupant[s], fresh[s] = first[s], logits
-    usable = max(slots, len(first))  # an odd batch's spare slot (when rows go in pairs) stays a scratch row
+        fresh.update(enumerate(batch.prefill(first, [q.request.input_ids for q in first])))
     dec = None
     while True:
-        while more is not None and None in occupant[:usable]:
-            row = next(more, None)
-            if row is None:
+        while more is not None and (s := batch.free_slot()) is not None:
+            seq = next(more, None)
+            if seq is None:
                 more = None
                 break
-            s = occupant.index(None)
-            occupant[s], fresh[s] = row, batch.admit(s, row.request.input_ids)
-        active = [s for s, r in enumerate(occupant) if r is not None]
+            fresh[s] = batch.admit(s, seq, seq.request.input_ids)
+        active = batch.busy()
         if not active:
             return
-        rows = [occupant[s] for s in active]
+        seqs = [batch.rows[s] for s in active]
         if fresh:
             logits = np.stack([fresh[s] if s in fresh else dec[s] for s in active])
             fresh.clear()
         else:
             logits = dec[:len(active)] if active[-1] == len(active) - 1 else dec[active]
-        nxt = sampling.next_tokens(logits, [r.request.params for r in rows], [r.rng for r in rows],
-                                   [np.asarray(r.history, np.int64) for r in rows], eos_token_id=eos_token_id)
+        nxt = sampling.next_tokens(logits, [q.params for q in seqs], [q.rng for q in seqs],
+                                   [q.history() if q.params.repetition_penalty != 1.0 else _NO_HISTORY for q in seqs],
+                                   eos_token_id=eos_token_id)
         tokens = np.zeros(batch.slots, np.int64)
-        for s, row, tok in zip(active, rows, nxt.tolist()):
-            piece, reason = row.push(tok, eos_token_id)
-            yield row, tok, reason, piece
+        for s, seq, tok in zip(active, seqs, nxt.tolist()):
+            piece, reason = seq.push(tok, eos_token_id)
+            yield seq, tok, reason, piece
             if reason is None:
                 tokens[s] = tok
             else:
-                occupant[s] = None
                 batch.free(s)
-        still = [s for s in active if occupant[s] is not None]
-        if not still:
+        if not batch.busy():
             if more is None:
                 return
             continue
-        if more is None and batch.width(len(still)) < batch.slots:  # nothing to admit: shrink the batch
-            batch.compact(still)
-            occupant = [occupant[s] for s in still] + [None] * (batch.slots - len(still))
-            tokens = np.concatenate([tokens[still], np.zeros(batch.slots - len(still), np.int64)])
-            usable = len(still)
+        if more is None and batch.width(len(batch.busy())) < batch.slots:  # nothing to admit: shrink the batch
+            kept = batch.compact()
+            tokens = np.concatenate([tokens[kept], np.zeros(batch.slots - len(kept), np.int64)])
         dec = batch.decode(tokens)
 
 
 @dataclass
-class Row:
-    """One request on its way through the decode loop."""
+class Sequence:
+    """One request on its way through the decode loop: its generated tokens, text stream and sampler."""
 
     index: int  # place in the caller's list
     request: Request
     stream: TextStream
-    history: list[int]  # prompt + generated ids (the repetition penalty reads it)
     tokens: list[int] = field(default_factory=list)  # generated ids
     finish_reason: str | None = None
     rng: np.random.Generator = field(init=False)
@@ -100,10 +89,17 @@ class Row:
     def __post_init__(self):
         self.rng = sampling.make_rng(self.request.params.seed)
 
+    @property
+    def params(self):
+        return self.request.params
+
+    def history(self) -> np.ndarray:
+        """Prompt + generated ids (what the repetition penalty reads)."""
+        return np.array(self.request.input_ids + tuple(self.tokens), np.int64)
+
     def push(self, tok: int, eos_token_id: int) -> tuple[str, str | None]:
         """Take one generated token; returns the text it makes printable and the finish reason (or None)."""
         prm = self.request.params
-        self.history.append(tok)
         self.tokens.append(tok)
         piece = self.stream.push(tok)
         if tok == eos_token_id and not prm.ignore_eos:

@@ -43,3 +43,24 @@ class DataError(Gpt2OnnxError):
 
 class BatchError(Gpt2OnnxError):
     """A batch job cannot start or go on (input missing, output unwritable, output of another job)."""
+
+
+def first_line(error: BaseException | str, limit: int = 160) -> str:
+    """The first line of an error message (a library's exception, say), cut to `limit` characters,
+    for quoting inside one of ours.
+
+    >>> first_line(RuntimeError("bad shape\\n  at node 3"))
+    'bad shape'
+    """
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
+def show(value) -> str:
+    """repr of a user value, cut to about 40 characters for one-line messages.
+
+    >>> show("x" * 50)
+    "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx..."
+    """
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -9,9 +9,9 @@
 One request path: `Generator.prepare` checks a prompt and its parameters, tokenizes it
 and fits it to the context once, giving a `Request`; every entry (generate, streaming,
 batch jobs, Azure ML, MLflow, Ray) runs Requests through `generate_batch` /
-`stream_batch`, or `generate_iterable` (continuous batching). The decode loop (slots,
-sampling, stopping) is `_scheduler`; the model step (session, IO binding, KV cache) is
-`_engine`.
+`stream_batch`, or `generate_iterable` (continuous batching). The decode loop (sampling,
+stopping, admission) is `_scheduler`; the slots and the model step (session, IO binding)
+are `_engine`; the KV cache is `_kvcache`.
 
 One `Generator` may be shared by many threads: every call keeps its state on its own
 stack and onnxruntime sessions allow concurrent `run` calls.
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from . import artifact, cpu
-from . import tokenizer as _tokenizer
+from . import cpu, graphio
 from ._engine import Engine
-from ._scheduler import Row, run
+from ._scheduler import Sequence as Seq
+from ._scheduler import run
 from .errors import InvalidRequestError
 from .params import GenerationParams
 from .request import GenerationResult, Request, StepResult
@@ -51,21 +51,16 @@ class Generator:
     """Text generation over one onnxruntime session. Build with `gpt2onnx.load`."""
 
     def __init__(self, model_dir: str, *, threads: int | None = None, verify_hashes: bool = True):
-        model_dir = artifact.fspath(model_dir)
-        self.manifest = artifact.verify(model_dir, check_hashes=verify_hashes)
-        self.model_dir = model_dir
-        d = self.manifest.dims
-        self.n_layer, self.n_head, self.head_dim = d.n_layer, d.n_head, d.head_dim
-        self.n_positions, self.vocab_size = d.n_positions, d.vocab_size
-        self.eos_token_id = self.manifest.eos_token_id
-        self.bos_token_id = self.manifest.bos_token_id
-        self.tokenizer = _tokenizer.load(model_dir, vocab_size=self.vocab_size)
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InvalidRequestError(f"threads must be a positive integer, got {threads!r}")
         self.threads = threads or cpu.physical_cores()
+        folder = graphio.open_folder(model_dir, self.threads, verify_hashes=verify_hashes)
         cpu.warn_oversubscribed(self.threads)
-        self.engine = Engine(model_dir, self.manifest, threads=self.threads)
-        self.session = self.engine.session
+        self.model_dir, self.manifest, self.tokenizer = folder.path, folder.manifest, folder.tokenizer
+        self.n_positions, self.vocab_size = self.manifest.dims.n_positions, self.manifest.dims.vocab_size
+        self.eos_token_id = self.manifest.eos_token_id
+        self.bos_token_id = self.manifest.bos_token_id
+        self._engine = Engine(self.model_dir, self.manifest, threads=self.threads, session=folder.session)
 
     # -- public API -------------------------------------------------------------------
 
@@ -151,24 +146,24 @@ class Generator:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")
 
-        def rows() -> Iterator[Row]:
+        def rows() -> Iterator[Seq]:
             for i, r in enumerate(requests):
                 if not isinstance(r, Request):
                     raise InvalidRequestError(f"request {i}: expected a Request (Generator.prepare), "
                                               f"got {type(r).__name__}")
                 yield self._row(i, r)
 
-        for row, _, reason, _ in run(self.engine, [], rows(), slots=batch_size, max_len=self.n_positions,
+        for row, _, reason, _ in run(self._engine, [], rows(), slots=batch_size, max_len=self.n_positions,
                                      eos_token_id=self.eos_token_id):
             if reason is not None:
                 yield row.index, row.result()
 
-    def _steps(self, rows: list[Row]):
+    def _steps(self, rows: list[Seq]):
         max_len = int(max(len(r.request.input_ids) + r.request.params.max_new_tokens for r in rows))
-        return run(self.engine, rows, None, slots=len(rows), max_len=max_len, eos_token_id=self.eos_token_id)
+        return run(self._engine, rows, None, slots=len(rows), max_len=max_len, eos_token_id=self.eos_token_id)
 
-    def _row(self, index: int, request: Request) -> Row:
-        return Row(index, request, TextStream(self._decode, stop=request.params.stop), list(request.input_ids))
+    def _row(self, index: int, request: Request) -> Seq:
+        return Seq(index, request, TextStream(self._decode, stop=request.params.stop))
 
     def generate_tokens(self, prompt: str, params: GenerationParams | None = None,
                         **overrides) -> Iterator[StepResult]:
@@ -208,7 +203,7 @@ class Generator:
             raise InvalidRequestError(f"prompt {index}{msg[len('prompt'):]}" if msg.startswith("prompt ")
                                       else f"prompt {index}: {msg}") from None
 
-    def _rows(self, requests) -> list[Row]:
+    def _rows(self, requests) -> list[Seq]:
         if not isinstance(requests, (list, tuple)) or not requests or not all(
                 isinstance(r, Request) or (isinstance(r, tuple) and len(r) == 2) for r in requests):
             raise InvalidRequestError("requests must be a non-empty list of Requests (Generator.prepare) "

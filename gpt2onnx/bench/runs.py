@@ -144,7 +144,7 @@ def missing_packages(baseline: str) -> list[str]:
 
 def source_spec(manifest) -> tuple[dict | None, str | None]:
     """The source the PyTorch baseline is rebuilt from, or why it cannot be."""
-    from ..exporter.sources import hub_name
+    from ..sources import hub_name
 
     src = manifest.source
     sid = src.id

@@ -201,7 +201,7 @@ def _torch_threads(n: int) -> None:
 
 
 def load_source(spec: dict):
-    from ..exporter import sources
+    from .. import sources
 
     return sources.load(spec["id"], random_weights=spec["random_weights"], seed=spec["seed"] or 0)
 

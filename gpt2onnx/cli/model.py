@@ -12,7 +12,7 @@ def _export(a) -> int:
     from ..artifact import read_manifest, summary
     from ..errors import ModelDownloadError, UnsupportedModelError
     from ..exporter import export
-    from ..exporter.sources import cli_hint
+    from ..sources import cli_hint
 
     def run(random_weights: bool) -> dict:
         return export(a.source, a.outdir, precision=a.precision, force=a.force, random_weights=random_weights,

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from ..errors import DataError, Gpt2OnnxError, InvalidRequestError
+from ..graphio import open_folder
 from . import fidelity
 from .data import (DATA_ENV, LAMBADA_FILE, WIKITEXT2_FILE, data_info, data_path, read_lambada, read_text,
                    wikitext2_text)
@@ -32,7 +33,7 @@ FIDELITY_PROMPTS = 16  # greedy-continuation prompts of the fidelity task
 
 
 def fidelity_verdict(figures: dict, manifest, vocab_size: int) -> list[str]:
-    """What missed the gate, by the exporter's own rule (`gpt2onnx.exporter.policy`): one model, one verdict.
+    """What missed the gate, by the exporter's own rule (`gpt2onnx.eval.gate`): one model, one verdict.
 
     >>> fidelity_verdict(figures, gen.manifest, gen.vocab_size)    # doctest: +SKIP
     []
@@ -42,7 +43,7 @@ def fidelity_verdict(figures: dict, manifest, vocab_size: int) -> list[str]:
 
 def fidelity_gate(figures: dict, manifest, vocab_size: int) -> tuple[dict, str, list[str]]:
     """(thresholds applied, why those, what missed them), by the exporter's `gate_for` + `check`."""
-    from ..exporter.policy import check, gate_for
+    from .gate import check, gate_for
 
     gate, why = gate_for(figures, vocab_size, manifest.source.random_weights, manifest.precision)
     return gate, why, check(figures, gate)
@@ -70,12 +71,10 @@ def _reference(reference: str | None, manifest, threads: int | None):
     from ..artifact import MANIFEST
 
     if reference is not None and os.path.isfile(os.path.join(os.fspath(reference), MANIFEST)):
-        from ..runtime import load
-
-        ref = load(reference, threads=threads)
+        ref = open_folder(reference, threads)
         desc = {"reference": os.path.abspath(reference), "reference_precision": ref.manifest.precision}
         return ref.session, desc, {k: getattr(ref.manifest.dims, k) for k in ARCHITECTURE}
-    from ..exporter import sources
+    from .. import sources
 
     src_info = manifest.source
     random_weights, seed = False, 0
@@ -130,28 +129,27 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
     >>> sorted(r)[:3]                                                     # doctest: +SKIP
     ['bits_per_byte', 'bytes_scored', 'data']
     """
-    from ..runtime import load
-
     if task not in TASKS:
         raise InvalidRequestError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     _check_limit(limit)
     name = LAMBADA_FILE if task == "lambada" else WIKITEXT2_FILE
     path = data_path(name, data)
     t0 = time.perf_counter()
-    gen = load(model_dir, threads=threads)
+    gen = open_folder(model_dir, threads)
     m = gen.manifest
+    n_positions = m.dims.n_positions
     out = {"task": task, "model": os.path.abspath(os.fspath(model_dir)), "precision": m.precision,
            "kv_cache": m.kv_cache.dtype, "random_weights": m.source.random_weights}
     out.update(data_info(name, path))
     if task == "lambada":
         texts = read_lambada(path)[:limit]
-        out.update(lambada(gen.session, gen.tokenizer, texts, n_positions=gen.n_positions,
-                           bos_token_id=gen.bos_token_id, progress=progress))
+        out.update(lambada(gen.session, gen.tokenizer, texts, n_positions=n_positions,
+                           bos_token_id=m.bos_token_id, progress=progress))
     else:
         text = wikitext2_text(read_text(path))
         ids = np.asarray(gen.tokenizer.encode(text, add_special_tokens=False).ids, np.int64)
         if task == "wikitext2":
-            max_length = min(gen.n_positions, MAX_LENGTH)
+            max_length = min(n_positions, MAX_LENGTH)
             lengths = token_byte_lengths(gen.tokenizer)
             if int(lengths[ids].sum()) != len(text.encode("utf-8")):
                 lengths = None  # not a byte-level BPE: bytes per token unknown
@@ -160,16 +158,16 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
         else:
             ref, desc, ref_dims = _reference(reference, m, threads)
             _same_model(ref_dims, m.dims, str(desc["reference"]), os.fspath(model_dir))
-            window = min(gen.n_positions, ref_dims["n_positions"], MAX_LENGTH)
+            window = min(n_positions, ref_dims["n_positions"], MAX_LENGTH)
             out.update(desc)
-            from ..exporter.policy import DECISIVE_MARGIN
+            from .gate import DECISIVE_MARGIN
 
             out.update(fidelity.measure(ref, gen.session, ids, window=window, stride=window // 2, limit=limit,
                                         progress=progress, margin=DECISIVE_MARGIN))
             plen = min(64, window // 4)
             prompts = fidelity.spaced_prompts(ids, count=FIDELITY_PROMPTS, length=plen)
             out.update(fidelity.greedy_agreement(ref, gen.session, prompts, new_tokens=min(32, window - plen)))
-            out["gate"], out["gated"], out["gate_missed"] = fidelity_gate(out, m, gen.vocab_size)
+            out["gate"], out["gated"], out["gate_missed"] = fidelity_gate(out, m, m.dims.vocab_size)
             out["window"], out["stride"] = window, window // 2
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out

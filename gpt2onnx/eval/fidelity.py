@@ -23,7 +23,7 @@ next-token distribution p with the model's q:
 - ``mean_kl`` / ``p99_kl``: KL(p || q) in nats, mean and 99th percentile;
 - ``ppl_ratio``: perplexity of the model / of the reference on those same tokens.
 
-The thresholds, the verdict and the gate text live in `gpt2onnx.exporter.policy`, the
+The thresholds, the verdict and the gate text live in `gpt2onnx.eval.gate`, the
 one place the exporter and ``gpt2onnx eval`` take them from.
 
 Sessions are anything with onnxruntime's ``run(None, feeds)`` and ``get_inputs()``:
@@ -38,61 +38,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..graphio import GraphSpec, log_softmax
+
 _CHUNK = 256  # rows of (rows, vocab) logits turned into float64 log-probs at once
 
 
-# -- sessions -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SessionSpec:
-    """What feeding a gpt2onnx-style session needs: the KV-cache shapes."""
-
-    past_names: tuple[str, ...]  # past_key_values.{i}.key|value, in order
-    n_head: int
-    head_dim: int
-    has_logits_to_keep: bool
-    cache_dtype: type = np.float32  # np.int8 for a folder exported with --kv-cache int8
-
-    @classmethod
-    def of(cls, session) -> "SessionSpec":
-        inputs = {i.name: i for i in session.get_inputs()}
-        past = tuple(n for n in inputs if n.startswith("past_key_values."))
-        if not past or "input_ids" not in inputs:
-            from ..errors import ArtifactError
-
-            raise ArtifactError("the session is not a GPT-2 decoder with a KV cache (no past_key_values.* inputs); "
-                                "export the model with gpt2onnx")
-        shape = inputs[past[0]].shape  # (B, H, P, D): H and D are fixed numbers
-        # logits_to_keep is an optional input (an overridable initializer, default 0) in
-        # current exports and a required one in older folders.
-        optional = getattr(session, "get_overridable_initializers", lambda: [])()
-        has_keep = "logits_to_keep" in inputs or any(i.name == "logits_to_keep" for i in optional)
-        return cls(past, int(shape[1]), int(shape[3]), has_keep, cache_dtype(session))
-
-    def feeds(self, ids: np.ndarray, keep: int) -> dict:
-        """Feeds of a run from an empty cache over `ids` (B, S) keeping `keep` positions (0 = all)."""
-        b, s = ids.shape
-        empty = np.zeros((b, self.n_head, 0, self.head_dim), self.cache_dtype)
-        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, s), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
-        feeds.update((n, empty) for n in self.past_names)
-        if self.has_logits_to_keep:
-            feeds["logits_to_keep"] = np.array(keep, np.int64)
-        return feeds
-
-
-def cache_dtype(session) -> type:
-    """The numpy type of a session's KV cache: np.int8 for an int8-KV graph, else np.float32."""
-    past = next((i for i in session.get_inputs() if i.name.startswith("past_key_values.")), None)
-    return np.int8 if getattr(past, "type", None) == "tensor(int8)" else np.float32
-
-
-def logits_at_end(session, ids: np.ndarray, keep: int, spec: SessionSpec | None = None) -> np.ndarray:
+def logits_at_end(session, ids: np.ndarray, keep: int, spec: GraphSpec | None = None) -> np.ndarray:
     """Logits of the last `keep` positions of one run over `ids` (S,) from an empty cache: (keep, V).
 
     Only those positions go through the LM head (``logits_to_keep``).
     """
-    spec = spec or SessionSpec.of(session)
+    spec = spec or GraphSpec.of(session)
     s = len(ids)
     if not 1 <= keep <= s:
         raise ValueError(f"keep must be in [1, {s}], got {keep}")
@@ -100,7 +56,7 @@ def logits_at_end(session, ids: np.ndarray, keep: int, spec: SessionSpec | None 
     return logits[-keep:]  # (keep, V); a session without logits_to_keep returns all positions
 
 
-def last_logits(session, ids: np.ndarray, n: int, spec: SessionSpec | None = None) -> np.ndarray:
+def last_logits(session, ids: np.ndarray, n: int, spec: GraphSpec | None = None) -> np.ndarray:
     """Logits predicting the last `n` tokens of `ids` (S,): (n, V), ``n <= S - 1``.
 
     Row j is the next-token distribution for ``ids[S - n + j]`` given everything before it.
@@ -108,13 +64,6 @@ def last_logits(session, ids: np.ndarray, n: int, spec: SessionSpec | None = Non
     if not 1 <= n <= len(ids) - 1:
         raise ValueError(f"n must be in [1, {len(ids) - 1}], got {n}")
     return logits_at_end(session, ids, n + 1, spec)[:-1]
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    """log softmax over the last axis, in float64."""
-    x = np.asarray(x, np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 # -- the sliding windows --------------------------------------------------------------
@@ -182,7 +131,7 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
         limit: use only the first `limit` windows.
         progress: show a progress bar on stderr.
         margin: log-prob lead (nats) of the reference's favourite over its runner-up
-            that makes a position decisive (the gate passes ``policy.DECISIVE_MARGIN``).
+            that makes a position decisive (the gate passes ``gate.DECISIVE_MARGIN``).
 
     Returns:
         ``top1_agreement``, ``decisive_top1_agreement`` (None without decisive
@@ -198,7 +147,7 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
     ids = np.asarray(token_ids, np.int64).ravel()
     if ids.size < 2:
         raise ValueError("need at least 2 tokens to measure")
-    ref_spec, spec = SessionSpec.of(ref_session), SessionSpec.of(session)
+    ref_spec, spec = GraphSpec.of(ref_session), GraphSpec.of(session)
     wins = list(windows(ids.size, window, stride))[:limit]
     agree, kls, decisive = [], [], []
     nll_ref = nll = 0.0
@@ -238,9 +187,9 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
     }
 
 
-def greedy(session, prompts: np.ndarray, new_tokens: int, spec: SessionSpec | None = None) -> np.ndarray:
+def greedy(session, prompts: np.ndarray, new_tokens: int, spec: GraphSpec | None = None) -> np.ndarray:
     """Greedy continuations of equal-length `prompts` (K, P) with the KV cache: (K, new_tokens)."""
-    spec = spec or SessionSpec.of(session)
+    spec = spec or GraphSpec.of(session)
     prompts = np.asarray(prompts, np.int64)
     k, p = prompts.shape
     feeds = spec.feeds(prompts, 1)
@@ -248,12 +197,7 @@ def greedy(session, prompts: np.ndarray, new_tokens: int, spec: SessionSpec | No
     for step in range(new_tokens):
         logits, *present = session.run(None, feeds)
         out[:, step] = logits[:, -1].argmax(-1)
-        t = p + step + 1  # tokens in the cache after this step's input
-        feeds = {"input_ids": out[:, step:step + 1], "attention_mask": np.ones((k, t), np.int64),
-                 "position_ids": np.full((k, 1), t - 1, np.int64)}
-        feeds.update(zip(spec.past_names, present))
-        if spec.has_logits_to_keep:
-            feeds["logits_to_keep"] = np.array(1, np.int64)
+        feeds = spec.feeds(out[:, step:step + 1], 1, past=present)
     return out
 
 

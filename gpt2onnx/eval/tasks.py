@@ -2,7 +2,7 @@
 
 >>> perplexity(session, ids, max_length=1024, stride=512)["ppl"]      # doctest: +SKIP
 
-Sessions are anything `gpt2onnx.eval.fidelity.SessionSpec` accepts: an onnxruntime
+Sessions are anything `gpt2onnx.eval.GraphSpec` accepts: an onnxruntime
 session of a gpt2onnx graph, or a `fidelity.TorchSession`.
 """
 
@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from ..errors import DataError
+from ..graphio import GraphSpec, log_softmax
 from . import fidelity
 
 
@@ -45,7 +46,7 @@ def perplexity(session, token_ids, *, max_length: int, stride: int, limit: int |
     ids = np.asarray(token_ids, np.int64).ravel()
     if ids.size < 2:
         raise DataError("the text is shorter than 2 tokens; nothing to score")
-    spec = fidelity.SessionSpec.of(session)
+    spec = GraphSpec.of(session)
     wins = list(fidelity.windows(ids.size, max_length, stride))[:limit]
     nll_total, hf_nll, hf_n, n_scored, n_bytes = 0.0, 0.0, 0, 0, 0
     with fidelity.progress_bar(len(wins), "wikitext2", progress) as bar:
@@ -55,7 +56,7 @@ def perplexity(session, token_ids, *, max_length: int, stride: int, limit: int |
             logits = fidelity.last_logits(session, seq, w.n_scored, spec)  # (n, V)
             nll = 0.0
             for a in range(0, w.n_scored, 256):
-                lp = fidelity.log_softmax(logits[a:a + 256])
+                lp = log_softmax(logits[a:a + 256])
                 nll -= float(lp[np.arange(len(lp)), target[a:a + 256]].sum())
             nll_total += nll
             n_scored += w.n_scored
@@ -94,7 +95,7 @@ def lambada(session, tokenizer, texts: list[str], *, n_positions: int, bos_token
         lm-evaluation-harness reports as lambada_openai ``perplexity``; ``ppl_token`` =
         exp(total target nll / target tokens); ``passages``, ``target_tokens``, ``truncated``.
     """
-    spec = fidelity.SessionSpec.of(session)
+    spec = GraphSpec.of(session)
     correct, nll_total, n_target, truncated = 0, 0.0, 0, 0
     with fidelity.progress_bar(len(texts), "lambada", progress, unit="passages") as bar:
         for text in texts:
@@ -106,7 +107,7 @@ def lambada(session, tokenizer, texts: list[str], *, n_positions: int, bos_token
                 ctx, truncated = ctx[len(ctx) - room:], truncated + 1
             # Input: context + target[:-1]; its last len(target) positions predict the target tokens.
             rows = fidelity.logits_at_end(session, np.asarray(ctx + tgt[:-1], np.int64), len(tgt), spec)
-            lp = fidelity.log_softmax(rows)
+            lp = log_softmax(rows)
             t = np.asarray(tgt)
             nll_total -= float(lp[np.arange(len(t)), t].sum())
             n_target += len(t)

@@ -15,7 +15,7 @@ it does (measured on onnxruntime 1.32 CPU, tests/exporter/test_kvcache.py)::
 
 The scales are static graph initializers, one per (head, channel) of every layer's K and
 V (``PER_CHANNEL``, shape (1, H, 1, D)), calibrated at export: the fp32 graph runs on a
-slice of real text disjoint from the fidelity gate's (`policy.kv_calibration_slice`), each
+slice of real text disjoint from the fidelity gate's (`gpt2onnx.eval.gate.kv_calibration_slice`), each
 channel's |max| over it is taken, and::
 
     scale = |max| x MARGIN / 127
@@ -62,9 +62,9 @@ def calibrate(session, token_ids, *, window: int, n_layer: int) -> dict[str, np.
     The text runs in windows of `window` tokens from an empty cache; a window's present
     outputs are the keys and values of all its positions. Returns ``{present name: (H, D)}``.
     """
-    from ..eval.fidelity import SessionSpec
+    from ..graphio import GraphSpec
 
-    spec = SessionSpec.of(session)
+    spec = GraphSpec.of(session)
     names = [o.name for o in session.get_outputs()]
     ids = np.asarray(token_ids, np.int64).ravel()
     stats: dict[str, np.ndarray] = {}

@@ -126,7 +126,7 @@ def render(manifest: dict) -> str:
                   "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
                   for k, v in fid.items() if not isinstance(v, (dict, list))]
-        rule = {"top1_agreement": ">= {}", "mean_kl": "<= {}", "ppl_ratio": "within [1/{0}, {0}]",  # as policy.check
+        rule = {"top1_agreement": ">= {}", "mean_kl": "<= {}", "ppl_ratio": "within [1/{0}, {0}]",  # as eval.gate.check
                 "decisive_top1_agreement": ">= {} (positions where fp32's favourite leads by >= "
                                            f"{fid.get('decisive_margin', 0):g} nats)"}
         gate = ", ".join(f"{k} {rule.get(k, '{}').format(v)}" for k, v in fid.get("gate", {}).items())

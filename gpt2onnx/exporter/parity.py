@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..graphio import log_softmax
+
 FP32_TOLERANCE = 1e-3  # max |logit difference| accepted for an fp32 export
 PADDINGS = ("right", "left")  # the two sequences of the reference
 
@@ -111,34 +113,24 @@ def _left(model, ids, mask, decode_steps: int) -> list[Step]:
     return steps
 
 
-def run_onnx(session, steps: list[Step], dims) -> list[np.ndarray]:
+def run_onnx(session, steps: list[Step]) -> list[np.ndarray]:
     """Feed the reference's steps through an onnxruntime session; returns its logits.
 
     Each sequence starts from an empty cache and feeds each step the previous step's
     present as its past, as Hugging Face consumers do.
     """
-    from ..eval.fidelity import cache_dtype
+    from ..graphio import GraphSpec
 
-    dtype = cache_dtype(session)  # int8 for an int8-KV graph
+    spec = GraphSpec.of(session)  # an int8 past for an int8-KV graph
     outs = []
     past = None
     for step in steps:
+        f = step.feeds
         if step.fresh or past is None:
-            b = step.feeds["input_ids"].shape[0]
-            past = [np.zeros((b, dims.n_head, 0, dims.head_dim), dtype)] * (2 * dims.n_layer)
-        feeds = dict(step.feeds, logits_to_keep=np.array(0, np.int64))
-        for i in range(dims.n_layer):
-            feeds[f"past_key_values.{i}.key"] = past[2 * i]
-            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        logits, *past = session.run(None, feeds)
+            past = spec.empty_past(f["input_ids"].shape[0])
+        logits, *past = session.run(None, spec.feeds(f["input_ids"], 0, past, f["attention_mask"], f["position_ids"]))
         outs.append(logits)
     return outs
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def compare(steps: list[Step], got: list[np.ndarray]) -> dict:
@@ -153,7 +145,7 @@ def compare(steps: list[Step], got: list[np.ndarray]) -> dict:
         diffs.append(float(np.abs(ref - g).max()))
         by_padding[step.padding] = max(by_padding.get(step.padding, 0.0), diffs[-1])
         agree.append(ref.argmax(-1) == g.argmax(-1))
-        lp, lq = _log_softmax(ref), _log_softmax(g)
+        lp, lq = log_softmax(ref), log_softmax(g)
         kls.append((np.exp(lp) * (lp - lq)).sum(-1))
     agree, kls = np.concatenate(agree), np.concatenate(kls)
     return {

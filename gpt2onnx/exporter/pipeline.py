@@ -170,7 +170,9 @@ def _steps(cfg: ExportConfig) -> int:
 
 def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     from .. import artifact
-    from . import graph, hfcompat, kvcache, modelcard, parity, policy, sources
+    from .. import sources
+    from ..eval import gate
+    from . import graph, hfcompat, kvcache, modelcard, parity, policy
     from .quantize import calibrate, outlier_channels, recipes_to_try
 
     t0 = time.perf_counter()
@@ -191,11 +193,11 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     bar.step("record PyTorch reference")
     steps = parity.reference(src.model)
     window = min(dims.n_positions, 1024)
-    gate_ids = tok.encode(policy.gate_text()).ids if gated else None
+    gate_ids = tok.encode(gate.gate_text()).ids if gated else None
     outliers = None
     if quantized:  # which MatMul inputs have outlier channels (see quantize.py)
         first = recipes_to_try(n_embd=dims.n_embd, precision=cfg.precision)[0]  # its outlier_ratio and cap
-        outliers = outlier_channels(calibrate(src.model, gate_ids[:policy.CALIBRATION_TOKENS], window=window), first)
+        outliers = outlier_channels(calibrate(src.model, gate_ids[:gate.CALIBRATION_TOKENS], window=window), first)
     config_json = src.config.to_dict()
     eos = src.config.eos_token_id if src.config.eos_token_id is not None else tok.token_to_id("<|endoftext|>")
     bos = src.config.bos_token_id if src.config.bos_token_id is not None else eos
@@ -207,7 +209,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
 
     bar.step("verify fp32 parity")
     session = policy.cpu_session(fp32_path)
-    fp32 = parity.compare(steps, parity.run_onnx(session, steps, dims))
+    fp32 = parity.compare(steps, parity.run_onnx(session, steps))
     if fp32["max_abs_diff"] > parity.FP32_TOLERANCE:
         raise ParityError(
             f"the fp32 graph differs from PyTorch by {fp32['max_abs_diff']:.3g} (> {parity.FP32_TOLERANCE}); "
@@ -221,7 +223,7 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     kv_scales, kv = None, kvcache.kv_record("fp32")
     if cfg.kv_wanted == "int8":  # scales from the fp32 graph's own keys and values on text the gate does not score
         bar.step("calibrate the int8 KV cache")
-        begin, end = policy.kv_calibration_slice(len(gate_ids), window)
+        begin, end = gate.kv_calibration_slice(len(gate_ids), window)
         kv_scales = kvcache.scales(kvcache.calibrate(session, gate_ids[begin:end], window=window,
                                                      n_layer=dims.n_layer))
         kv = kvcache.kv_record("int8", calibration={"text": "gpt2onnx/data/gate_text.txt", "tokens": [begin, end],

@@ -14,7 +14,7 @@ import gpt2onnx
 from gpt2onnx import artifact, cpu
 from gpt2onnx.cli import build_parser, main
 from gpt2onnx.errors import ModelDownloadError, UnsupportedModelError
-from gpt2onnx.exporter import sources
+from gpt2onnx import sources
 from gpt2onnx.progress import Progress
 
 FAKE_HUB_ID = "gpt2onnx-test-tiny"  # a "known" GPT-2 that no cache holds

@@ -10,7 +10,7 @@ from outliers import inject_outliers
 
 from gpt2onnx.eval import fidelity
 from gpt2onnx.eval.fidelity import measure
-from gpt2onnx.exporter.policy import GATE, check, gate_text
+from gpt2onnx.eval.gate import GATE, check, gate_text
 
 from conftest import WIKI_SLICE
 
@@ -26,11 +26,12 @@ def _session(path: str):
 
 @pytest.fixture(scope="module")
 def fp32(tiny_fp32):
-    import gpt2onnx
 
-    gen = gpt2onnx.load(tiny_fp32, threads=1)
-    ids = np.asarray(gen.tokenizer.encode(gate_text()).ids, np.int64)
-    return gen.session, ids
+    from gpt2onnx.graphio import open_folder
+
+    f = open_folder(tiny_fp32, threads=1)
+    ids = np.asarray(f.tokenizer.encode(gate_text()).ids, np.int64)
+    return f.session, ids
 
 
 def test_gate_text_is_the_wikitext2_tail():
@@ -132,7 +133,8 @@ def _int8_figures(src_folder: str, work, recipes: dict, *, outliers: bool, mode:
                   split: bool = False) -> dict:
     """fp32 vs each int8 recipe on the gate text; `split`: keep calibrated outlier channels in fp32."""
     from gpt2onnx import tokenizer
-    from gpt2onnx.exporter import graph, sources
+    from gpt2onnx import sources
+    from gpt2onnx.exporter import graph
     from gpt2onnx.exporter.quantize import calibrate, outlier_channels, quantize_model
 
     src = sources.load(src_folder)
@@ -189,7 +191,8 @@ def test_outlier_split_is_exact_in_fp32(tiny_src, tmp_path):
     """split_outliers rewrites MatMuls without changing what the fp32 graph computes."""
     import onnx
 
-    from gpt2onnx.exporter import graph, sources
+    from gpt2onnx import sources
+    from gpt2onnx.exporter import graph
     from gpt2onnx.exporter.quantize import split_outliers
 
     src = sources.load(tiny_src)

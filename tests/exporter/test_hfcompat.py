@@ -16,8 +16,9 @@ import pytest
 
 import gpt2onnx
 from gpt2onnx import artifact
-from gpt2onnx.eval.fidelity import cache_dtype, log_softmax
-from gpt2onnx.exporter import parity, policy
+from gpt2onnx.eval.gate import GATE
+from gpt2onnx.graphio import GraphSpec, log_softmax, open_session
+from gpt2onnx.exporter import parity
 
 from conftest import TINY, train_tokenizer
 
@@ -62,14 +63,12 @@ def vary_torch(vary_src):
 
 
 def _session(folder):
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(os.path.join(folder, "model.onnx"), so, providers=["CPUExecutionProvider"])
+    return open_session(os.path.join(folder, "model.onnx"))
 
 
 def _empty_past(b: int, session=None) -> dict:
     """Empty past tensors in the graph's own cache type (what Optimum does; int8 for an int8-KV folder)."""
-    dtype = np.float32 if session is None else cache_dtype(session)
+    dtype = np.float32 if session is None else GraphSpec.of(session).cache_dtype
     return {f"past_key_values.{i}.{kv}": np.zeros((b, TINY["n_head"], 0, TINY["n_embd"] // TINY["n_head"]),
                                                    dtype) for i in range(TINY["n_layer"]) for kv in ("key", "value")}
 
@@ -123,11 +122,13 @@ def test_io_binding_binds_the_overridable_logits_to_keep_as_an_ortvalue_only(var
 
 
 def test_runtime_still_runs_the_lm_head_on_the_last_position_only(vary):
-    gen = gpt2onnx.load(vary["fp32"], threads=1)
-    cache = gen.engine.cache(1, 8)
-    binding = gen.engine.bind(cache)
+    from gpt2onnx._engine import Engine
+
+    engine = Engine(vary["fp32"], artifact.read_manifest(vary["fp32"]), threads=1)
+    cache = engine.cache(1, 8)
+    binding = engine.bind(cache)
     ids = np.array([[5, 17, 300, 42]])
-    logits = gen.engine.step(binding, ids, np.array([4]), np.arange(4)[None])
+    logits = engine.step(binding, ids, np.array([4]), np.arange(4)[None])
     assert binding.logits.shape == (1, 1, 1000)  # a (B, S, V) output would not fit this buffer
     s = _session(vary["fp32"])
     every, *_ = s.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None],
@@ -244,7 +245,7 @@ def test_hugging_face_style_loop_reproduces_pytorch(vary, vary_torch, precision,
     if precision == "fp32":
         assert max(diffs) <= parity.FP32_TOLERANCE
     else:
-        assert np.concatenate(kls).mean() <= policy.GATE["mean_kl"]
+        assert np.concatenate(kls).mean() <= GATE["mean_kl"]
 
 
 def test_a_row_with_no_token_is_an_error_not_garbage(vary):

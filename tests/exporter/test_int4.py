@@ -15,7 +15,7 @@ from gpt2onnx import cli
 from gpt2onnx.artifact import read_manifest, verify
 from gpt2onnx.errors import FidelityError
 from gpt2onnx.exporter import policy
-from gpt2onnx.exporter.policy import DECISIVE_MARGIN, GATE, GATE_INT4, check, gate_for
+from gpt2onnx.eval.gate import DECISIVE_MARGIN, GATE, GATE_INT4, check, gate_for, gate_text
 
 
 def _graph(folder: str) -> onnx.ModelProto:
@@ -93,7 +93,8 @@ def test_the_gate_rejects_a_bad_int4_recipe(tmp_path, monkeypatch):
     from conftest import save_tiny_gpt2
     from outliers import inject_outliers
 
-    from gpt2onnx.exporter import quantize, sources
+    from gpt2onnx import sources
+    from gpt2onnx.exporter import quantize
 
     src = save_tiny_gpt2(str(tmp_path / "src"), initializer_range=0.2)
     real_load = sources.load
@@ -136,8 +137,10 @@ def test_int4_gate_thresholds_and_decisive_positions():
 def test_measure_reports_decisive_positions(tiny_fp32):
     from gpt2onnx.eval import fidelity
 
-    gen = gpt2onnx.load(tiny_fp32, threads=1)
-    ids = np.asarray(gen.tokenizer.encode(policy.gate_text()).ids[:400])
+    from gpt2onnx.graphio import open_folder
+
+    gen = open_folder(tiny_fp32, threads=1)
+    ids = np.asarray(gen.tokenizer.encode(gate_text()).ids[:400])
     f = fidelity.measure(gen.session, gen.session, ids, window=64, stride=32, limit=6)
     assert f["decisive_top1_agreement"] == 1.0 and 0.0 < f["decisive_share"] <= 1.0
     assert f["decisive_margin"] == DECISIVE_MARGIN  # measure's default is the gate's constant

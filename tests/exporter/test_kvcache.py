@@ -19,7 +19,8 @@ from gpt2onnx.cli import main
 from gpt2onnx.errors import ArtifactError, ExportError
 from gpt2onnx.eval.fidelity import windows
 from gpt2onnx.exporter import kvcache, policy
-from gpt2onnx.exporter.policy import GATE, GATE_WINDOWS, kv_calibration_slice
+from gpt2onnx.eval import gate
+from gpt2onnx.eval.gate import GATE, GATE_WINDOWS, KV_CALIBRATION_TOKENS, kv_calibration_slice
 
 from conftest import WIKI_SLICE
 
@@ -79,7 +80,7 @@ def test_calibration_slice_is_disjoint_from_what_the_gate_scores():
     for n, window in ((6000, 1024), (3000, 64), (2600, 1024)):
         begin, end = kv_calibration_slice(n, window)
         gate_end = list(windows(n, window, window // 2))[:GATE_WINDOWS][-1].end
-        assert gate_end <= begin < end <= n and end - begin <= policy.KV_CALIBRATION_TOKENS
+        assert gate_end <= begin < end <= n and end - begin <= KV_CALIBRATION_TOKENS
 
 
 def test_int8_kv_export_records_its_cache_and_passes_the_gate(tiny_kv8):
@@ -206,7 +207,7 @@ def test_a_kv_cache_that_misses_the_gate_is_refused_unless_accepted(tiny_src, tm
     """The tiny model's attention barely moves its logits, so a gate of mean KL 0 stands in for a miss."""
     from gpt2onnx.errors import FidelityError
 
-    monkeypatch.setattr(policy, "GATE", {"mean_kl": 0.0})
+    monkeypatch.setattr(gate, "GATE", {"mean_kl": 0.0})
     with pytest.raises(FidelityError, match="fp32 \\+ int8 KV cache graph misses the fidelity gate.*--kv-cache fp32"):
         gpt2onnx.export(tiny_src, tmp_path / "missed", kv_cache="int8", progress=False)
     assert not (tmp_path / "missed").exists()

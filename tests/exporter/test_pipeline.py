@@ -152,7 +152,7 @@ def test_interrupted_export_leaves_nothing(tiny_src, tmp_path, monkeypatch, exc)
 
 
 def test_parity_failure_is_an_error(tiny_src, tmp_path, monkeypatch):
-    import gpt2onnx.exporter.sources as sources
+    import gpt2onnx.sources as sources
 
     real = sources.numpy_weights
 
@@ -256,7 +256,8 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
 
     import gpt2onnx
     from conftest import save_tiny_gpt2
-    from gpt2onnx.exporter import quantize, sources
+    from gpt2onnx import sources
+    from gpt2onnx.exporter import quantize
     from gpt2onnx.artifact import read_manifest
     from gpt2onnx.errors import FidelityError
 

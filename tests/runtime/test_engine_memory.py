@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2onnx._engine import KVCache
+from gpt2onnx._kvcache import KVCache
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise release is Linux-only")
 

@@ -22,7 +22,7 @@ import pytest
 import gpt2onnx
 from gpt2onnx._engine import Engine, needs_row_pairs
 from gpt2onnx.artifact import read_manifest
-from gpt2onnx.exporter.policy import gate_text
+from gpt2onnx.eval.gate import gate_text
 
 WIKI = gate_text()
 

@@ -17,9 +17,10 @@ def test_the_cache_is_allocated_in_the_manifests_dtype(tiny_kv8, tiny_int8, tiny
         engine = Engine(folder, gen.manifest, threads=1)
         b = Batch(engine, slots=3, max_len=16)
         assert {a.dtype for a in b.cache.arrays} == {np.dtype(dtype)}
-        b.prefill([[5, 6, 7], [8, 9, 10]])
+        b.prefill(["a", "b"], [[5, 6, 7], [8, 9, 10]])
         b.decode(np.array([1, 2] + [0] * (b.slots - 2)))  # 4 slots where rows go in pairs (int8 weights), else 3
-        b.compact([1])  # compaction copies the int8 bytes as they are
+        b.free(0)
+        assert b.compact() == [1] and b.rows[0] == "b"  # compaction copies the int8 bytes as they are
         assert {a.dtype for a in b.cache.arrays} == {np.dtype(dtype)} and b.slots == (2 if engine.pairs else 1)
 
 

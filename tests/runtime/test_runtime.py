@@ -171,23 +171,17 @@ def test_runtime_does_not_import_torch(tiny_int8):
 @pytest.mark.parametrize("which", ["fp32", "int8"])
 def test_in_place_cache_equals_plain_session_loop(which, request):
     """The IO-bound, in-place KV cache gives the same tokens as a plain run() loop that concatenates."""
+    from gpt2onnx.graphio import open_folder
+
     gen = request.getfixturevalue(which)
-    prompt_ids = gen.tokenizer.encode(PROMPTS[3]).ids
-    n = len(prompt_ids)
-    feeds = {"input_ids": np.array([prompt_ids]), "attention_mask": np.ones((1, n), np.int64),
-             "position_ids": np.arange(n)[None], "logits_to_keep": np.array(1)}
-    for i in range(gen.n_layer):
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, gen.n_head, 0, gen.head_dim),
-                                                          gen.manifest.kv_cache.numpy_dtype)
+    folder = open_folder(gen.model_dir, threads=1)
+    assert np.dtype(folder.spec.cache_dtype) == np.dtype(gen.manifest.kv_cache.numpy_dtype)
+    feeds = folder.spec.feeds(np.array([gen.tokenizer.encode(PROMPTS[3]).ids]), 1)
     plain = []
     for step in range(12):
-        logits, *past = gen.session.run(None, feeds)
+        logits, *past = folder.session.run(None, feeds)
         tok = int(logits[0, -1].argmax())
         plain.append(tok)
-        feeds = {"input_ids": np.array([[tok]]), "attention_mask": np.ones((1, n + step + 1), np.int64),
-                 "position_ids": np.array([[n + step]]), "logits_to_keep": np.array(1)}
-        feeds.update({f"past_key_values.{i}.{kv}": past[2 * i + j]
-                      for i in range(gen.n_layer) for j, kv in enumerate(("key", "value"))})
+        feeds = folder.spec.feeds(np.array([[tok]]), 1, past=past)
     ours = gen.generate(PROMPTS[3], max_new_tokens=12, ignore_eos=True)[0].token_ids
     assert list(ours) == plain

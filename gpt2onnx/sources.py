@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ModelDownloadError, UnsupportedModelError
+from .errors import ModelDownloadError, UnsupportedModelError
 
 # The published GPT-2 sizes. Their configs are written here so `--random-weights`
 # needs no network: all share vocab 50257 and context 1024.
