@@ -93,7 +93,7 @@ def _rows_view(cache, rows):
     """A cache over `rows` of `cache`: a view when they are 0..n-1 (writes land in place), else a copy."""
     if list(rows) == list(range(len(rows))):
         return cache.rows(len(rows))
-    from gpt2onnx._engine import KVCache
+    from gpt2onnx._kvcache import KVCache
 
     return KVCache([np.ascontiguousarray(a[list(rows)]) for a in cache.arrays])
 

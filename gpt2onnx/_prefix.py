@@ -19,7 +19,8 @@ are the graph's own past/present values, float32 or int8, copied as they are.
 Memory: every entry is one array (2 n_layer, n_head, block, head_dim) in the cache's dtype
 (124M, 64-token blocks: 1.2 MB int8, 4.7 MB float32). When an insert would pass
 `capacity_bytes`, the least recently used entries go first; a lookup counts as a use.
-`stats()` gives hits and misses (full blocks looked up), tokens whose prefill a hit saved,
+`stats()` gives hits (blocks copied) and misses (blocks computed after a lookup failed),
+tokens whose prefill a hit saved,
 entries, bytes and evictions. Thread-safe: one `Generator` may serve many threads.
 """
 
@@ -42,7 +43,7 @@ class PrefixStats:
     """Counters of one prefix cache since it was made (or of a job: a difference of two)."""
 
     hits: int = 0  # full blocks found in the cache
-    misses: int = 0  # full blocks looked up and not found (then computed)
+    misses: int = 0  # full blocks looked up, not found, then computed
     saved_tokens: int = 0  # prompt tokens not prefilled thanks to hits (hits x block)
     entries: int = 0  # blocks held now
     bytes: int = 0  # bytes held now
@@ -83,7 +84,8 @@ class PrefixCache:
 
     def lookup(self, keys: Sequence[bytes]) -> list[np.ndarray]:
         """The cached blocks for the longest run of `keys` from the first; counts a hit per block found
-        and a miss per key after the run (those blocks will be computed)."""
+        and one miss when the run stops short (the caller computes that block, then asks again from
+        the next: so every block asked for is counted once, as a hit or as a miss)."""
         found = []
         with self._lock:
             for key in keys:
@@ -93,7 +95,7 @@ class PrefixCache:
                 self._entries.move_to_end(key)
                 found.append(kv)
             self._hits += len(found)
-            self._misses += len(keys) - len(found)
+            self._misses += len(found) < len(keys)
         return found
 
     def insert(self, key: bytes, kv: np.ndarray) -> bool:
@@ -113,6 +115,15 @@ class PrefixCache:
             self._entries[key] = kv
             self._bytes += size
         return True
+
+    def resize(self, capacity_bytes: int) -> None:
+        """A new budget; the least recently used blocks go until the held bytes fit it."""
+        with self._lock:
+            self.capacity_bytes = capacity_bytes
+            while self._entries and self._bytes > capacity_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.nbytes
+                self._evictions += 1
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:

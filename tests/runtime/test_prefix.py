@@ -36,9 +36,10 @@ def test_lookup_finds_the_longest_run_from_the_start_and_counts():
     found = c.lookup(keys)
     assert [int(x.flat[0]) for x in found] == [0, 1]
     s = c.stats()
-    assert (s.hits, s.misses, s.saved_tokens, s.entries) == (2, 3, 8, 3)
-    assert c.lookup(keys[2:]) == [] and c.stats().misses == 6
-    assert c.lookup([]) == [] and c.stats().hits == 2
+    assert (s.hits, s.misses, s.saved_tokens, s.entries) == (2, 1, 8, 3)  # one miss: block 2, computed next
+    assert c.lookup(keys[2:]) == [] and c.stats().misses == 2
+    assert len(c.lookup(keys[3:])) == 1 and c.stats().misses == 3 and c.stats().hits == 3
+    assert c.lookup([]) == [] and c.stats().hits == 3 and c.stats().misses == 3
 
 
 def test_least_recently_used_goes_first_within_the_budget():
@@ -57,6 +58,8 @@ def test_least_recently_used_goes_first_within_the_budget():
     assert not c.insert(keys[5], _kv(5, 4000)) and keys[5] not in c and c.stats().bytes == 3000  # alone too big
     c.insert(keys[3], _kv(7))  # the same key again: replaced, counted once
     assert c.stats().bytes == 3000 and int(c.lookup(keys[3:4])[0].flat[0]) == 7
+    c.resize(1000)  # the oldest use goes: block 4 (block 3 was just looked up)
+    assert keys[4] not in c and keys[3] in c and c.stats().bytes == 1000 and c.stats().evictions == 4
     c.clear()
     assert c.stats().entries == 0 and c.stats().bytes == 0 and c.stats().hits == 2  # counters stay
 
