@@ -32,6 +32,15 @@ session_options = graphio.session_options  # the old home of the rule; kept for 
 PREFILL_BLOCK = 64  # prompt tokens per prefill call and per prefix-cache entry (see _prefill); even
 
 
+def prefill_block(n_positions: int) -> int:
+    """The default block: `PREFILL_BLOCK`, or an eighth of a shorter context (even, >= 2).
+
+    >>> prefill_block(1024), prefill_block(64)
+    (64, 8)
+    """
+    return max(2, min(PREFILL_BLOCK, n_positions // 16 * 2))
+
+
 def needs_row_pairs(manifest) -> bool:
     """Whether a folder's graph holds a MatMul whose rows depend on M's parity (see the module doc).
 
@@ -48,7 +57,8 @@ def needs_row_pairs(manifest) -> bool:
 class Engine:
     """One session over a model folder's graph, with the KV-cache I/O names from its manifest."""
 
-    def __init__(self, model_dir: str, manifest, *, threads: int, session=None, block: int = PREFILL_BLOCK):
+    def __init__(self, model_dir: str, manifest, *, threads: int, session=None, block: int | None = None):
+        block = block or prefill_block(manifest.dims.n_positions)
         if block < 2 or block % 2:
             raise ValueError(f"the prefill block must be an even number of tokens >= 2, got {block}")
         self.model_dir = model_dir

@@ -83,7 +83,7 @@ def _run(batch, slots: list[int]) -> dict[int, np.ndarray]:
     if pad:  # even M: any token; its key/value at c + n is overwritten by the next step
         ids = np.concatenate([ids, ids[:, -1:]], axis=1)
     finishing = [c + n == len(batch.todo[t]) for t in slots]
-    keep = (2 if e.pairs else 1) if any(finishing) else 1  # the LM head: on the last 2 positions (even M) if needed
+    keep = 2 if e.pairs else 1  # the LM head on the last 2 positions where M must be even (logits of mid blocks unused)
     view = KVCache([a[slots[0]:slots[-1] + 1] for a in batch.cache.arrays])  # contiguous rows: writes land in place
     m = ids.shape[1]
     logits = e.step(e.bind(view, keep=keep), ids, np.full(len(slots), c + m),

@@ -55,6 +55,10 @@ class PrefixStats:
                            self.saved_tokens - earlier.saved_tokens, self.entries, self.bytes,
                            self.evictions - earlier.evictions)
 
+    def __add__(self, other: "PrefixStats") -> "PrefixStats":
+        """Counts of two caches together (the workers of a job)."""
+        return PrefixStats(*(a + b for a, b in zip(self.as_dict().values(), other.as_dict().values())))
+
     def as_dict(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "saved_tokens": self.saved_tokens,
                 "entries": self.entries, "bytes": self.bytes, "evictions": self.evictions}

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _prefill, sampling
+from . import sampling
 from ._engine import Batch
+from ._prefill import step as prefill_step
 from .request import GenerationResult, Request
 from .textstream import TextStream
 
@@ -50,10 +51,10 @@ def run(engine, first: list["Sequence"], more: Iterator["Sequence"] | None, *, s
             batch.start(s, seq, seq.request.input_ids)
         if batch.waiting():
             if any(batch.todo[s] is None for s in batch.busy()):  # rows decode: one block, then their step
-                fresh.update(_prefill.step(batch, group=False))
+                fresh.update(prefill_step(batch, group=False))
             else:  # nobody waits: every prompt now
                 while batch.waiting():
-                    fresh.update(_prefill.step(batch, group=True))
+                    fresh.update(prefill_step(batch, group=True))
         active = [s for s in batch.busy() if batch.todo[s] is None]
         if not active:
             return

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 from . import cpu, graphio
-from ._engine import PREFILL_BLOCK, Engine
+from ._engine import Engine
 from ._prefix import PrefixCache, PrefixStats, capacity_bytes
 from ._scheduler import Sequence as Seq
 from ._scheduler import run
@@ -40,7 +40,7 @@ from .textstream import TextStream
 
 
 def load(model_dir: str, *, threads: int | None = None, verify_hashes: bool = True,
-         prefill_block: int = PREFILL_BLOCK) -> "Generator":
+         prefill_block: int | None = None) -> "Generator":
     """Load a model folder written by `gpt2onnx export`.
 
     Args:
@@ -51,6 +51,7 @@ def load(model_dir: str, *, threads: int | None = None, verify_hashes: bool = Tr
             checked); pass False to skip reading the weights twice on large models.
         prefill_block: prompt tokens per prefill call and per prefix-cache block (even);
             a decoding row waits at most one block while another row's prompt goes in.
+            Default: 64 (an eighth of a context shorter than 512).
 
     Raises:
         ArtifactError: the folder is missing, damaged, or of a newer format.
@@ -62,10 +63,11 @@ class Generator:
     """Text generation over one onnxruntime session. Build with `gpt2onnx.load`."""
 
     def __init__(self, model_dir: str, *, threads: int | None = None, verify_hashes: bool = True,
-                 prefill_block: int = PREFILL_BLOCK):
+                 prefill_block: int | None = None):
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InvalidRequestError(f"threads must be a positive integer, got {threads!r}")
-        if isinstance(prefill_block, bool) or not isinstance(prefill_block, int) or prefill_block < 2 or prefill_block % 2:
+        if prefill_block is not None and (isinstance(prefill_block, bool) or not isinstance(prefill_block, int)
+                                          or prefill_block < 2 or prefill_block % 2):
             raise InvalidRequestError(f"prefill_block must be an even number of tokens >= 2, got {prefill_block!r}")
         self.threads = threads or cpu.physical_cores()
         folder = graphio.open_folder(model_dir, self.threads, verify_hashes=verify_hashes)

@@ -61,8 +61,11 @@ def check_workers(workers, threads) -> int:
 
 
 def iter_pool(model_dir: str, rows: Iterable[Row], *, workers: int, threads: int, batch_size: int,
-              batching: str) -> Iterator[list[Row]]:
-    """Like `core.iter_batches`, over `workers` processes: yields finished rows, in input order."""
+              batching: str, prefix_cache_mb: float = 0, counts: list | None = None) -> Iterator[list[Row]]:
+    """Like `core.iter_batches`, over `workers` processes: yields finished rows, in input order.
+
+    `counts`: a one-item list whose `PrefixStats` grows by each chunk's prefix-cache counts.
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -74,11 +77,12 @@ def iter_pool(model_dir: str, rows: Iterable[Row], *, workers: int, threads: int
     try:
         for chunk in _chunks(rows, CHUNK_BATCHES * batch_size):
             todo = [(r.key, r.id, r.line, r.index, r.prompt, r.params) for r in chunk if r.out is None]
-            pending.append((chunk, ex.submit(_run_chunk, todo, batch_size, batching) if todo else None))
+            pending.append((chunk, ex.submit(_run_chunk, todo, batch_size, batching, prefix_cache_mb) if todo
+                            else None))
             while pending and (len(pending) > IN_FLIGHT * workers or pending[0][1] is None or pending[0][1].done()):
-                yield _collect(*pending.popleft())
+                yield _collect(*pending.popleft(), counts)
         while pending:
-            yield _collect(*pending.popleft())
+            yield _collect(*pending.popleft(), counts)
         finished = True
     finally:
         if not finished:  # an error, Ctrl-C or the caller stopped: end the workers now, not after their chunk
@@ -97,13 +101,14 @@ def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
         yield chunk
 
 
-def _collect(chunk: list[Row], future) -> list[Row]:
+def _collect(chunk: list[Row], future, counts: list | None = None) -> list[Row]:
     """Wait for a chunk and fill its pending rows' outputs (an error row of the parent keeps its own)."""
     if future is not None:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            outs = iter(future.result())
+            outs, stats = future.result()
+            outs = iter(outs)
         except BrokenProcessPool:
             raise BatchError(f"a worker process died (killed, or out of memory?) while generating input line "
                              f"{chunk[0].line} onwards; the rows written so far are kept: rerun the same job to "
@@ -111,6 +116,8 @@ def _collect(chunk: list[Row], future) -> list[Row]:
         for row in chunk:
             if row.out is None:
                 row.out = next(outs)
+        if counts is not None:
+            counts[0] = counts[0] + stats
     return chunk
 
 
@@ -150,10 +157,14 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _run_chunk(todo: list[tuple], batch_size: int, batching: str) -> list[dict]:
+def _run_chunk(todo: list[tuple], batch_size: int, batching: str, prefix_cache_mb: float = 0) -> tuple[list[dict], object]:
+    """The chunk's output rows, and the worker's prefix-cache counts over it (a `PrefixStats`)."""
     from .core import iter_batches
 
     if isinstance(_gen, Exception):
         raise _gen
     rows = [Row(key, id_, line, index, prompt, params) for key, id_, line, index, prompt, params in todo]
-    return [r.out for ready in iter_batches(_gen, rows, batch_size=batch_size, batching=batching) for r in ready]
+    before = _gen.prefix_cache_stats()
+    outs = [r.out for ready in iter_batches(_gen, rows, batch_size=batch_size, batching=batching,
+                                            prefix_cache_mb=prefix_cache_mb) for r in ready]
+    return outs, _gen.prefix_cache_stats().since(before)
