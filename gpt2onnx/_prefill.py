@@ -26,7 +26,7 @@ position (`Batch.decode`), which its next block overwrites.
 
 Prefix cache: before a prompt's next block is computed, the cache gives the longest run of
 its blocks from there (never the block holding the last token: its logits are needed);
-after a full block is computed it is stored. Lookups happen when a block is due, not at
+a full block computed for the second time is stored (`PrefixCache.wants`). Lookups happen when a block is due, not at
 admission, so prompts admitted together find the blocks their elders computed meanwhile.
 """
 
@@ -91,7 +91,7 @@ def _run(batch, slots: list[int]) -> dict[int, np.ndarray]:
     out = {}
     for i, (t, fin) in enumerate(zip(slots, finishing)):
         batch.lengths[t] = c + n
-        if batch.prefix is not None and n == B and batch.keys[t][c // B] not in batch.prefix:
+        if batch.prefix is not None and n == B and batch.prefix.wants(batch.keys[t][c // B]):
             batch.prefix.insert(batch.keys[t][c // B], take_block(batch.cache.arrays, t, c, B))
         if fin:
             out[t] = logits[i, -1 - pad].copy()

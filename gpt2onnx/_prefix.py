@@ -3,7 +3,8 @@
 >>> cache = PrefixCache(block=64, capacity_bytes=256 << 20)                    # doctest: +SKIP
 >>> keys = cache.keys(prompt_ids)               # one key per full block of the prompt
 >>> found = cache.lookup(keys[:usable])          # the cached blocks at the prompt's start
->>> cache.insert(keys[j], block_kv)              # after block j was computed
+>>> if cache.wants(keys[j]):                     # after block j was computed: its second sighting?
+...     cache.insert(keys[j], block_kv)
 
 A prompt is prefilled in blocks of `block` tokens at positions 0, B, 2B ... (see
 `_engine`), so block j's keys and values are a function of tokens [0, (j + 1) B) only.
@@ -19,6 +20,12 @@ are the graph's own past/present values, float32 or int8, copied as they are.
 Memory: every entry is one array (2 n_layer, n_head, block, head_dim) in the cache's dtype
 (124M, 64-token blocks: 1.2 MB int8, 4.7 MB float32). When an insert would pass
 `capacity_bytes`, the least recently used entries go first; a lookup counts as a use.
+
+A block is stored the second time it is computed, not the first (`wants`: the keys seen once
+are remembered, `SEEN_KEYS` of them, 16 bytes each): a job whose prompts share nothing then
+holds nothing (measured, 124M int8, the job scenario's mixed job: storing every block filled
+the 256 MiB budget, peak RSS 350 -> 592 MB), and a shared head is computed twice before its
+blocks are served from the cache.
 `stats()` gives hits (blocks copied) and misses (blocks computed after a lookup failed),
 tokens whose prefill a hit saved,
 entries, bytes and evictions. Thread-safe: one `Generator` may serve many threads.
@@ -36,6 +43,7 @@ import numpy as np
 
 DEFAULT_MB = 256  # default budget (MiB): 124M int8 cache, 64-token blocks: ~210 blocks (13.6k prompt tokens)
 _DIGEST = 16  # bytes of each key: 128 bits, collisions out of reach for any job
+SEEN_KEYS = 1 << 16  # keys of blocks computed once, remembered (least recent out): ~8 MB, 4M prompt tokens at 64
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class PrefixCache:
         self.block = block
         self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()  # oldest use first
+        self._seen: OrderedDict[bytes, None] = OrderedDict()  # blocks computed once, not stored
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0
         self._lock = threading.Lock()
@@ -101,6 +110,20 @@ class PrefixCache:
             self._hits += len(found)
             self._misses += len(found) < len(keys)
         return found
+
+    def wants(self, key: bytes) -> bool:
+        """Whether a block just computed should be stored: True at its second sighting (and not
+        held already); the first sighting is only remembered."""
+        with self._lock:
+            if key in self._entries:
+                return False
+            if key in self._seen:
+                del self._seen[key]
+                return True
+            self._seen[key] = None
+            if len(self._seen) > SEEN_KEYS:
+                self._seen.popitem(last=False)
+            return False
 
     def insert(self, key: bytes, kv: np.ndarray) -> bool:
         """Keep `kv` (owned by the cache from now on: pass a copy) under `key`, evicting the least
@@ -142,6 +165,7 @@ class PrefixCache:
         """Drop every block (the counters stay)."""
         with self._lock:
             self._entries.clear()
+            self._seen.clear()
             self._bytes = 0
 
 

@@ -274,12 +274,12 @@ def test_job_scenario_static_and_continuous_write_the_same_rows(main, tiny_int8,
     """`gpt2onnx bench --scenario job`: uniform / static / continuous runs, each in its own worker."""
     import json as _json
 
-    assert main(["bench", tiny_int8, "--scenario", "job", "--job-prompts", "6", "--batch-sizes", "3",
+    assert main(["bench", tiny_int8, "--scenario", "job", "--job-prompts", "12", "--batch-sizes", "3",
                  "--repeats", "1", "--threads", "1", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "continuous / static" in out and "texts identical across modes and layouts: yes" in out
     assert "shared / shared-nocache" in out and "prompt tokens saved" in out
-    rec = _json.loads((tmp_path / "job-tiny-int8-6.json").read_text())
+    rec = _json.loads((tmp_path / "job-tiny-int8-12.json").read_text())
     assert [r["mode"] for r in rec["runs"]] == ["uniform", "static", "continuous", "shared", "shared-nocache"]
     assert rec["summary"]["texts_identical"] is True and rec["settings"]["layouts"] == ["1x1"]
     assert all(r["tokens"] > 0 and r["peak_rss_mb"] > 0 and r["cpu_s"] > 0 for r in rec["runs"])

@@ -114,3 +114,15 @@ def test_capacity_must_be_megabytes_at_least_zero(bad):
 
 def test_capacity_in_mebibytes():
     assert capacity_bytes(0) == 0 and capacity_bytes(1) == 1 << 20 and capacity_bytes(0.5) == 1 << 19
+
+
+def test_a_block_is_stored_at_its_second_sighting():
+    c = PrefixCache(block=4, capacity_bytes=1 << 20)
+    a, b = c.keys(range(8))
+    assert not c.wants(a)  # first time computed: remembered only
+    assert c.wants(a)  # second time: store it
+    c.insert(a, _kv(1))
+    assert not c.wants(a)  # held already
+    assert not c.wants(b) and c.stats().entries == 1
+    c.clear()
+    assert not c.wants(b)  # forgotten by clear
