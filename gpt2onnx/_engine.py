@@ -133,9 +133,11 @@ class Batch:
     where the graph needs it (`Engine.pairs`) and lets a new row be prefilled into a freed
     slot while the others go on decoding (continuous batching).
 
-    >>> b = Batch(engine, slots=2, max_len=20)                      # doctest: +SKIP
-    >>> logits = b.prefill(["a", "b"], [[1, 2, 3], [4, 5, 6]])      # doctest: +SKIP
-    >>> logits = b.decode(np.array([9, 9]))                         # doctest: +SKIP
+    For example::
+
+        b = Batch(engine, slots=2, max_len=20)
+        logits = b.prefill(["a", "b"], [[1, 2, 3], [4, 5, 6]])
+        logits = b.decode(np.array([9, 9]))
 
     `prefix`: a `_prefix.PrefixCache` of this engine's blocks, or None.
     """

@@ -1,10 +1,12 @@
 """Generator: run an exported model folder with onnxruntime + numpy + tokenizers only.
 
->>> import gpt2onnx
->>> gen = gpt2onnx.load("out/gpt2-int8")                                   # doctest: +SKIP
->>> [r.text for r in gen.generate(["Hello,", "The sky"], max_new_tokens=8)]  # doctest: +SKIP
->>> for step in gen.generate_tokens("Once upon a time", max_new_tokens=20):  # doctest: +SKIP
-...     print(step.text, end="", flush=True)
+For example::
+
+    import gpt2onnx
+    gen = gpt2onnx.load("out/gpt2-int8")
+    [r.text for r in gen.generate(["Hello,", "The sky"], max_new_tokens=8)]
+    for step in gen.generate_tokens("Once upon a time", max_new_tokens=20):
+        print(step.text, end="", flush=True)
 
 One request path: `Generator.prepare` checks a prompt and its parameters, tokenizes it
 and fits it to the context once, giving a `Request`; every entry (generate, streaming,
@@ -126,8 +128,9 @@ class Generator:
                 ``<|endoftext|>``, as GPT-2 was trained.
             params: generation parameters (Hugging Face names); keyword overrides win.
 
-        >>> gen.generate("Hello", max_new_tokens=5)[0].finish_reason   # doctest: +SKIP
-        'length'
+        For example::
+
+            gen.generate("Hello", max_new_tokens=5)[0].finish_reason   # -> 'length'
         """
         params = resolve(params, overrides)  # a GenerationParams alone is used as it is
         prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -161,16 +164,20 @@ class Generator:
 
         Up to `batch_size` rows decode together; when one finishes, the next request takes
         its slot and its prompt goes in one block per step of the others, so the batch stays
-        full. Results come in finishing order; each is exactly what the request gives alone.
+        full. Results come in finishing order (CTranslate2's `generate_iterable` yields in input
+        order; `gpt2onnx.batch.iter_results` gives input order here); each is exactly what the
+        request gives alone.
 
         `prefix_cache_mb` > 0: full prompt blocks are kept in this Generator's prefix cache
         (at most that many MiB, least recently used out first; shared by its calls) and
         reused by prompts that start with them (batch jobs default to
         `gpt2onnx.batch.core.PREFIX_CACHE_MB`). 0: no cache for this call.
 
-        >>> reqs = (gen.prepare(p, max_new_tokens=20) for p in prompts)          # doctest: +SKIP
-        >>> for i, result in gen.generate_iterable(reqs, batch_size=8):          # doctest: +SKIP
-        ...     print(i, result.text)
+        For example::
+
+            reqs = (gen.prepare(p, max_new_tokens=20) for p in prompts)
+            for i, result in gen.generate_iterable(reqs, batch_size=8):
+                print(i, result.text)
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")

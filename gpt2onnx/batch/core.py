@@ -1,13 +1,15 @@
 """The in-memory batch core: requests in, one output row per prompt out, in input order.
 
->>> from gpt2onnx.batch import iter_results
->>> requests = [{"id": "a", "prompt": "Hello"}, {"input_data": ["Hi", 3]}, {"prompt": "x", "tempreature": 1}]
->>> for row in iter_results(gen, requests, params={"max_new_tokens": 5}):   # doctest: +SKIP
-...     print(row["id"], row.get("text") or row["error"])
-a Hello, I'm ...
-2:0 Hi, ...
-2:1 prompt must be a string, got int
-line-3 unknown generation parameter 'tempreature'; did you mean 'temperature'? allowed: ...
+For example::
+
+    from gpt2onnx.batch import iter_results
+    requests = [{"id": "a", "prompt": "Hello"}, {"input_data": ["Hi", 3]}, {"prompt": "x", "tempreature": 1}]
+    for row in iter_results(gen, requests, params={"max_new_tokens": 5}):
+        print(row["id"], row.get("text") or row["error"])
+    # a Hello, I'm ...
+    # 2:0 Hi, ...
+    # 2:1 prompt must be a string, got int
+    # line-3 unknown generation parameter 'tempreature'; did you mean 'temperature'? allowed: ...
 
 Every entry that runs many prompts goes through here: `gpt2onnx batch` / `run_batch`
 (which adds the output file, its ``.state``, resume, the lock and fsync), Azure ML batch

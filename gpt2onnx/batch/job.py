@@ -1,8 +1,10 @@
 """JSONL batch jobs: ordered, resumable, one error row per bad line.
 
->>> from gpt2onnx.batch import run_batch
->>> run_batch("out/gpt2-int8", "prompts.jsonl", "out.jsonl", batch_size=8)   # doctest: +SKIP
-BatchSummary(rows=1000, ok=998, errors=2, skipped_already_done=0, tokens=49900, seconds=...)
+For example::
+
+    from gpt2onnx.batch import run_batch
+    run_batch("out/gpt2-int8", "prompts.jsonl", "out.jsonl", batch_size=8)
+    # BatchSummary(rows=1000, ok=998, errors=2, skipped_already_done=0, tokens=49900, seconds=...)
 
 or ``gpt2onnx batch MODEL_DIR INPUT.jsonl OUTPUT.jsonl``.
 
@@ -102,8 +104,9 @@ def run_batch(model_or_dir, input_path: str, output_path: str, *, batch_size: in
         InvalidRequestError: `params`, `batch_size` or `workers` is invalid, or
             ``workers > 1`` with a loaded `Generator` (pass its folder).
 
-    >>> run_batch(gen, "in.jsonl", "out.jsonl", params={"max_new_tokens": 20}).ok   # doctest: +SKIP
-    100
+    For example::
+
+        run_batch(gen, "in.jsonl", "out.jsonl", params={"max_new_tokens": 20}).ok   # -> 100
     """
     t0 = time.perf_counter()
     check_batch_size(batch_size)

@@ -1,8 +1,9 @@
 """Batch jobs over several worker processes (``run_batch(..., workers=N)``, ``gpt2onnx batch --workers N``).
 
->>> from gpt2onnx.batch import run_batch
->>> run_batch("out/gpt2-int8", "in.jsonl", "out.jsonl", workers=2)   # doctest: +SKIP
-BatchSummary(rows=1000, ok=1000, errors=0, ...)
+For example::
+
+    from gpt2onnx.batch import run_batch
+    run_batch("out/gpt2-int8", "in.jsonl", "out.jsonl", workers=2)   # BatchSummary(rows=1000, ok=1000, ...)
 
 Each worker process loads the model once (before the job's output is created) and runs
 one long continuous batch over the rows it is handed (`gpt2onnx.batch.core.iter_batches`
