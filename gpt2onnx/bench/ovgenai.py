@@ -126,6 +126,9 @@ def capped_properties(environ=None) -> dict:
 
 
 def run_openvino(job: dict) -> dict:
+    props = {"INFERENCE_NUM_THREADS": job["threads"]}
+    if job["runtime"] == "openvino-capped":
+        props.update(capped_properties())  # before OpenVINO loads: refused at once without its environment
     import numpy as np
     import openvino as ov
     import openvino_genai as genai
@@ -138,9 +141,6 @@ def run_openvino(job: dict) -> dict:
     # budget (256 tokens) the scheduler splits the prefill over steps and rows start late.
     sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, b * p)
     sched.max_num_seqs = max(sched.max_num_seqs, b)
-    props = {"INFERENCE_NUM_THREADS": job["threads"]}
-    if job["runtime"] == "openvino-capped":
-        props.update(capped_properties())
     t = time.perf_counter()
     pipe = genai.LLMPipeline(job["ov_dir"], "CPU", scheduler_config=sched, **props)
     load_s = time.perf_counter() - t
