@@ -185,3 +185,41 @@ def test_amx_usable_reads_the_preload(tmp_path):
     ask = lambda extra: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
                                        env={**os.environ, **extra}, check=True).stdout.strip()
     assert ask({}) == "True" and ask({"LD_PRELOAD": so}) == "False"
+
+
+def _issue21_records(root, rec):
+    """Rounds 1-3 as bench/issue21_table.sh lays them out; gpt2onnx's b8 tokens/s 1.5, 1.65, 1.8 x OpenVINO's."""
+    for n, ours_tps in enumerate((300.0, 330.0, 360.0), 1):
+        for mode, base in (("amx", "openvino"), ("capped", "openvino-capped")):
+            folder = root / f"r{n}-{mode}"
+            folder.mkdir()
+            for b, p in ((1, 32), (8, 128)):
+                r = copy.deepcopy(rec)
+                r["environment"]["isa"]["amx"], r["environment"]["amx_usable"] = True, mode == "amx"
+                r["results"] = [{**rec["results"][0], "runtime": rt, "batch_size": b, "prompt_tokens": p,
+                                 "tokens_per_s": tps, "peak_rss_mb": rss}
+                                for rt, tps, rss in (("gpt2onnx", ours_tps, 300.0), (base, 200.0, 400.0))]
+                results.dump(r, str(folder / f"b{b}.json"))
+
+
+def test_issue21_table_takes_medians_of_per_round_ratios_and_refuses_a_wrong_amx_state(tiny_int8, tmp_path,
+                                                                                         fake_workers):
+    from conftest import REPO
+
+    rec = bench.run_bench(tiny_int8, baselines=[], out_dir=None, **SMALL)
+    _issue21_records(tmp_path, rec)
+    table = [sys.executable, os.path.join(REPO, "bench", "issue21_table.py"), str(tmp_path)]
+    p = subprocess.run(table, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    [tps] = [ln for ln in p.stdout.splitlines() if ln.startswith("| b8 tokens/s")]
+    assert tps.endswith("| 330 | 200 | **1.65×** (1.50, 1.65, 1.80) | 330 | 200 | **1.65×** (1.50, 1.65, 1.80) |")
+    [rss] = [ln for ln in p.stdout.splitlines() if ln.startswith("| b8/128 peak RSS")]
+    assert "| 300 | 400 | **0.75×** (0.75, 0.75, 0.75) |" in rss and "| with AMX: gpt2onnx |" in p.stdout
+    bad = tmp_path / "r2-capped" / "b1.json"
+    wrong = results.load(str(bad))
+    wrong["environment"]["amx_usable"] = True
+    results.dump(wrong, str(bad))
+    p = subprocess.run(table, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == (f"issue21_table: {bad}: this capped run could use AMX; the no-AMX preload did not take "
+                        "(check its path)\n")
