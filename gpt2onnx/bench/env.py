@@ -1,4 +1,4 @@
-"""The machine a benchmark runs on: CPU, ISA, cgroup quota, memory, versions, git revision, bandwidth.
+"""The machine a benchmark runs on: CPU, ISA (AMX usable?), cgroup quota, memory, versions, git revision, bandwidth.
 
 For example::
 
@@ -91,7 +91,37 @@ def environment(*, memory_bandwidth_gbs: float | None = None) -> dict:
         "memory_gib": round(_memory_gib(), 2), "os": platform.platform(), "python": platform.python_version(),
         "versions": versions(), "git_revision": git_revision(),
         "memory_bandwidth_gbs": None if memory_bandwidth_gbs is None else round(memory_bandwidth_gbs, 2),
+        "amx_usable": amx_usable(),
     }
+
+
+_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18  # x86-64 Linux
+
+
+def amx_usable() -> bool | None:
+    """Whether this process may use AMX: None on a CPU without it, False when AMX is switched off.
+
+    onnxruntime's MLAS and oneDNN ask Linux for the AMX tile state
+    (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``) before they use AMX, and fall
+    back to their AVX-512 VNNI kernels when it is refused. This asks the same way, through
+    libc's ``syscall`` as they do, so a preload that refuses it (``../shared/tools/noamx.c``,
+    "as on Cascade Lake"), an old kernel or a seccomp filter all read as False: the
+    figures of such a run are not this machine's AMX figures. Granting it is harmless
+    (the libraries ask for it anyway); the answer holds for the bench's workers, which
+    inherit the environment (``LD_PRELOAD``).
+    """
+    if not cpu.isa_flags().get("amx"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        got = libc.syscall(ctypes.c_long(_ARCH_PRCTL), ctypes.c_long(_ARCH_REQ_XCOMP_PERM),
+                           ctypes.c_long(_XFEATURE_XTILEDATA))
+    except (OSError, AttributeError):
+        return False
+    return got == 0
 
 
 def measure_bandwidth(*, threads: int, mib: int = BANDWIDTH_MIB, rounds: int = 5) -> float:

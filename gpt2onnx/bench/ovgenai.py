@@ -28,6 +28,14 @@ engine `LLMPipeline` runs when given a scheduler config, because its ``generate`
 generation config per prompt (each row its own ``max_new_tokens``, as in the job) where
 `LLMPipeline`'s takes one for the whole batch.
 
+The ``openvino-capped`` runtime is the same pipeline as on a Cascade Lake host (no AMX, no
+bf16): its worker runs with `CAPPED_ENV` in its environment (oneDNN reads it when it
+loads, so the parent sets it, `gpt2onnx.bench.runs.call_worker`) and compiles with
+`CAPPED_PROPERTIES` (on CPUs with AMX or avx512_bf16 OpenVINO computes in bf16 by default;
+a Cascade Lake host computes in f32 with int8 dynamic quantization of activations). Every
+other setting is the plain baseline's. A capped run whose environment lacks `CAPPED_ENV`
+is refused, so a capped row never holds uncapped figures.
+
 Step times are the pipeline's own: ``perf_metrics.raw_metrics.m_new_token_times``, the
 steady-clock time at which each step's tokens were out (one stamp per step at any batch
 size; a streamer callback is refused at batch > 1). On Linux that clock is
@@ -51,6 +59,8 @@ TOOLS = ("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "
 # Ops between a stored weight and its use: int8 decompression (Convert, Subtract zero point,
 # Multiply scale) and shape changes.
 _PASS = {"Convert", "Subtract", "Multiply", "Reshape", "Unsqueeze", "Transpose"}
+CAPPED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}  # oneDNN's kernels up to Cascade Lake's ISA
+CAPPED_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32"}  # no bf16, as on Cascade Lake
 
 
 def prepare_openvino(job: dict) -> dict:
@@ -108,7 +118,25 @@ def ir_weight_bytes(xml_path: str) -> int:
     return total
 
 
+def capped_properties(environ=None) -> dict:
+    """`CAPPED_PROPERTIES`, once the environment is checked for `CAPPED_ENV`.
+
+    >>> capped_properties({})
+    Traceback (most recent call last):
+    RuntimeError: openvino-capped needs ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI in its environment, got None; run it through gpt2onnx bench --baselines openvino-capped
+    """
+    environ = os.environ if environ is None else environ
+    for key, want in CAPPED_ENV.items():
+        if environ.get(key) != want:
+            raise RuntimeError(f"openvino-capped needs {key}={want} in its environment, got {environ.get(key)!r}; "
+                               "run it through gpt2onnx bench --baselines openvino-capped")
+    return dict(CAPPED_PROPERTIES)
+
+
 def run_openvino(job: dict) -> dict:
+    props = {"INFERENCE_NUM_THREADS": job["threads"]}
+    if job["runtime"] == "openvino-capped":
+        props.update(capped_properties())  # before OpenVINO loads: refused at once without its environment
     import numpy as np
     import openvino as ov
     import openvino_genai as genai
@@ -122,7 +150,7 @@ def run_openvino(job: dict) -> dict:
     sched.max_num_batched_tokens = max(sched.max_num_batched_tokens, b * p)
     sched.max_num_seqs = max(sched.max_num_seqs, b)
     t = time.perf_counter()
-    pipe = genai.LLMPipeline(job["ov_dir"], "CPU", scheduler_config=sched, INFERENCE_NUM_THREADS=job["threads"])
+    pipe = genai.LLMPipeline(job["ov_dir"], "CPU", scheduler_config=sched, **props)
     load_s = time.perf_counter() - t
     tok = Tokenizer.from_file(os.path.join(job["model_dir"], "tokenizer.json"))
     prompts = make_prompts(tok, n_tokens=p, batch=b)

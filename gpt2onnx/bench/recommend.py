@@ -26,6 +26,7 @@ PROJECTION_LABEL = "projection (not measured)"
 RANDOM_LABEL = "random weights"
 NO_SKU = "(no SKU)"
 MISMATCH_LABEL = "machine does not match"
+AMX_OFF_LABEL = "AMX off (as on a CPU without AMX)"
 
 
 @dataclass(frozen=True)
@@ -85,17 +86,19 @@ def cost(price: float | None, tps: float | None) -> float | None:
 
 
 def group_key(rec: dict) -> tuple:
-    """What a record is grouped by: projection, model, size, precision (+ KV cache), random weights, versions."""
+    """What a record is grouped by: projection, model, size, precision (+ KV cache), random weights, versions,
+    AMX switched off (`record.amx_off`: such figures never merge with the machine's own)."""
     m, v = rec["model"], rec["environment"]["versions"]
     precision = m["precision"] + (" + int8 KV" if m.get("kv_cache", "fp32") != "fp32" else "")
     return (rec["projection"], m["name"], m["n_params"], precision, m["random_weights"],
-            v["gpt2onnx"], v["onnxruntime"])
+            v["gpt2onnx"], v["onnxruntime"], record.amx_off(rec))
 
 
 def group_label(key: tuple) -> str:
-    projection, name, n_params, precision, random_weights, g2o, ort = key
+    projection, name, n_params, precision, random_weights, g2o, ort, amx_off = key
     label = f"{name} ({n_params / 1e6:.0f}M params) {precision}, gpt2onnx {g2o}, onnxruntime {ort}"
-    return label + (f", {RANDOM_LABEL}" if random_weights else "") + (f", {PROJECTION_LABEL}" if projection else "")
+    return label + (f", {RANDOM_LABEL}" if random_weights else "") + (f", {PROJECTION_LABEL}" if projection else "") \
+        + (f", {AMX_OFF_LABEL}" if amx_off else "")
 
 
 def median(values: list[float]) -> float | None:
@@ -161,7 +164,7 @@ def recommend(key: tuple, rows: list[Row], prices: Prices | None,
     priced = sorted([(*m, cost(per_hour[m[0]], m[4])) for m in meets if m[0] in per_hour], key=lambda m: (m[5], m[3]))
     ranked = priced or sorted([(*m, None) for m in meets], key=lambda m: (m[3], m[2]))
     basis, tag = "cheapest" if priced else "fastest", "".join(
-        f" [{x}]" for x, on in ((PROJECTION_LABEL, key[0]), (RANDOM_LABEL, key[4])) if on)
+        f" [{x}]" for x, on in ((PROJECTION_LABEL, key[0]), (RANDOM_LABEL, key[4]), (AMX_OFF_LABEL, key[7])) if on)
     sku = threads = first = tok = tps = c = None
     if ranked:
         sku, threads, first, tok, tps, c = ranked[0]

@@ -8,7 +8,8 @@ The benchmark runner writes these with `dump`; `gpt2onnx.report` reads many with
      "environment": {cpu_model, physical_cores, logical_cores, isa{avx2, avx512f,
                      avx512_vnni, avx_vnni, amx}, cgroup_cpu_quota, affinity, memory_gib,
                      os, python, versions{gpt2onnx, onnxruntime, numpy, ..., openvino-genai},
-                     git_revision, memory_bandwidth_gbs},
+                     git_revision, memory_bandwidth_gbs,
+                     amx_usable (null: no AMX in the CPU; false: AMX switched off, see `amx_off`)},
      "model": {name, precision, kv_cache (fp32 if absent), random_weights, n_params, size_bytes,
                weight_bytes_per_token},
      "settings": {threads[], new_tokens, repeats, warmup, batch_sizes[], prompt_tokens[]},
@@ -18,7 +19,8 @@ The benchmark runner writes these with `dump`; `gpt2onnx.report` reads many with
                   floor_ratio, error}, ...],
      "quality": {...}}            # optional, e.g. {"wikitext2_ppl": 29.9}
 
-`runtime` is one of `RUNTIMES` (gpt2onnx and its baselines pytorch, optimum, openvino).
+`runtime` is one of `RUNTIMES` (gpt2onnx and its baselines pytorch, optimum, openvino,
+openvino-capped: OpenVINO GenAI as on Cascade Lake, see `gpt2onnx.bench.ovgenai`).
 A result row with `error` set is a run that failed (typically a baseline); its
 figures may be null. Unknown keys are rejected so typos surface; `versions` and
 `quality` are open.
@@ -38,7 +40,7 @@ from ..fsutil import atomic_write
 
 SCHEMA = "gpt2onnx.bench/1"
 SCHEMA_VERSION = 1
-RUNTIMES = ("gpt2onnx", "pytorch", "optimum", "openvino")
+RUNTIMES = ("gpt2onnx", "pytorch", "optimum", "openvino", "openvino-capped")
 PRECISIONS = ("fp32", "int8", "int4")
 
 # field -> type spec: "int", "num", "bool", "str", "?x" (x or null), "[int]", "{str}",
@@ -46,7 +48,9 @@ PRECISIONS = ("fp32", "int8", "int4")
 _ISA = {"avx2": "bool", "avx512f": "bool", "avx512_vnni": "bool", "avx_vnni": "bool", "amx": "bool"}
 _ENV = {"cpu_model": "str", "physical_cores": "int", "logical_cores": "int", "isa": _ISA,
         "cgroup_cpu_quota": "?num", "affinity": "[int]", "memory_gib": "num", "os": "str",
-        "python": "str", "versions": "{str}", "git_revision": "?str", "memory_bandwidth_gbs": "?num"}
+        "python": "str", "versions": "{str}", "git_revision": "?str", "memory_bandwidth_gbs": "?num",
+        "amx_usable": "?bool"}
+_OPTIONAL_ENV = frozenset({"amx_usable"})  # records made before it: AMX state unknown
 _MODEL = {"name": "str", "precision": PRECISIONS, "random_weights": "bool", "n_params": "int",
           "size_bytes": "int", "weight_bytes_per_token": "int", "kv_cache": ("fp32", "int8")}
 _OPTIONAL_MODEL = frozenset({"kv_cache"})  # records made before int8 KV caches: fp32
@@ -79,7 +83,8 @@ def _check(value: Any, spec: Any, where: str, source: str) -> None:
     if isinstance(spec, dict):
         if not isinstance(value, dict):
             raise _fail(source, f"{where} must be an object, got {type(value).__name__}")
-        _check_fields(value, spec, where, source, _OPTIONAL_MODEL if spec is _MODEL else frozenset())
+        optional = _OPTIONAL_MODEL if spec is _MODEL else _OPTIONAL_ENV if spec is _ENV else frozenset()
+        _check_fields(value, spec, where, source, optional)
         return
     if isinstance(spec, tuple):
         if value not in spec:
@@ -216,6 +221,21 @@ def dump(record: dict, path: str) -> None:
     path = os.fspath(path)
     validate(record, source=path)
     atomic_write(path, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def amx_off(record: dict) -> bool:
+    """True when the CPU has AMX but the run could not use it (capped, "as on Cascade Lake").
+
+    Such a record's gpt2onnx figures (and every runtime's that asks Linux for AMX) are not
+    this machine's; they say what a CPU without AMX would do, with this machine's memory.
+
+    >>> amx_off({"environment": {"isa": {"amx": True}, "amx_usable": False}})
+    True
+    >>> amx_off({"environment": {"isa": {"amx": False}, "amx_usable": None}})
+    False
+    """
+    env = record["environment"]
+    return bool(env["isa"].get("amx")) and env.get("amx_usable") is False
 
 
 def _div(a: float, b: float) -> float | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from . import record
 from . import skus as _skus
 from ..errors import Gpt2OnnxError, InvalidRequestError
-from .recommend import (MISMATCH_LABEL, NO_SKU, PROJECTION_LABEL, RANDOM_LABEL, Recommendation, Row, aggregate,
+from .recommend import (AMX_OFF_LABEL, MISMATCH_LABEL, NO_SKU, PROJECTION_LABEL, RANDOM_LABEL, Recommendation, Row, aggregate,
                         cost, group_key, group_label, median, recommend, slo_text)
 from .skus import Prices, load_prices
 
@@ -166,6 +166,10 @@ def _group_blocks(gi: int, key: tuple, members: list[tuple[str, dict]], rows: li
     if key[4]:
         body.append(("p", f"{RANDOM_LABEL.upper()}: the model had random weights; speed figures hold, "
                           "quality figures are meaningless."))
+    if key[7]:
+        body.append(("p", f"{AMX_OFF_LABEL.upper()}: the CPU has AMX but these runs could not use it (the no-AMX "
+                          "preload): they say what a CPU without AMX would do with this machine's memory, not what "
+                          "the machine measured does."))
     body += [("h", 3, f"Machines — {label}"), ("table", [
         "file", "SKU", "CPU model", "vCPUs", "ISA", "memory GiB", "onnxruntime", "created"],
         [[os.path.basename(p), (r["sku"] or NO_SKU) + f" ({MISMATCH_LABEL})" * (p in mismatched),

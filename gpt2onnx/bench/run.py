@@ -16,6 +16,11 @@ ids, the same thread count, greedy decoding and exactly `new_tokens` tokens per 
 `repeats` runs: time to first token (tokenizing the prompt + prefill + first token),
 the latency of every following step, and tokens/s = batch * new_tokens / wall time.
 
+AMX: the record's ``environment.amx_usable`` says whether this run could use AMX
+(`gpt2onnx.bench.env.amx_usable`); under the no-AMX preload of ``../shared/tools`` it is
+False and every row is "as on a CPU without AMX". Each worker reports its own state; a
+row whose worker differs from the bench is an error, never a figure.
+
 Bandwidth floor: a decode step must read every weight it multiplies once, so its
 latency is at least ``weight_bytes_per_token / memory bandwidth``. Weight bytes are the
 model's initializers (parameters for PyTorch) minus the tables that are only gathered:
@@ -50,10 +55,11 @@ from .runs import (baseline_python, cache_dir, call_worker, missing_packages, mo
                    optimum_isa, result_row, source_fingerprint, source_spec)
 from ..errors import InvalidRequestError
 
-BASELINES = ("pytorch", "optimum", "openvino")
+BASELINES = ("pytorch", "optimum", "openvino", "openvino-capped")
 DEFAULT_BASELINES = ("pytorch", "optimum")  # openvino is opt-in: its packages are installed apart
 _HINTS = {"pytorch": "pip install 'gpt2onnx[export]'", "optimum": "pip install 'gpt2onnx[export]'",
-          "openvino": "bash scripts/install_openvino.sh"}
+          "openvino": "bash scripts/install_openvino.sh", "openvino-capped": "bash scripts/install_openvino.sh"}
+_OPENVINO = ("openvino", "openvino-capped")  # one optimum-intel export serves both
 
 
 # -- inputs ---------------------------------------------------------------------------
@@ -121,6 +127,10 @@ def _check_out_dir(out_dir: str) -> str:
 # -- the run --------------------------------------------------------------------------
 
 
+def _amx_text(usable: bool | None) -> str:
+    return {None: "no AMX in the CPU", True: "AMX on", False: "AMX off"}[usable]
+
+
 def record_path(rec: dict, out_dir: str) -> str:
     """``<out_dir>/<date>-<sku or host>-<model>-<precision>.json`` for a record made on this host."""
     date = re.sub(r"[-:]", "", rec["created"])  # 20240501T120000Z
@@ -144,7 +154,8 @@ def run_bench(model_dir: str, *, sku: str | None = None, batch_sizes: Sequence[i
         threads: intra-op thread counts to run (default: the physical cores).
         baselines: any of ``pytorch``, ``optimum`` (fp32 and Optimum's int8), ``openvino``
             (OpenVINO GenAI on optimum-intel's int8 export; run with ``$GPT2ONNX_OPENVINO_PYTHON``
-            when set, see `gpt2onnx.bench.runs.baseline_python`).
+            when set, see `gpt2onnx.bench.runs.baseline_python`), ``openvino-capped`` (the same
+            as on Cascade Lake: ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``, ``INFERENCE_PRECISION_HINT=f32``).
         repeats, warmup: timed and untimed runs per runtime and configuration.
         out_dir: where the record is written (None: not written); nothing else goes there:
             Optimum and OpenVINO exports are cached in `gpt2onnx.bench.runs.cache_dir`
@@ -195,7 +206,7 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
     runtimes: list[tuple[str, str]] = [("gpt2onnx", precision)]
     runtimes += [("pytorch", "fp32")] * ("pytorch" in baselines)
     runtimes += [("optimum", "fp32"), ("optimum", "int8")] * ("optimum" in baselines)
-    runtimes += [("openvino", "int8")] * ("openvino" in baselines)
+    runtimes += [(b, "int8") for b in _OPENVINO if b in baselines]
     skip: dict[str, str] = {}  # baseline -> why it is not run
     source, why = source_spec(manifest) if baselines else (None, None)
     for b in baselines:
@@ -206,7 +217,10 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
             skip[b] = f"not run: {why}"
     configs = [(t, b, p) for t in threads for b in batch_sizes for p in prompt_tokens]
     optimum_prep = "optimum" in baselines and "optimum" not in skip
-    openvino_prep = "openvino" in baselines and "openvino" not in skip
+    if "openvino" in baselines and "openvino" not in skip and os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        skip["openvino"] = (f"not run: ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']} is set, so OpenVINO "
+                            "would not run with its defaults; unset it, or use --baselines openvino-capped")
+    openvino_prep = any(b in baselines and b not in skip for b in _OPENVINO)
 
     bar = Progress("gpt2onnx bench", total=1 + optimum_prep + openvino_prep + len(configs) * len(runtimes),
                    unit="runs", enabled=progress)
@@ -237,7 +251,7 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
             prep = call_worker({"mode": "prepare-openvino", "source": source, "cache_dir": cache}, max(threads),
                                python=baseline_python("openvino"))
             if "error" in prep:
-                skip["openvino"] = f"OpenVINO export failed: {prep['error']}"
+                skip.update({b: f"OpenVINO export failed: {prep['error']}" for b in _OPENVINO if b not in skip})
             else:
                 ov_dir = prep["ov_dir"]
                 env["versions"].update({k: v for k, v in prep["versions"].items() if k not in env["versions"]})
@@ -256,9 +270,13 @@ def run_with_path(model_dir, *, sku, batch_sizes, prompt_tokens, new_tokens, thr
                            "warmup": warmup, "repeats": repeats, "source": source}
                     if runtime == "optimum":
                         job["optimum_dir"], job["optimum_file"] = optimum_dirs[prec]
-                    elif runtime == "openvino":
+                    elif runtime in _OPENVINO:
                         job["ov_dir"] = ov_dir
                     out = call_worker(job, t, python=baseline_python(runtime))
+                    if out.get("amx_usable", env["amx_usable"]) != env["amx_usable"]:  # never a mixed record
+                        out = {"error": f"the worker's AMX state ({_amx_text(out['amx_usable'])}) is not the "
+                                        f"bench's ({_amx_text(env['amx_usable'])}); give every process the same "
+                                        "LD_PRELOAD (see bench/README.md, 'As on Cascade Lake')"}
                     if runtime == "gpt2onnx" and "error" not in out:
                         out["weight_bytes_per_token"] = ours_bytes
                 rows.append(result_row(runtime, prec, cfg, new_tokens, out, bandwidth))

@@ -35,6 +35,7 @@ from .env import PACKAGE_DIR, versions
 
 _NEEDS = {"pytorch": ("torch", "transformers"), "optimum": ("torch", "transformers", "onnx", "optimum.onnxruntime"),
           "openvino": ("openvino_genai", "openvino", "optimum.intel", "nncf", "torch", "transformers", "tokenizers")}
+_NEEDS["openvino-capped"] = _NEEDS["openvino"]
 _PIP_NAMES = {"openvino_genai": "openvino-genai", "optimum.intel": "optimum-intel"}  # where the module name is not
 OPENVINO_PYTHON_ENV = "GPT2ONNX_OPENVINO_PYTHON"
 CACHE_ENV = "GPT2ONNX_CACHE"
@@ -103,10 +104,11 @@ def model_bytes(manifest) -> int:
 def baseline_python(baseline: str) -> str:
     """The interpreter a baseline's worker runs in.
 
-    The parent's own, except for ``openvino`` when ``$GPT2ONNX_OPENVINO_PYTHON`` names
-    another (a venv that has OpenVINO next to gpt2onnx's export extra).
+    The parent's own, except for ``openvino`` (and ``openvino-capped``) when
+    ``$GPT2ONNX_OPENVINO_PYTHON`` names another (a venv that has OpenVINO next to gpt2onnx's
+    export extra).
     """
-    if baseline == "openvino":
+    if baseline in ("openvino", "openvino-capped"):
         return os.environ.get(OPENVINO_PYTHON_ENV) or sys.executable
     return sys.executable
 
@@ -197,9 +199,22 @@ def optimum_isa() -> str:
     return "avx512_vnni" if isa["avx512_vnni"] else ("avx512" if isa["avx512f"] else "avx2")
 
 
+def worker_env(job: dict) -> dict[str, str]:
+    """What a run's worker gets in its environment beyond the bench's own.
+
+    >>> worker_env({"mode": "run", "runtime": "openvino-capped"})
+    {'ONEDNN_MAX_CPU_ISA': 'AVX512_CORE_VNNI'}
+    """
+    if job.get("mode") == "run" and job.get("runtime") == "openvino-capped":
+        from .ovgenai import CAPPED_ENV
+
+        return dict(CAPPED_ENV)
+    return {}
+
+
 def call_worker(job: dict, threads: int, python: str | None = None) -> dict:
     """Run one job in a fresh ``python -m gpt2onnx.bench.worker`` (`python`: default this interpreter)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    env = dict(os.environ, **worker_env(job), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(PACKAGE_DIR), os.environ.get("PYTHONPATH"))
                                           if p))

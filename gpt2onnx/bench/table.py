@@ -55,8 +55,11 @@ def format_table(rec: dict, *, sku_warnings: bool = True) -> str:
         f"repeats {rec['settings']['repeats']}, warmup {rec['settings']['warmup']}; "
         f"gpt2onnx {env['versions']['gpt2onnx']} (git {(env['git_revision'] or 'n/a')[:12]}), "
         f"onnxruntime {env['versions']['onnxruntime']}",
-        "",
     ]
+    if record.amx_off(rec):
+        lines.append("AMX OFF in this run (the request for AMX was refused, e.g. by the noamx preload): figures are "
+                     "as on a CPU without AMX (Cascade Lake), with this machine's memory, not this machine's")
+    lines.append("")
     bases = []
     for r in rec["results"]:
         if r["runtime"] != "gpt2onnx" and (r["runtime"], r["precision"]) not in bases:
@@ -91,6 +94,11 @@ def format_table(rec: dict, *, sku_warnings: bool = True) -> str:
     if bases:
         lines.append("vs X: decode p50 speed-up / tokens/s ratio of gpt2onnx over baseline X (> 1: gpt2onnx faster)")
     lines.append("floor x: decode p50 / (weight bytes read per step / memory bandwidth)")
+    if any(b == "openvino-capped" for b, _ in bases):
+        lines.append("openvino-capped: OpenVINO GenAI as on Cascade Lake (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, "
+                     "INFERENCE_PRECISION_HINT=f32)" + ("" if record.amx_off(rec) or not env["isa"].get("amx") else
+                     "; gpt2onnx ran WITH AMX here: for a like-for-like ratio run the bench under the noamx "
+                     "preload (bench/README.md)"))
     failed = {}
     for r in rec["results"]:
         if r.get("error"):

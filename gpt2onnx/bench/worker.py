@@ -5,14 +5,17 @@ and peak RSS (VmHWM at the end) belong to that runtime alone. The job is one
 JSON object on stdin; the answer is one JSON object on stdout (anything a library
 prints goes to stderr instead)::
 
-    {"mode": "run", "runtime": "gpt2onnx" | "pytorch" | "optimum" | "openvino", "model_dir": ...,
+    {"mode": "run", "runtime": "gpt2onnx" | "pytorch" | "optimum" | "openvino" | "openvino-capped", "model_dir": ...,
      "batch_size": 8, "prompt_tokens": 32, "new_tokens": 128, "threads": 4,
      "warmup": 1, "repeats": 3,
      "source": {"id", "random_weights", "seed"},          # pytorch only
      "optimum_dir": ..., "optimum_file": "model.onnx",     # optimum only
-     "ov_dir": ...}                                        # openvino only
+     "ov_dir": ...}                                        # openvino(-capped) only
     -> {"load_s", "tokenize_ms": [..], "first_token_ms": [..], "step_ms": [..],
-        "total_s": [..], "peak_rss_mb", "weight_bytes_per_token"}  or  {"error": "one line"}
+        "total_s": [..], "peak_rss_mb", "weight_bytes_per_token", "amx_usable"}  or  {"error": "one line"}
+
+``amx_usable`` is `gpt2onnx.bench.env.amx_usable` in this process, so the parent can check
+that every row ran with the AMX state its record names.
 
     {"mode": "prepare-optimum", "source": {...}, "cache_dir": ..., "isa": "avx2"}
     -> {"fp32_dir", "int8_dir"}: Optimum's export of the source and Optimum's own
@@ -203,7 +206,8 @@ def _run_openvino(job: dict) -> dict:
     return run_openvino(job)
 
 
-RUNNERS = {"gpt2onnx": _run_gpt2onnx, "pytorch": _run_pytorch, "optimum": _run_optimum, "openvino": _run_openvino}
+RUNNERS = {"gpt2onnx": _run_gpt2onnx, "pytorch": _run_pytorch, "optimum": _run_optimum, "openvino": _run_openvino,
+           "openvino-capped": _run_openvino}
 
 
 def _one_line(e: BaseException) -> str:
@@ -237,6 +241,9 @@ def main() -> int:
         else:
             out = RUNNERS[job["runtime"]](job)
             out["peak_rss_mb"] = peak_rss_mb()
+            from .env import amx_usable
+
+            out["amx_usable"] = amx_usable()
         code = 0
     except Exception as e:  # reported to the parent as the row's error
         out, code = {"error": _one_line(e)}, 1

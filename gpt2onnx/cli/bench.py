@@ -99,7 +99,9 @@ def add_parsers(subparsers) -> None:
     b.add_argument("--threads", metavar="N[,M]", help="intra-op thread counts (default: physical cores)")
     b.add_argument("--baselines", default="pytorch,optimum",
                    help="comma list of pytorch, optimum, openvino (OpenVINO GenAI: bash scripts/install_openvino.sh, "
-                        "or a venv named by $GPT2ONNX_OPENVINO_PYTHON); or none")
+                        "or a venv named by $GPT2ONNX_OPENVINO_PYTHON), openvino-capped (the same as on Cascade Lake: "
+                        "no AMX, f32; for gpt2onnx too, run the bench under the noamx preload, see bench/README.md); "
+                        "or none")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
     b.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     b.add_argument("--out", default="results", help="folder for the result JSON (cwd-relative)")
