@@ -30,7 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-ALGORITHMS = ("rtn",)  # see the module docstring for the ones dropped
+from .recipe import QuantRecipe
+
 HEAD = "lm_head"  # name of the LM head MatMul in `graph.build(..., untied_lm_head=True)`
 HEAD_WEIGHT = "lm_head.weight_t"  # its (E, V) weight
 
@@ -48,7 +49,7 @@ def fit_block(block: int, n: int) -> int | None:
     return None
 
 
-def quantize_matmuls(model: onnx.ModelProto, recipe, exclude: list[str]) -> onnx.ModelProto:
+def quantize_matmuls(model: onnx.ModelProto, recipe: QuantRecipe, exclude: list[str]) -> onnx.ModelProto:
     """Every MatMul with a constant weight -> MatMulNBits (`recipe`), except the nodes named in `exclude`."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -155,8 +156,6 @@ def _own_head(model: onnx.ModelProto, head, bits: int, block_size: int, accuracy
     """Quantize an untied (or unshareable) LM head on its own; returns its precision."""
     if head is None:
         return "fp32"
-    from .quantize import QuantRecipe
-
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head.name]
     recipe = QuantRecipe(bits=bits, block_size=block_size, accuracy_level=accuracy_level)
     quantized = quantize_matmuls(model, recipe, others)

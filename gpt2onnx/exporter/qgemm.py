@@ -49,9 +49,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .nbits import HEAD, HEAD_WEIGHT
+from .recipe import SEVEN_BITS
 
 OPSET = 21  # QuantizeLinear with a block size (one scale per row)
-SEVEN_BITS = ("activations", "weights")  # which operand keeps to |q| <= 63 (see the module doc)
 GELU_FLOOR = 0.171  # GELU(z) >= -0.16997 (erf), -0.17004 (tanh approximation)
 GELU_OPS = ("FastGelu", "BiasGelu", "Gelu")
 
