@@ -38,7 +38,6 @@ from ..batch.rows import one_line
 from ..errors import ArtifactError, InvalidRequestError
 from ..params import GenerationParams, looks_like_param, resolve
 
-OUTPUT_COLUMNS = ("text", "prompt_tokens", "generated_tokens", "finish_reason", "error")
 # Integer parameters: Arrow turns an int column with nulls into float64, so 5.0 must read as 5.
 INT_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationParams) if f.type in ("int", "int | None"))
 
