@@ -15,9 +15,9 @@ import sys
 import gpt2onnx
 from gpt2onnx.cli import build_parser
 
-PUBLIC = ["ArtifactError", "BatchSummary", "ExportError", "FidelityError", "GenerationParams", "GenerationResult",
-          "Generator", "Gpt2OnnxError", "InvalidRequestError", "ParityError", "StepResult", "UnsupportedModelError",
-          "export", "load", "run_batch"]
+PUBLIC = ["ArtifactError", "BatchSummary", "DataError", "ExportError", "FidelityError", "GenerationParams",
+          "GenerationResult", "Generator", "Gpt2OnnxError", "InvalidRequestError", "ParityError", "StepResult",
+          "UnsupportedModelError", "export", "load", "run_batch"]
 
 GENERATOR = {  # method -> parameter names (keyword-only marked with *)
     "generate": ["prompts", "params", "**overrides"],
