@@ -221,7 +221,7 @@ def test_eval_does_not_miss_a_random_weight_int8_the_exporter_passed(tiny_src, t
 
     out = str(tmp_path / "rnd-int8")
     m = gpt2onnx.export(tiny_src, out, precision="int8", random_weights=True, seed=3, progress=False)
-    assert m["fidelity"]["status"] == "passed" and m["fidelity"]["gated"] == "random weights: mean_kl only"
+    assert m.fidelity["status"] == "passed" and m.fidelity["gated"] == "random weights: mean_kl only"
     data = os.path.join(os.path.dirname(policy.__file__), "..", "data", "gate_text.txt")
     r = evaluate(out, "fidelity", data=data, limit=8, progress=False, threads=1)  # reference: the recorded source
     assert r["gate_missed"] == [] and r["gated"] == "random weights: mean_kl only" and r["gate"] == {"mean_kl": 0.01}

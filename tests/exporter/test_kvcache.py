@@ -195,8 +195,8 @@ def test_auto_falls_back_to_an_fp32_cache_when_the_int8_cache_misses(tiny_src, t
 
     monkeypatch.setattr(policy, "check", check)
     m = gpt2onnx.export(tiny_src, tmp_path / "auto", precision="int8", progress=True)
-    assert m["kv_cache"] == {"dtype": "fp32"} and m["fidelity"]["status"] == "passed"
-    tried = m["quantization"]["tried"]
+    assert m.kv_cache.dtype == "fp32" and m.fidelity["status"] == "passed"
+    tried = m.quantization["tried"]
     assert [t["kv_cache"] for t in tried] == ["int8"] * int8_rungs + ["fp32"] and int8_rungs == 2  # qgemm, block 32
     assert all(t["missed"] for t in tried[:-1]) and not tried[-1]["missed"] and tried[-1]["what"] == tried[0]["what"]
     assert "again with an fp32 KV cache" in capsys.readouterr().err
@@ -216,4 +216,4 @@ def test_a_kv_cache_that_misses_the_gate_is_refused_unless_accepted(tiny_src, tm
         gpt2onnx.export(tiny_src, tmp_path / "missed", kv_cache="int8", progress=False)
     assert not (tmp_path / "missed").exists()
     m = gpt2onnx.export(tiny_src, tmp_path / "kept", kv_cache="int8", accept_fidelity_miss=True, progress=False)
-    assert m["fidelity"]["status"].startswith("missed, accepted") and m["kv_cache"]["dtype"] == "int8"
+    assert m.fidelity["status"].startswith("missed, accepted") and m.kv_cache.dtype == "int8"
