@@ -137,7 +137,7 @@ class Generator:
 
         Up to `batch_size` rows decode together; when one finishes, the next request is
         prefilled into its slot while the others go on, so the batch stays full. Results
-        come in finishing order; each is exactly what the request gives alone.
+        come in finishing order (CTranslate2's generate_iterable keeps input order); each is exactly what it gives alone.
 
         >>> reqs = (gen.prepare(p, max_new_tokens=20) for p in prompts)          # doctest: +SKIP
         >>> for i, result in gen.generate_iterable(reqs, batch_size=8):          # doctest: +SKIP
