@@ -90,7 +90,7 @@ def test_shared_table_gives_the_same_logits_as_a_private_copy(tiny_int4, tmp_pat
 def test_the_gate_rejects_a_bad_int4_recipe(tmp_path, monkeypatch):
     """Outlier channels, the split switched off, 4-bit block 128: the int4 gate misses, no folder is written;
     with --accept-fidelity-miss the folder says so in its manifest and card."""
-    from conftest import save_tiny_gpt2
+    from helpers.models import save_tiny_gpt2
     from outliers import inject_outliers
 
     from gpt2onnx import sources

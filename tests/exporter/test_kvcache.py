@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import damaged_folders
+from helpers import damaged_folders
 import gpt2onnx
 from gpt2onnx.errors import FidelityError
 from gpt2onnx import artifact
@@ -22,7 +22,7 @@ from gpt2onnx.exporter import kvcache, policy, quantize
 from gpt2onnx.eval import gate
 from gpt2onnx.eval.gate import GATE, GATE_WINDOWS, KV_CALIBRATION_TOKENS, kv_calibration_slice
 
-from conftest import WIKI_SLICE
+from helpers.paths import WIKI_SLICE
 
 H, D = 2, 8
 
@@ -128,7 +128,7 @@ def test_fp32_kv_export_records_an_fp32_cache(tiny_fp32, tiny_int8_kvfp32):
 
 def _copy_with_manifest(src: str, dst, edit) -> str:
     shutil.copytree(src, dst)
-    damaged_folders._manifest(dst, edit)
+    damaged_folders.edit_manifest(dst, edit)
     return str(dst)
 
 

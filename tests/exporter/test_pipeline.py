@@ -15,7 +15,7 @@ from gpt2onnx import artifact
 from gpt2onnx.cli import main
 from gpt2onnx.errors import ExportError, ParityError, UnsupportedModelError
 
-from conftest import save_tiny_gpt2
+from helpers.models import save_tiny_gpt2
 
 
 def _ops(folder):
@@ -258,7 +258,7 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
     import dataclasses
 
     import gpt2onnx
-    from conftest import save_tiny_gpt2
+    from helpers.models import save_tiny_gpt2
     from gpt2onnx import sources
     from gpt2onnx.exporter import quantize
     from gpt2onnx.artifact import read_manifest
@@ -292,7 +292,7 @@ def test_a_fidelity_miss_retries_with_matmulnbits_then_the_finer_block(tmp_path,
     """n_embd 64: qgemm first; when it misses, MatMulNBits block 64, then block 32, each written over (not
     appended to) the one before."""
     import gpt2onnx
-    from conftest import save_tiny_gpt2
+    from helpers.models import save_tiny_gpt2
     from gpt2onnx.exporter import policy
 
     src_dir = save_tiny_gpt2(str(tmp_path / "src"), n_embd=64, n_head=2)
