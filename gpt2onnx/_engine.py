@@ -12,6 +12,10 @@ bits differ. So where a graph holds such a kernel (`needs_row_pairs`) a `Batch` 
 every MatMul an even M: a prompt of odd length gets one pad token and the LM head keeps 2
 positions; a decode step has an even number of slots, a free one riding along as a
 scratch row (token 0 at position 0). docs/architecture.md has the measurements.
+
+A prompt is prefilled in blocks of `Engine.block` tokens at positions 0, B, 2B ... (`_prefill`:
+why, and what the prefix cache adds); a slot mid-prefill rides in decode steps with a dummy
+token at its next position, which its next block overwrites.
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ from ._kvcache import KVCache
 from .errors import ArtifactError, first_line
 
 session_options = graphio.session_options  # the old home of the rule; kept for callers of 0.x
+PREFILL_BLOCK = 64  # prompt tokens per prefill call and per prefix-cache entry (see _prefill); even
+
+
+def prefill_block(n_positions: int) -> int:
+    """The default block: `PREFILL_BLOCK`, or an eighth of a shorter context (even, >= 2).
+
+    >>> prefill_block(1024), prefill_block(64)
+    (64, 8)
+    """
+    return max(2, min(PREFILL_BLOCK, n_positions // 16 * 2))
 
 
 def needs_row_pairs(manifest) -> bool:
@@ -47,8 +61,12 @@ def needs_row_pairs(manifest) -> bool:
 class Engine:
     """One session over a model folder's graph, with the KV-cache I/O names from its manifest."""
 
-    def __init__(self, model_dir: str, manifest, *, threads: int, session=None):
+    def __init__(self, model_dir: str, manifest, *, threads: int, session=None, block: int | None = None):
+        block = block or prefill_block(manifest.dims.n_positions)
+        if block < 2 or block % 2:
+            raise ValueError(f"the prefill block must be an even number of tokens >= 2, got {block}")
         self.model_dir = model_dir
+        self.block = block  # prefill block (tokens)
         d = manifest.dims
         self.n_layer, self.n_head, self.head_dim, self.vocab_size = d.n_layer, d.n_head, d.head_dim, d.vocab_size
         self.session = session or graphio.open_session(os.path.join(model_dir, "model.onnx"), threads)
@@ -115,19 +133,30 @@ class Batch:
     where the graph needs it (`Engine.pairs`) and lets a new row be prefilled into a freed
     slot while the others go on decoding (continuous batching).
 
-    >>> b = Batch(engine, slots=2, max_len=20)                      # doctest: +SKIP
-    >>> logits = b.prefill(["a", "b"], [[1, 2, 3], [4, 5, 6]])      # doctest: +SKIP
-    >>> logits = b.decode(np.array([9, 9]))                         # doctest: +SKIP
+    For example::
+
+        b = Batch(engine, slots=2, max_len=20)
+        logits = b.prefill(["a", "b"], [[1, 2, 3], [4, 5, 6]])
+        logits = b.decode(np.array([9, 9]))
+
+    `prefix`: a `_prefix.PrefixCache` of this engine's blocks, or None.
     """
 
-    def __init__(self, engine: Engine, slots: int, max_len: int):
+    def __init__(self, engine: Engine, slots: int, max_len: int, prefix=None):
         self.engine = engine
+        self.prefix = prefix
         self.max_len = max_len + 1  # room for a prompt's pad token
         self.cache = engine.cache(self.width(slots), self.max_len)  # np.zeros: pages are touched only when written
         self.lengths = np.zeros(self.cache.batch, np.int64)  # tokens in each slot
         self.rows: list[object | None] = [None] * self.cache.batch  # the row in each slot; None = free
         self.usable = slots  # slots rows may take (an odd batch's spare stays a scratch row)
         self.binding = engine.bind(self.cache)
+        n = self.cache.batch
+        self.todo: list[tuple | None] = [None] * n  # a slot's prompt while its prefill is unfinished
+        self.keys: list[list[bytes]] = [[] for _ in range(n)]  # prefix-cache keys of its full blocks
+        self.asked = np.full(n, -1, np.int64)  # the position the prefix cache was last asked from
+        self.since = np.zeros(n, np.int64)  # admission order
+        self._admitted = 0
 
     @property
     def slots(self) -> int:
@@ -145,49 +174,47 @@ class Batch:
         """The first usable free slot, or None when the batch is full."""
         return next((s for s in range(self.usable) if self.rows[s] is None), None)
 
-    def prefill(self, rows: list, prompts) -> np.ndarray:
-        """Put `rows` in slots 0..n-1 and prefill their `prompts` (equal lengths together, else one by one);
-        returns (n, V) last logits."""
-        n = len(prompts)
-        if n >= 2 and len({len(p) for p in prompts}) == 1:
-            cache = self.cache if n == self.cache.batch else self.cache.rows(n)
-            self.lengths[:n] = len(prompts[0])
-            self.rows[:n] = rows
-            return self._prefill(cache, np.array(prompts, np.int64))
-        return np.stack([self.admit(s, r, p) for s, (r, p) in enumerate(zip(rows, prompts))])
-
-    def admit(self, slot: int, row, prompt) -> np.ndarray:
-        """Put `row` in free `slot` and prefill its `prompt`; returns its (V,) last logits."""
+    def start(self, slot: int, row, prompt) -> None:
+        """Put `row` in free `slot` with its `prompt` to prefill (`_prefill.step` runs the blocks)."""
         assert self.rows[slot] is None, slot
-        self.rows[slot] = row
-        self.lengths[slot] = len(prompt)
-        return self._prefill(self.cache.row(slot), np.array([prompt], np.int64))[0]
+        self.rows[slot], self.todo[slot] = row, tuple(prompt)
+        self.lengths[slot], self.asked[slot] = 0, -1
+        self.keys[slot] = self.prefix.keys(prompt) if self.prefix is not None else []
+        self.since[slot] = self._admitted = self._admitted + 1
 
-    def _prefill(self, cache: KVCache, ids: np.ndarray) -> np.ndarray:
-        """Prefill (B, S) prompts into `cache` (B rows); with row pairs, B x even tokens and the LM head on 2 positions."""
-        b, s = ids.shape
-        pairs = self.engine.pairs
-        pad = s % 2 if pairs else 0
-        if pad:  # the pad token: any id; its key/value at position S is overwritten by the next step
-            ids = np.concatenate([ids, ids[:, -1:]], axis=1)
-        pos = np.tile(np.arange(ids.shape[1]), (b, 1))
-        keep = 2 if pairs else 1
-        logits = self.engine.step(self.engine.bind(cache, keep=keep), ids, np.full(b, ids.shape[1]), pos, last=False)
-        return logits[:, -1 - pad].copy()  # (B, V): the last real position
+    def waiting(self) -> list[int]:
+        """Slots whose prompt is not fully prefilled, oldest admission first."""
+        return sorted((s for s, t in enumerate(self.todo) if t is not None), key=lambda s: self.since[s])
+
+    def prefill(self, rows: list, prompts) -> np.ndarray:
+        """Put `rows` in slots 0..n-1 and prefill their `prompts` whole; returns (n, V) last logits."""
+        from ._prefill import step
+
+        for s, (r, p) in enumerate(zip(rows, prompts)):
+            self.start(s, r, p)
+        done: dict[int, np.ndarray] = {}
+        while self.waiting():
+            done.update(step(self, group=True))
+        return np.stack([done[s] for s in range(len(rows))])
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """Feed one token per slot (ignored for free slots); returns (slots, V) logits, valid until the next step."""
-        busy = np.array([r is not None for r in self.rows])
-        ids = np.where(busy, np.asarray(tokens, np.int64), 0)[:, None]  # a free slot: token 0 at position 0
-        pos = np.where(busy, self.lengths, 0)[:, None]
+        """Feed one token per decoding slot; returns (slots, V) logits, valid until the next step.
+
+        A free slot gets token 0 at position 0 (a scratch row); a slot mid-prefill a dummy
+        token at its next position, overwritten by its next block; neither grows.
+        """
+        busy = np.array([r is not None and t is None for r, t in zip(self.rows, self.todo)])
+        filling = np.array([t is not None for t in self.todo])
+        ids = np.where(busy, np.asarray(tokens, np.int64), 0)[:, None]
+        pos = np.where(busy | filling, self.lengths, 0)[:, None]
         self.lengths[busy] += 1
-        return self.engine.step(self.binding, ids, np.maximum(self.lengths, 1), pos)
+        return self.engine.step(self.binding, ids, np.maximum(self.lengths + filling, 1), pos)
 
     def free(self, slot: int) -> None:
         """The slot's row is done: the slot is free and its cache pages go back to the OS (a slot
         reused by a short row must not keep the memory of a long one)."""
         self.cache.release(slot, slot + 1)
-        self.rows[slot] = None
+        self.rows[slot] = self.todo[slot] = None
         self.lengths[slot] = 0
 
     def compact(self) -> list[int]:
@@ -202,6 +229,10 @@ class Batch:
         self.lengths = np.zeros(n, np.int64)
         self.lengths[:len(slots)] = lengths
         self.rows = [self.rows[s] for s in slots] + [None] * (n - len(slots))
+        self.todo = [self.todo[s] for s in slots] + [None] * (n - len(slots))
+        self.keys = [self.keys[s] for s in slots] + [[] for _ in range(n - len(slots))]
+        self.asked = np.concatenate([self.asked[slots], np.full(n - len(slots), -1, np.int64)])
+        self.since = np.concatenate([self.since[slots], np.zeros(n - len(slots), np.int64)])
         self.usable = len(slots)
         self.binding = self.engine.bind(self.cache)
         return slots

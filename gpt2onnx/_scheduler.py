@@ -1,10 +1,12 @@
 """The decode loop: sequences in a batch's slots, one sampled token each per step, stopping, admission.
 
-Each sequence's prompt is prefilled at its own length (sequences of equal length together,
-when they start together); then every active sequence decodes one token per step, each at
-its own position. A finished sequence frees its slot: with more to come (`more`), the next
-one is prefilled into it while the others go on (continuous batching); with none, the
-batch is compacted so the others stop paying for it. A sequence's tokens never depend on
+Each sequence's prompt is prefilled in blocks at fixed positions (`_prefill`; first blocks of
+equal length together, blocks the prefix cache holds copied, not computed); then every
+active sequence decodes one token per step, each at its own position. A finished sequence
+frees its slot: with more to come (`more`), the next one takes it and its blocks run one
+per decode step of the others, so none of them waits more than one block (while no
+sequence decodes, all waiting prompts are prefilled at once); with none to come, the batch
+is compacted so the others stop paying for it. A sequence's tokens never depend on
 its neighbours (the `Batch` keeps every kernel on one path, and sampling is per sequence),
 so it gives the same tokens alone, in any batch, or admitted mid-flight.
 """
@@ -18,6 +20,7 @@ import numpy as np
 
 from . import sampling
 from ._engine import Batch
+from ._prefill import step as prefill_step
 from .request import GenerationResult, Request
 from .textstream import TextStream
 
@@ -25,18 +28,19 @@ _NO_HISTORY = np.zeros(0, np.int64)  # what sampling reads for a sequence withou
 
 
 def run(engine, first: list["Sequence"], more: Iterator["Sequence"] | None, *, slots: int, max_len: int,
-        eos_token_id: int) -> Iterator[tuple["Sequence", int, str | None, str]]:
+        eos_token_id: int, prefix=None) -> Iterator[tuple["Sequence", int, str | None, str]]:
     """Yield (sequence, token, finish_reason or None, new text) for every generated token.
 
     Args:
-        first: sequences that start together (prefilled as one batch when of equal length).
+        first: sequences that start together (their first blocks run together when of equal length).
         more: sequences admitted one by one into freed slots, in order (None: no more).
         slots: sequences decoding at once; max_len: the longest prompt + new tokens of any.
+        prefix: a `_prefix.PrefixCache` for this engine's blocks, or None.
     """
-    batch = Batch(engine, max(slots, len(first)), max_len)
-    fresh: dict[int, np.ndarray] = {}  # slot -> prefill logits of a sequence admitted since the last step
-    if first:
-        fresh.update(enumerate(batch.prefill(first, [q.request.input_ids for q in first])))
+    batch = Batch(engine, max(slots, len(first)), max_len, prefix)
+    fresh: dict[int, np.ndarray] = {}  # slot -> prefill logits of a sequence not sampled yet
+    for s, q in enumerate(first):
+        batch.start(s, q, q.request.input_ids)
     dec = None
     while True:
         while more is not None and (s := batch.free_slot()) is not None:
@@ -44,8 +48,14 @@ def run(engine, first: list["Sequence"], more: Iterator["Sequence"] | None, *, s
             if seq is None:
                 more = None
                 break
-            fresh[s] = batch.admit(s, seq, seq.request.input_ids)
-        active = batch.busy()
+            batch.start(s, seq, seq.request.input_ids)
+        if batch.waiting():
+            if any(batch.todo[s] is None for s in batch.busy()):  # rows decode: one block, then their step
+                fresh.update(prefill_step(batch, group=False))
+            else:  # nobody waits: every prompt now
+                while batch.waiting():
+                    fresh.update(prefill_step(batch, group=True))
+        active = [s for s in batch.busy() if batch.todo[s] is None]
         if not active:
             return
         seqs = [batch.rows[s] for s in active]

@@ -1,10 +1,12 @@
 """Generator: run an exported model folder with onnxruntime + numpy + tokenizers only.
 
->>> import gpt2onnx
->>> gen = gpt2onnx.load("out/gpt2-int8")                                   # doctest: +SKIP
->>> [r.text for r in gen.generate(["Hello,", "The sky"], max_new_tokens=8)]  # doctest: +SKIP
->>> for step in gen.generate_tokens("Once upon a time", max_new_tokens=20):  # doctest: +SKIP
-...     print(step.text, end="", flush=True)
+For example::
+
+    import gpt2onnx
+    gen = gpt2onnx.load("out/gpt2-int8")
+    [r.text for r in gen.generate(["Hello,", "The sky"], max_new_tokens=8)]
+    for step in gen.generate_tokens("Once upon a time", max_new_tokens=20):
+        print(step.text, end="", flush=True)
 
 One request path: `Generator.prepare` checks a prompt and its parameters, tokenizes it
 and fits it to the context once, giving a `Request`; every entry (generate, streaming,
@@ -13,16 +15,24 @@ batch jobs, Azure ML, MLflow, Ray) runs Requests through `generate_batch` /
 stopping, admission) is `_scheduler`; the slots and the model step (session, IO binding)
 are `_engine`; the KV cache is `_kvcache`.
 
+Prompts are prefilled in blocks of ``prefill_block`` tokens at fixed positions
+(`_prefill`); with ``prefix_cache_mb`` > 0 (the default of batch jobs), the keys and values
+of full blocks are kept in a prefix cache bounded in memory (`_prefix`, one per Generator,
+least recently used out first) and a prompt that starts with cached blocks skips them.
+Tokens are the same with the cache as without it.
+
 One `Generator` may be shared by many threads: every call keeps its state on its own
-stack and onnxruntime sessions allow concurrent `run` calls.
+stack, onnxruntime sessions allow concurrent `run` calls, and the prefix cache locks.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 from . import cpu, graphio
 from ._engine import Engine
+from ._prefix import PrefixCache, PrefixStats, capacity_bytes
 from ._scheduler import Sequence as Seq
 from ._scheduler import run
 from .errors import InvalidRequestError
@@ -31,7 +41,8 @@ from .request import GenerationResult, Request, StepResult
 from .textstream import TextStream
 
 
-def load(model_dir: str, *, threads: int | None = None, verify_hashes: bool = True) -> "Generator":
+def load(model_dir: str, *, threads: int | None = None, verify_hashes: bool = True,
+         prefill_block: int | None = None) -> "Generator":
     """Load a model folder written by `gpt2onnx export`.
 
     Args:
@@ -40,19 +51,26 @@ def load(model_dir: str, *, threads: int | None = None, verify_hashes: bool = Tr
             (CPU affinity and cgroup quota respected).
         verify_hashes: compare every file's sha256 with the manifest (sizes are always
             checked); pass False to skip reading the weights twice on large models.
+        prefill_block: prompt tokens per prefill call and per prefix-cache block (even);
+            a decoding row waits at most one block while another row's prompt goes in.
+            Default: 64 (an eighth of a context shorter than 512).
 
     Raises:
         ArtifactError: the folder is missing, damaged, or of a newer format.
     """
-    return Generator(model_dir, threads=threads, verify_hashes=verify_hashes)
+    return Generator(model_dir, threads=threads, verify_hashes=verify_hashes, prefill_block=prefill_block)
 
 
 class Generator:
     """Text generation over one onnxruntime session. Build with `gpt2onnx.load`."""
 
-    def __init__(self, model_dir: str, *, threads: int | None = None, verify_hashes: bool = True):
+    def __init__(self, model_dir: str, *, threads: int | None = None, verify_hashes: bool = True,
+                 prefill_block: int | None = None):
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InvalidRequestError(f"threads must be a positive integer, got {threads!r}")
+        if prefill_block is not None and (isinstance(prefill_block, bool) or not isinstance(prefill_block, int)
+                                          or prefill_block < 2 or prefill_block % 2):
+            raise InvalidRequestError(f"prefill_block must be an even number of tokens >= 2, got {prefill_block!r}")
         self.threads = threads or cpu.physical_cores()
         folder = graphio.open_folder(model_dir, self.threads, verify_hashes=verify_hashes)
         cpu.warn_oversubscribed(self.threads)
@@ -60,7 +78,10 @@ class Generator:
         self.n_positions, self.vocab_size = self.manifest.dims.n_positions, self.manifest.dims.vocab_size
         self.eos_token_id = self.manifest.eos_token_id
         self.bos_token_id = self.manifest.bos_token_id
-        self._engine = Engine(self.model_dir, self.manifest, threads=self.threads, session=folder.session)
+        self._engine = Engine(self.model_dir, self.manifest, threads=self.threads, session=folder.session,
+                              block=prefill_block)
+        self._prefix: PrefixCache | None = None  # made at the first call that asks for one
+        self._prefix_lock = threading.Lock()
 
     # -- public API -------------------------------------------------------------------
 
@@ -107,17 +128,23 @@ class Generator:
                 ``<|endoftext|>``, as GPT-2 was trained.
             params: generation parameters (Hugging Face names); keyword overrides win.
 
-        >>> gen.generate("Hello", max_new_tokens=5)[0].finish_reason   # doctest: +SKIP
-        'length'
+        For example::
+
+            gen.generate("Hello", max_new_tokens=5)[0].finish_reason   # -> 'length'
         """
         params = resolve(params, overrides)  # a GenerationParams alone is used as it is
         prompts = [prompts] if isinstance(prompts, str) else prompts
         return self.generate_batch([self._prepare_at(i, p, params) for i, p in enumerate(self._prompt_list(prompts))])
 
-    def generate_batch(self, requests: Sequence[Request | tuple[str, GenerationParams]]) -> list[GenerationResult]:
-        """Generate for `Request`s (or (prompt, params) pairs) in one batch; each row may have its own params."""
+    def generate_batch(self, requests: Sequence[Request | tuple[str, GenerationParams]], *,
+                       prefix_cache_mb: float = 0) -> list[GenerationResult]:
+        """Generate for `Request`s (or (prompt, params) pairs) in one batch; each row may have its own params.
+
+        `prefix_cache_mb`: see `generate_iterable`.
+        """
+        prefix = self.prefix_cache(prefix_cache_mb)
         rows = self._rows(requests)
-        for _ in self._steps(rows):
+        for _ in self._steps(rows, prefix):
             pass
         return [row.result() for row in rows]
 
@@ -131,20 +158,30 @@ class Generator:
         rows = self._rows(requests)  # checked at the call, not at the first next()
         return ((r.index, StepResult(tok, text, reason)) for r, tok, reason, text in self._steps(rows))
 
-    def generate_iterable(self, requests: Iterable[Request], *, batch_size: int = 8
+    def generate_iterable(self, requests: Iterable[Request], *, batch_size: int = 8, prefix_cache_mb: float = 0
                           ) -> Iterator[tuple[int, GenerationResult]]:
         """Continuous batching: yields (index in `requests`, result) as each row finishes.
 
-        Up to `batch_size` rows decode together; when one finishes, the next request is
-        prefilled into its slot while the others go on, so the batch stays full. Results
-        come in finishing order (CTranslate2's generate_iterable keeps input order); each is exactly what it gives alone.
+        Up to `batch_size` rows decode together; when one finishes, the next request takes
+        its slot and its prompt goes in one block per step of the others, so the batch stays
+        full. Results come in finishing order (CTranslate2's `generate_iterable` yields in input
+        order; `gpt2onnx.batch.iter_results` gives input order here); each is exactly what the
+        request gives alone.
 
-        >>> reqs = (gen.prepare(p, max_new_tokens=20) for p in prompts)          # doctest: +SKIP
-        >>> for i, result in gen.generate_iterable(reqs, batch_size=8):          # doctest: +SKIP
-        ...     print(i, result.text)
+        `prefix_cache_mb` > 0: full prompt blocks are kept in this Generator's prefix cache
+        (at most that many MiB, least recently used out first; shared by its calls) and
+        reused by prompts that start with them (batch jobs default to
+        `gpt2onnx.batch.core.PREFIX_CACHE_MB`). 0: no cache for this call.
+
+        For example::
+
+            reqs = (gen.prepare(p, max_new_tokens=20) for p in prompts)
+            for i, result in gen.generate_iterable(reqs, batch_size=8):
+                print(i, result.text)
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")
+        prefix = self.prefix_cache(prefix_cache_mb)
 
         def rows() -> Iterator[Seq]:
             for i, r in enumerate(requests):
@@ -154,13 +191,30 @@ class Generator:
                 yield self._row(i, r)
 
         for row, _, reason, _ in run(self._engine, [], rows(), slots=batch_size, max_len=self.n_positions,
-                                     eos_token_id=self.eos_token_id):
+                                     eos_token_id=self.eos_token_id, prefix=prefix):
             if reason is not None:
                 yield row.index, row.result()
 
-    def _steps(self, rows: list[Seq]):
+    def prefix_cache(self, mb: float) -> PrefixCache | None:
+        """This Generator's prefix cache with a budget of `mb` MiB (made, or its budget changed); None for 0."""
+        budget = capacity_bytes(mb)
+        if budget == 0:
+            return None
+        with self._prefix_lock:
+            if self._prefix is None:
+                self._prefix = PrefixCache(block=self._engine.block, capacity_bytes=budget)
+            else:
+                self._prefix.resize(budget)
+            return self._prefix
+
+    def prefix_cache_stats(self) -> PrefixStats:
+        """Hits, misses, saved prompt tokens, entries, bytes and evictions of the prefix cache since load."""
+        return self._prefix.stats() if self._prefix is not None else PrefixStats()
+
+    def _steps(self, rows: list[Seq], prefix: PrefixCache | None = None):
         max_len = int(max(len(r.request.input_ids) + r.request.params.max_new_tokens for r in rows))
-        return run(self._engine, rows, None, slots=len(rows), max_len=max_len, eos_token_id=self.eos_token_id)
+        return run(self._engine, rows, None, slots=len(rows), max_len=max_len, eos_token_id=self.eos_token_id,
+                   prefix=prefix)
 
     def _row(self, index: int, request: Request) -> Seq:
         return Seq(index, request, TextStream(self._decode, stop=request.params.stop))

@@ -1,9 +1,11 @@
 """Batch jobs over an in-memory core: ordered, resumable, one error row per bad request.
 
->>> from gpt2onnx.batch import iter_results, run_batch
->>> run_batch("out/gpt2-int8", "prompts.jsonl", "out.jsonl", batch_size=8)   # doctest: +SKIP
->>> list(iter_results(gen, [{"id": "a", "prompt": "Hi"}], params={"max_new_tokens": 5}))  # doctest: +SKIP
-[{'id': 'a', 'line': 1, 'index': 0, 'text': 'Hi, ...', 'prompt_tokens': 1, ...}]
+For example::
+
+    from gpt2onnx.batch import iter_results, run_batch
+    run_batch("out/gpt2-int8", "prompts.jsonl", "out.jsonl", batch_size=8)
+    list(iter_results(gen, [{"id": "a", "prompt": "Hi"}], params={"max_new_tokens": 5}))
+    # [{'id': 'a', 'line': 1, 'index': 0, 'text': 'Hi, ...', 'prompt_tokens': 1, ...}]
 
 Modules: `rows` (a request -> rows), `core` (`iter_results`: prepare, batch by length,
 generate, in input order), `state` (the output file, its ``.state`` sidecar, resume,

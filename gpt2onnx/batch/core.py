@@ -1,13 +1,15 @@
 """The in-memory batch core: requests in, one output row per prompt out, in input order.
 
->>> from gpt2onnx.batch import iter_results
->>> requests = [{"id": "a", "prompt": "Hello"}, {"input_data": ["Hi", 3]}, {"prompt": "x", "tempreature": 1}]
->>> for row in iter_results(gen, requests, params={"max_new_tokens": 5}):   # doctest: +SKIP
-...     print(row["id"], row.get("text") or row["error"])
-a Hello, I'm ...
-2:0 Hi, ...
-2:1 prompt must be a string, got int
-line-3 unknown generation parameter 'tempreature'; did you mean 'temperature'? allowed: ...
+For example::
+
+    from gpt2onnx.batch import iter_results
+    requests = [{"id": "a", "prompt": "Hello"}, {"input_data": ["Hi", 3]}, {"prompt": "x", "tempreature": 1}]
+    for row in iter_results(gen, requests, params={"max_new_tokens": 5}):
+        print(row["id"], row.get("text") or row["error"])
+    # a Hello, I'm ...
+    # 2:0 Hi, ...
+    # 2:1 prompt must be a string, got int
+    # line-3 unknown generation parameter 'tempreature'; did you mean 'temperature'? allowed: ...
 
 Every entry that runs many prompts goes through here: `gpt2onnx batch` / `run_batch`
 (which adds the output file, its ``.state``, resume, the lock and fsync), Azure ML batch
@@ -38,17 +40,20 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 
+from .._prefix import DEFAULT_MB, capacity_bytes
 from ..errors import InvalidRequestError
 from ..params import GenerationParams, resolve
 from .rows import Row, error_row, output_row, parse_request
 
 WINDOW_BATCHES = 8  # static batching: rows read ahead = 8 x batch size: room to group by length
+PREFIX_CACHE_MB = DEFAULT_MB  # jobs keep full prompt blocks for later prompts that start with them (0 = off)
 MAX_BATCH_SIZE = 1024
 BATCHING = ("continuous", "static")  # what `batching=` and `gpt2onnx batch --batching` take
 
 
 def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int = 8,
-                 params: GenerationParams | dict | None = None, batching: str = "continuous") -> Iterator[dict]:
+                 params: GenerationParams | dict | None = None, batching: str = "continuous",
+                 prefix_cache_mb: float = PREFIX_CACHE_MB) -> Iterator[dict]:
     """Generate for batch requests held in memory; yields one output row per prompt, in input order.
 
     Args:
@@ -60,6 +65,8 @@ def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int 
         params: job defaults (a `GenerationParams` or a dict); a request's own win.
         batching: ``"continuous"`` (a finished row's slot is refilled at once) or
             ``"static"`` (batches of similar-length prompts, each run to its end).
+        prefix_cache_mb: MiB of the generator's prefix cache (full prompt blocks reused by
+            later prompts that start with them; same output); 0 turns it off.
 
     Yields:
         ``{"id", "line", "index", "text", "prompt_tokens", "generated_tokens",
@@ -71,6 +78,7 @@ def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int 
     """
     check_batch_size(batch_size)
     check_batching(batching)
+    capacity_bytes(prefix_cache_mb)  # a bad budget fails here too
     base = resolve(params)  # a bad job setting fails here, before any row is read
 
     def rows() -> Iterator[Row]:
@@ -78,7 +86,8 @@ def iter_results(generator, requests: Iterable[dict | None], *, batch_size: int 
             if obj is not None:
                 yield from parse_request(n, obj, base)
 
-    return (row.out for ready in iter_batches(generator, rows(), batch_size=batch_size, batching=batching)
+    return (row.out for ready in iter_batches(generator, rows(), batch_size=batch_size, batching=batching,
+                                              prefix_cache_mb=prefix_cache_mb)
             for row in ready)
 
 
@@ -114,7 +123,7 @@ class Window:
 
 
 def iter_batches(generator, rows: Iterable[Row], *, batch_size: int, batching: str = "continuous",
-                 ordered: bool = True) -> Iterator[list[Row]]:
+                 ordered: bool = True, prefix_cache_mb: float = PREFIX_CACHE_MB) -> Iterator[list[Row]]:
     """Run parsed rows; yield the rows finished at the head of the input, in order, as the head advances.
 
     A pending row (``out`` None) is prepared when it is read; one that `Generator.prepare`
@@ -123,11 +132,12 @@ def iter_batches(generator, rows: Iterable[Row], *, batch_size: int, batching: s
     itself (a worker process of `gpt2onnx.batch.pool`).
     """
     if batching == "static":
-        return _static(generator, rows, batch_size, ordered)
-    return _continuous(generator, rows, batch_size, ordered)
+        return _static(generator, rows, batch_size, ordered, prefix_cache_mb)
+    return _continuous(generator, rows, batch_size, ordered, prefix_cache_mb)
 
 
-def _continuous(generator, rows: Iterable[Row], batch_size: int, ordered: bool) -> Iterator[list[Row]]:
+def _continuous(generator, rows: Iterable[Row], batch_size: int, ordered: bool,
+                prefix_cache_mb: float) -> Iterator[list[Row]]:
     window = Window()
     started: dict[int, tuple[Row, float]] = {}
 
@@ -140,7 +150,7 @@ def _continuous(generator, rows: Iterable[Row], batch_size: int, ordered: bool) 
                 n += 1
                 yield row.request
 
-    for i, result in generator.generate_iterable(requests(), batch_size=batch_size):
+    for i, result in generator.generate_iterable(requests(), batch_size=batch_size, prefix_cache_mb=prefix_cache_mb):
         row, t0 = started.pop(i)
         complete(row, result, time.perf_counter() - t0)
         if head := window.pop_done(ordered):
@@ -156,7 +166,8 @@ def complete(row: Row, result, seconds: float) -> None:
                          seconds=round(seconds, 6))
 
 
-def _static(generator, rows: Iterable[Row], batch_size: int, ordered: bool) -> Iterator[list[Row]]:
+def _static(generator, rows: Iterable[Row], batch_size: int, ordered: bool,
+            prefix_cache_mb: float) -> Iterator[list[Row]]:
     rows = iter(rows)
     window = Window()
     limit = WINDOW_BATCHES * batch_size
@@ -172,7 +183,7 @@ def _static(generator, rows: Iterable[Row], batch_size: int, ordered: bool) -> I
             return
         pending = [r for r in window.rows if r.out is None]
         if pending:
-            run_one_batch(generator, _pick_batch(pending, batch_size))
+            run_one_batch(generator, _pick_batch(pending, batch_size), prefix_cache_mb)
         if head := window.pop_done(ordered):
             yield head
 
@@ -187,10 +198,10 @@ def prepare_row(generator, row: Row) -> Row:
     return row
 
 
-def run_one_batch(generator, batch: list[Row]) -> int:
+def run_one_batch(generator, batch: list[Row], prefix_cache_mb: float = 0) -> int:
     """Generate for prepared rows in one `generate_batch` call, filling each row's output; returns tokens generated."""
     t0 = time.perf_counter()
-    results = generator.generate_batch([r.request for r in batch])
+    results = generator.generate_batch([r.request for r in batch], prefix_cache_mb=prefix_cache_mb)
     share = (time.perf_counter() - t0) / len(batch)
     for r, res in zip(batch, results):
         complete(r, res, share)

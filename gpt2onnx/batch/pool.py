@@ -1,8 +1,9 @@
 """Batch jobs over several worker processes (``run_batch(..., workers=N)``, ``gpt2onnx batch --workers N``).
 
->>> from gpt2onnx.batch import run_batch
->>> run_batch("out/gpt2-int8", "in.jsonl", "out.jsonl", workers=2)   # doctest: +SKIP
-BatchSummary(rows=1000, ok=1000, errors=0, ...)
+For example::
+
+    from gpt2onnx.batch import run_batch
+    run_batch("out/gpt2-int8", "in.jsonl", "out.jsonl", workers=2)   # BatchSummary(rows=1000, ok=1000, ...)
 
 Each worker process loads the model once (before the job's output is created) and runs
 one long continuous batch over the rows it is handed (`gpt2onnx.batch.core.iter_batches`
@@ -44,6 +45,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from .. import cpu
+from .._prefix import PrefixStats
 from ..errors import BatchError, InvalidRequestError
 from .core import WINDOW_BATCHES, Window, iter_batches, prepare_row
 from .rows import Row
@@ -103,7 +105,8 @@ class Workers:
     stops the job before OUTPUT is created, with the worker's own one-line error.
     """
 
-    def __init__(self, model_dir: str, workers: int, *, threads: int, batch_size: int, batching: str):
+    def __init__(self, model_dir: str, workers: int, *, threads: int, batch_size: int, batching: str,
+                 prefix_cache_mb: float = 0):
         import multiprocessing
 
         cpu.warn_oversubscribed(workers * threads)
@@ -114,10 +117,12 @@ class Workers:
         self.held: list[dict[int, Row]] = [{} for _ in range(workers)]  # worker -> {row key: row}
         self.ended = [False] * workers
         self.loaded = [False] * workers
+        self.stats = [PrefixStats()] * workers  # each worker's prefix-cache counts over this job
         try:
             for _ in range(workers):
                 mine, theirs = ctx.Pipe()
-                p = ctx.Process(target=_work, args=(theirs, model_dir, threads, os.getpid(), batch_size, batching),
+                p = ctx.Process(target=_work, args=(theirs, model_dir, threads, os.getpid(), batch_size, batching,
+                                                     prefix_cache_mb),
                                 daemon=True, name="gpt2onnx-batch-worker")
                 p.start()
                 theirs.close()
@@ -128,6 +133,10 @@ class Workers:
         except BaseException:
             self.stop(kill=True)
             raise
+
+    def prefix_stats(self) -> PrefixStats:
+        """The workers' prefix-cache counts over this job, summed."""
+        return sum(self.stats, PrefixStats())
 
     @property
     def busy(self) -> bool:
@@ -174,6 +183,7 @@ class Workers:
     def _handle(self, w: int, msg) -> None:
         kind, value = msg
         if kind == "rows":
+            value, self.stats[w] = value
             for key, out in value:
                 row = self.held[w].pop(key)
                 row.out, row.worker = out, w
@@ -207,7 +217,8 @@ class Workers:
 # -- the worker side ------------------------------------------------------------------
 
 
-def _work(conn, model_dir: str, threads: int, parent: int, batch_size: int, batching: str) -> None:
+def _work(conn, model_dir: str, threads: int, parent: int, batch_size: int, batching: str,
+          prefix_cache_mb: float) -> None:
     """A worker: load the model once, then run every row the parent sends in one continuous batch."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
@@ -216,6 +227,11 @@ def _work(conn, model_dir: str, threads: int, parent: int, batch_size: int, batc
 
         gen = load(model_dir, threads=threads, verify_hashes=False)  # the parent verified the folder
         conn.send(("loaded", None))
+        before = gen.prefix_cache_stats()
+
+        def send(done: list) -> None:  # finished rows and this worker's prefix-cache counts so far
+            conn.send(("rows", ([(r.key, r.out) for r in done], gen.prefix_cache_stats().since(before))))
+
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         # a thread empties the pipe at once, so the parent's sends never wait for a free slot here
         threading.Thread(target=_receive, args=(conn, inbox), daemon=True).start()
@@ -223,12 +239,13 @@ def _work(conn, model_dir: str, threads: int, parent: int, batch_size: int, batc
         def rows() -> Iterator[Row]:  # every row goes back the moment it is done, a refused one too:
             while (row := inbox.get()) is not None:  # the parent counts on it to hand out more
                 if prepare_row(gen, row).out is not None:
-                    conn.send(("rows", [(row.key, row.out)]))
+                    send([row])
                 else:
                     yield row
 
-        for done in iter_batches(gen, rows(), batch_size=batch_size, batching=batching, ordered=False):
-            conn.send(("rows", [(r.key, r.out) for r in done]))
+        for done in iter_batches(gen, rows(), batch_size=batch_size, batching=batching, ordered=False,
+                                 prefix_cache_mb=prefix_cache_mb):
+            send(done)
         conn.send(("end", None))
     except OSError:  # the pipe is gone: the parent stopped (it kills the workers) or died
         os._exit(1)

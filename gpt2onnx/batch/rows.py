@@ -105,7 +105,8 @@ def parse_request(n: int, obj: Any, base: GenerationParams, *, seed: int | None 
 
     Args:
         n: the request's line number (1-based), kept in its rows and their ids.
-        obj: ``{"id", "prompt", <params>}`` or ``{"id", "input_data": [...], "params": {...}}``.
+        obj: ``{"id", "prompt", <params>}`` (or its parameters in ``"params": {...}``), or
+            ``{"id", "input_data": [...], "params": {...}}``.
         base: the job's default parameters; the request's own win.
         seed: the job seed: a row with no seed of its own gets `row_seed` (None: the rows keep `base.seed`).
     """
@@ -118,7 +119,15 @@ def parse_request(n: int, obj: Any, base: GenerationParams, *, seed: int | None 
         if "prompt" not in obj:
             return [_error(n, NO_PROMPT, id_=id_)]
         rows = [Row(row_key_of(n, 0), f"line-{n}" if id_ is None else id_, n, 0, obj["prompt"])]
-        return _with_params(rows, {k: v for k, v in obj.items() if k not in _LINE_KEYS}, base, seed)
+        own = {k: v for k, v in obj.items() if k not in _LINE_KEYS and k != "params"}
+        nested = obj.get("params", {})  # the request format's "params" object is welcome here too
+        if not isinstance(nested, dict):
+            return [_error(n, f"line {n}: params must be a JSON object of generation parameters", id_=id_)]
+        both = sorted(set(nested) & set(own), key=str)
+        if both:
+            return [_error(n, f"line {n} sets {both[0]!r} both at the top level and in \"params\"; keep one",
+                           id_=id_)]
+        return _with_params(rows, {**nested, **own}, base, seed)
     unknown = sorted(set(obj) - set(_REQUEST_KEYS), key=str)
     if unknown:
         return [_error(n, f"line {n}: unknown key {unknown[0]!r} in an input_data line; "

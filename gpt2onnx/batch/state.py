@@ -1,8 +1,10 @@
 """Batch output: the OUTPUT.jsonl of a batch job, its OUTPUT.state, resume and locked appends.
 
->>> from gpt2onnx.batch.state import open_output
->>> out, done, job = open_output("out.jsonl", state)                        # doctest: +SKIP
->>> out.write([{"id": "a", "line": 1, "index": 0, "text": "..."}]); out.close()   # doctest: +SKIP
+For example::
+
+    from gpt2onnx.batch.state import open_output
+    out, done, job = open_output("out.jsonl", state)
+    out.write([{"id": "a", "line": 1, "index": 0, "text": "..."}]); out.close()
 
 How a job survives a crash::
 

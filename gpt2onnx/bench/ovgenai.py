@@ -20,6 +20,14 @@ It gets token ids, not text: the prompts are the other runtimes' (`make_prompts`
 tokenized with the model folder's tokenizer.json inside the timed span, as for them.
 Greedy, EOS ignored, ``min_new_tokens`` = ``max_new_tokens``: exactly new_tokens per row.
 
+`run_openvino_job` (worker mode ``openvino-job``) times the job scenario's shared-head job
+(`jobbench`, issue 22) the same way, with ``enable_prefix_caching`` on (OpenVINO GenAI's
+default; its scheduler's other settings are its defaults too): the same token ids, in
+batches of 8 in input order, through `openvino_genai.ContinuousBatchingPipeline`, the
+engine `LLMPipeline` runs when given a scheduler config, because its ``generate`` takes one
+generation config per prompt (each row its own ``max_new_tokens``, as in the job) where
+`LLMPipeline`'s takes one for the whole batch.
+
 Step times are the pipeline's own: ``perf_metrics.raw_metrics.m_new_token_times``, the
 steady-clock time at which each step's tokens were out (one stamp per step at any batch
 size; a streamer callback is refused at batch > 1). On Linux that clock is
@@ -144,3 +152,43 @@ def run_openvino(job: dict) -> dict:
     out = measure(job, tokenize, once)
     weights = ir_weight_bytes(os.path.join(job["ov_dir"], "openvino_model.xml"))
     return dict(out, load_s=load_s, weight_bytes_per_token=weights)
+
+
+def run_openvino_job(job: dict) -> dict:
+    """The shared-head job with prefix caching; tokens, seconds (pipeline load included, as a gpt2onnx job
+    pays its model load), CPU seconds of this process, and the load time alone."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as genai
+
+    from .. import artifact, tokenizer
+    from .jobbench import job_requests
+
+    c0, t0 = time.process_time(), time.perf_counter()
+    dims = artifact.read_manifest(job["model_dir"]).dims
+    tok = tokenizer.load(job["model_dir"], vocab_size=dims.vocab_size)
+    reqs = job_requests(tok, prompts=job["prompts"], n_positions=dims.n_positions, kind="shared")
+    sched = genai.SchedulerConfig()
+    sched.enable_prefix_caching = True
+    sched.max_num_seqs = max(sched.max_num_seqs, job["batch_size"])
+    pipe = genai.ContinuousBatchingPipeline(job["ov_dir"], sched, "CPU", {"INFERENCE_NUM_THREADS": job["threads"]})
+    load_s = time.perf_counter() - t0
+    tokens = 0
+    for k in range(0, len(reqs), job["batch_size"]):
+        part = reqs[k:k + job["batch_size"]]
+        ids = [ov.Tensor(np.array([tok.encode(r["prompt"]).ids], np.int64)) for r in part]
+        configs = []
+        for r in part:
+            c = genai.GenerationConfig()
+            c.max_new_tokens = c.min_new_tokens = r["max_new_tokens"]
+            c.ignore_eos, c.do_sample = True, False
+            configs.append(c)
+        for r, res in zip(part, pipe.generate(ids, configs)):
+            got = len(res.m_generation_ids[0])
+            if got != r["max_new_tokens"]:
+                raise RuntimeError(f"row {r['id']} generated {got} tokens, expected {r['max_new_tokens']}")
+            tokens += got
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "load_s": load_s, "scheduler": {"enable_prefix_caching": True, "max_num_seqs": sched.max_num_seqs,
+                                            "max_num_batched_tokens": sched.max_num_batched_tokens,
+                                            "dynamic_split_fuse": sched.dynamic_split_fuse}}

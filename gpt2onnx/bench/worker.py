@@ -220,6 +220,11 @@ def main() -> int:
             from .ovgenai import prepare_openvino
 
             out = prepare_openvino(job)
+        elif job["mode"] == "openvino-job":
+            from .ovgenai import run_openvino_job
+
+            out = run_openvino_job(job)
+            out["peak_rss_mb"] = peak_rss_mb()
         elif job["mode"] == "batch-job":
             from .jobbench import measure_job
 

@@ -35,6 +35,12 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return text
         return super()._get_help_string(action)
 
+    def _split_lines(self, text, width):
+        import textwrap
+
+        # never inside a hyphenated word: "shared-nocache" stays one word
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``gpt2onnx`` argument parser."""

@@ -36,7 +36,7 @@ def _job_cmd(a) -> int:
     modes = [m.strip() for m in a.job_modes.split(",") if m.strip()]
     rec = run_job_bench(os.path.abspath(a.model_dir), prompts=a.job_prompts, batch_size=max(batch), threads=threads,
                         repeats=a.repeats, progress=not a.quiet, workers=parse_int_list(a.workers, "--workers"),
-                        modes=modes)
+                        modes=modes, cache_dir=os.path.join(a.out, ".cache"))
     print(format_job_table(rec))
     os.makedirs(a.out, exist_ok=True)
     layouts = "" if rec["settings"]["layouts"] == [f"1x{rec['runs'][0]['threads']}"] else \
@@ -111,8 +111,10 @@ def add_parsers(subparsers) -> None:
     b.add_argument("--workers", default="1", metavar="P[,Q]",
                    help="job scenario: worker process counts to compare, each with --threads or physical cores // P "
                         "threads (e.g. 1,2 on 2 cores: layouts 1x2 and 2x1)")
-    b.add_argument("--job-modes", dest="job_modes", default="uniform,static,continuous",
-                   help="job scenario: which of uniform, static, continuous to run")
+    b.add_argument("--job-modes", dest="job_modes", default="uniform,static,continuous,shared,shared-nocache",
+                   help="job scenario: which of uniform, static, continuous (mixed prompts), shared, shared-nocache "
+                        "(384-token heads of 4 templates, prefix cache on/off), shared-openvino (the shared job "
+                        "through OpenVINO GenAI with prefix caching; needs scripts/install_openvino.sh) to run")
     b.set_defaults(func=_bench_cmd)
 
     s = subparsers.add_parser("skus", help="list the Azure CPU VM sizes of the catalog")

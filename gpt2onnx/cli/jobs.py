@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from .._prefix import DEFAULT_MB as PREFIX_CACHE_MB
 from .common import add_param_flags, param_overrides
 
 
@@ -39,18 +40,26 @@ def _add_batch(subparsers) -> None:
     b.add_argument("--threads", type=int, help="intra-op threads per worker (default: physical cores // workers)")
     b.add_argument("--workers", type=int, default=1,
                    help="processes generating, each with its own copy of the model; this one writes OUTPUT in order")
+    b.add_argument("--prefix-cache-mb", dest="prefix_cache_mb", type=float, default=PREFIX_CACHE_MB,
+                   help="MiB per process for the keys and values of full prompt blocks (64 tokens), reused by later "
+                        "prompts that start with them (shared instructions, few-shot heads; least recently used "
+                        "out first; same output); 0 turns it off")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_batch)
 
 
 def _batch(a) -> int:
+    from .._prefix import PrefixStats
     from ..batch import run_batch
+    from ..batch.job import prefix_line
 
     s = run_batch(a.model_dir, a.input, a.output, batch_size=a.batch_size, params=param_overrides(a),
-                  progress=not a.no_progress, threads=a.threads, batching=a.batching, workers=a.workers)
+                  progress=not a.no_progress, threads=a.threads, batching=a.batching, workers=a.workers,
+                  prefix_cache_mb=a.prefix_cache_mb)
     done = f", {s.skipped_already_done} already done" if s.skipped_already_done else ""
+    prefix = PrefixStats(s.prefix_cache_hits, s.prefix_cache_misses, s.prefix_cache_saved_tokens)
     print(f"{a.output}: {s.ok} ok, {s.errors} errors{done}; {s.tokens} tokens in {s.seconds:.1f} s "
-          f"({s.tokens / max(s.seconds, 1e-9):.1f} tokens/s)")
+          f"({s.tokens / max(s.seconds, 1e-9):.1f} tokens/s)" + (f"; {prefix_line(prefix)}" if a.prefix_cache_mb else ""))
     return 0
 
 

@@ -76,9 +76,9 @@ def test_batches_group_prompts_of_similar_length(gen, monkeypatch):
     requests = [{"id": i, "prompt": _prompt(i), "max_new_tokens": 2, "ignore_eos": True} for i in range(n)]
     batches, real = [], gen.generate_batch
 
-    def spy(reqs):
+    def spy(reqs, **kw):
         batches.append([len(r.input_ids) for r in reqs])  # prepared Requests, not raw prompts
-        return real(reqs)
+        return real(reqs, **kw)
 
     monkeypatch.setattr(gen, "generate_batch", spy)
     rows = list(iter_results(gen, requests, batch_size=size, batching="static"))

@@ -58,7 +58,10 @@ def job(tmp_path_factory, gen):
     make_input(d / "in.jsonl", 150)
     summary = run_batch(gen, d / "in.jsonl", d / "ref.jsonl", batch_size=4, progress=False)
     assert summary == BatchSummary(rows=150, ok=150, errors=0, skipped_already_done=0,
-                                   tokens=summary.tokens, seconds=summary.seconds)
+                                   tokens=summary.tokens, seconds=summary.seconds,
+                                   prefix_cache_hits=summary.prefix_cache_hits,
+                                   prefix_cache_misses=summary.prefix_cache_misses,
+                                   prefix_cache_saved_tokens=summary.prefix_cache_saved_tokens)
     return d, read_rows(d / "ref.jsonl")
 
 
@@ -140,10 +143,10 @@ def test_grouping_by_length_reduces_padding_and_keeps_order(tmp_path, gen, monke
     make_input(tmp_path / "in.jsonl", 96, seed=3)
     lengths, real = [], gen.generate_batch
 
-    def spy(requests):
+    def spy(requests, **kw):
         toks = [len(r.input_ids) for r in requests]  # prepared Requests: the batch job tokenizes each prompt once
         lengths.append(toks)
-        return real(requests)
+        return real(requests, **kw)
 
     monkeypatch.setattr(gen, "generate_batch", spy)
     run_batch(gen, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=8, progress=False, batching="static")
@@ -194,8 +197,8 @@ def test_interrupted_in_process_then_resumed(job, gen, tmp_path, monkeypatch):
     d, ref = job
     real = gen.generate_iterable
 
-    def flaky(requests, batch_size):  # Ctrl-C after 20 rows have finished
-        for k, item in enumerate(real(requests, batch_size=batch_size)):
+    def flaky(requests, batch_size, **kw):  # Ctrl-C after 20 rows have finished
+        for k, item in enumerate(real(requests, batch_size=batch_size, **kw)):
             if k == 20:
                 raise KeyboardInterrupt
             yield item

@@ -184,3 +184,20 @@ def test_run_batch_random_lines(gen, lines, crlf, final_newline):
             assert {"text", "prompt_tokens", "generated_tokens", "finish_reason"} <= set(r)
             assert 1 <= r["generated_tokens"] <= CONTEXT and isinstance(r["text"], str)
             assert not (isinstance(r["seconds"], float) and math.isnan(r["seconds"]))
+
+
+def test_a_prompt_line_takes_its_parameters_in_params_too(gen, tmp_path):
+    """The request format's "params" object works on a "prompt" line: same rows as top-level parameters."""
+    lines = [{"id": "top", "prompt": "he was", "max_new_tokens": 3, "top_k": 1},
+             {"id": "nested", "prompt": "he was", "params": {"max_new_tokens": 3, "top_k": 1}},
+             {"id": "both", "prompt": "he was", "max_new_tokens": 3, "params": {"max_new_tokens": 4}},
+             {"id": "bad", "prompt": "he was", "params": [3]},
+             {"id": "range", "prompt": "he was", "params": {"top_k": -3}}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    run_batch(gen, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False)
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines())}
+    assert rows["top"]["text"] == rows["nested"]["text"] == gen.generate("he was", max_new_tokens=3)[0].text
+    assert rows["nested"]["generated_tokens"] == 3
+    assert "sets 'max_new_tokens' both at the top level and in \"params\"; keep one" in rows["both"]["error"]
+    assert rows["bad"]["error"] == "line 4: params must be a JSON object of generation parameters"
+    assert "top_k" in rows["range"]["error"] and "\n" not in rows["range"]["error"]

@@ -279,14 +279,18 @@ def test_job_scenario_static_and_continuous_write_the_same_rows(main, tiny_int8,
     """`gpt2onnx bench --scenario job`: uniform / static / continuous runs, each in its own worker."""
     import json as _json
 
-    assert main(["bench", tiny_int8, "--scenario", "job", "--job-prompts", "6", "--batch-sizes", "3",
+    assert main(["bench", tiny_int8, "--scenario", "job", "--job-prompts", "12", "--batch-sizes", "3",
                  "--repeats", "1", "--threads", "1", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "continuous / static" in out and "texts identical across modes and layouts: yes" in out
-    rec = _json.loads((tmp_path / "job-tiny-int8-6.json").read_text())
-    assert [r["mode"] for r in rec["runs"]] == ["uniform", "static", "continuous"]
+    assert "shared / shared-nocache" in out and "prompt tokens saved" in out
+    rec = _json.loads((tmp_path / "job-tiny-int8-12.json").read_text())
+    assert [r["mode"] for r in rec["runs"]] == ["uniform", "static", "continuous", "shared", "shared-nocache"]
     assert rec["summary"]["texts_identical"] is True and rec["settings"]["layouts"] == ["1x1"]
-    assert all(r["tokens"] > 0 and r["peak_rss_mb"] > 0 for r in rec["runs"])
+    assert all(r["tokens"] > 0 and r["peak_rss_mb"] > 0 and r["cpu_s"] > 0 for r in rec["runs"])
+    by_mode = {r["mode"]: r for r in rec["runs"]}
+    assert by_mode["shared"]["prefix_cache"]["hits"] > 0 and by_mode["shared-nocache"]["prefix_cache"]["hits"] == 0
+    assert by_mode["shared"]["texts_sha256"] == by_mode["shared-nocache"]["texts_sha256"]
 
 
 def test_job_scenario_compares_layouts_in_interleaved_rounds(main, tiny_int8, tmp_path, capsys):
@@ -338,3 +342,35 @@ def test_cli_bench_on_a_machine_smaller_than_its_sku_warns_once_and_is_never_rec
     assert "NONE — no batch-size-1 gpt2onnx results with a SKU (on a machine that matches it)" in rep.out
     assert "not counted: records of Standard_F4s_v2" in rep.out
     assert "machine does not match Standard_F4s_v2, so it is never recommended" in rep.err
+
+
+def test_shared_head_job_requests(tiny_int8):
+    """The shared-head job: a 384-token head from one of 4 templates + a 16-64-token tail, 32-64 new tokens
+    (at a 1024-token context; scaled down for shorter ones), the same every time."""
+    from gpt2onnx import tokenizer
+    from gpt2onnx.bench.jobbench import job_requests
+
+    tok = tokenizer.load(tiny_int8)
+    reqs = job_requests(tok, prompts=40, n_positions=1024, kind="shared")
+    assert reqs == job_requests(tok, prompts=40, n_positions=1024, kind="shared")
+    ids = [tok.encode(r["prompt"]).ids for r in reqs]
+    heads = {tuple(x[:384]) for x in ids}
+    assert len(heads) == 4 and all(16 <= len(x) - 384 <= 64 for x in ids)
+    assert all(32 <= r["max_new_tokens"] <= 64 and r["ignore_eos"] for r in reqs)
+    small = job_requests(tok, prompts=10, n_positions=64, kind="shared")
+    assert all(len(tok.encode(r["prompt"]).ids) + r["max_new_tokens"] <= 64 for r in small)
+
+
+def test_shared_openvino_mode_without_openvino_is_one_line(main, tiny_int8, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from gpt2onnx.bench import runs as benchruns
+
+    monkeypatch.delenv(benchruns.OPENVINO_PYTHON_ENV, raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "openvino_genai" else real(name, *a, **k))
+    assert main(["bench", tiny_int8, "--scenario", "job", "--job-modes", "shared,shared-openvino", "--quiet",
+                 "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shared-openvino needs openvino-genai" in err[0] and "install_openvino.sh" in err[0]

@@ -10,9 +10,7 @@ from helpers.paths import REPO
 SKIP = re.compile(r"doctest:[^\n]*\+SKIP")
 # Docstrings being rewritten elsewhere (issue #23): their examples are theirs to turn into
 # running doctests or usage blocks; drop an entry here once its module has no +SKIP left.
-ELSEWHERE = ("gpt2onnx/_engine.py", "gpt2onnx/_scheduler.py", "gpt2onnx/runtime.py", "gpt2onnx/eval/",
-             "gpt2onnx/exporter/policy.py", "gpt2onnx/exporter/parity.py", "gpt2onnx/exporter/kvcache.py",
-             "gpt2onnx/batch/")
+ELSEWHERE = ("gpt2onnx/eval/",)
 
 
 def test_no_docstring_example_is_skipped():

@@ -27,8 +27,9 @@ class FakeBinding:
 class FakeEngine:
     """next token = (7 * last token + 3 * position) % (V - 1) + 1; records every step's rows and ids."""
 
-    def __init__(self, pairs: bool):
+    def __init__(self, pairs: bool, block: int = 4):
         self.pairs = pairs
+        self.block = block  # prefill block: PROMPTS up to 7 tokens go in 1-2 blocks
         self.steps: list[np.ndarray] = []  # ids (B, S) of every step
         self.decodes: list[np.ndarray] = []  # ids (B, 1) of the decode steps
 
