@@ -1,29 +1,16 @@
-"""Quantized weight formats for the exported graph: recipes, the outlier split, the driver.
+"""Quantized weight formats: the named recipes, the order they are tried in, the outlier split, the driver.
 
 A recipe (`QuantRecipe`, defined in `recipe`) says which scheme the transformer's MatMuls
-take. int8 ships ``scheme="qgemm"`` (`INT8`): onnxruntime's u8 x s8 integer GEMM with activations quantized
-per row, weights per column, the token table int8 per token (see `qgemm`). The other scheme,
-and int8's fallback when qgemm misses the gate (`INT8_NBITS`), is onnxruntime's
-``MatMulNBits`` (bits, block, zero points, algorithm: see `nbits`) with the token table at
-`lm_head` bits serving as embedding and LM head (stored once for both: `nbits.tie_table`);
-int4 uses it too. The rest of this note is about MatMulNBits.
-``accuracy_level=4`` lets onnxruntime run those MatMuls on int8 dot-product kernels
-(VNNI / AMX where the CPU has them); it is ~30x faster here than the float path
-(``accuracy_level`` unset dequantizes each weight matrix on every call).
+take. int8 ships ``scheme="qgemm"`` (`INT8`, see `qgemm`); int8's fallback when that misses
+the gate (`INT8_NBITS`), and int4, use onnxruntime's ``MatMulNBits`` (see `nbits`) with
+``accuracy_level=4``: int8 dot-product kernels, activations quantized per block along K.
+`recipes_to_try` is the ladder the exporter walks; `quantize_model` applies one recipe.
 
-``accuracy_level=4`` also quantizes the *activations* to int8, per block along K (the
-weight block). Trained GPT-2 has a few activation channels hundreds of times
-larger than the rest; sharing a block's int8 grid with one of them rounds its
-neighbours to a few levels.
-So before quantizing, the exporter measures every MatMul input on real text
-(`calibrate`) and splits each MatMul whose input has such channels (LLM.int8()'s
-decomposition, Dettmers et al. 2022)::
-
-    X ──Mul(mask: 0 at outliers)──MatMulNBits(W, outlier rows 0)──┐
-    └──Gather(outlier channels)───MatMul(W[outliers]) in fp32─────Add── Y  (= X @ W)
-
-A model without outliers (random weights, say) gets no extra nodes and loses no speed. The
-qgemm scheme quantizes each row with the scale of its largest value, so it takes the split too.
+Both schemes give activations one scale per row or block, which the few huge activation
+channels of trained GPT-2 would wreck; so the exporter measures every MatMul input on real
+text (`calibrate`) and keeps those channels in fp32 (`split_outliers`, LLM.int8()'s
+decomposition). A model without outliers gets no extra nodes. The measurements:
+docs/quality.md, "The hazard: activation outliers".
 """
 
 from __future__ import annotations
@@ -170,7 +157,10 @@ def outlier_channels(stats: dict[str, np.ndarray], recipe: QuantRecipe = INT8) -
 
 
 def split_outliers(model: onnx.ModelProto, outliers: dict[str, list[int]]) -> list[str]:
-    """Rewrite each MatMul whose weight is in `outliers` as inlier part + fp32 outlier part.
+    """Rewrite each MatMul whose weight is in `outliers` as inlier part + fp32 outlier part::
+
+        X ──Mul(mask: 0 at outliers)──MatMul(W, outlier rows 0; quantized later)──┐
+        └──Gather(outlier channels)───MatMul(W[outliers]) in fp32─────────────────Add── Y  (= X @ W)
 
     Returns the names of the new fp32 MatMuls (to exclude from quantization). The
     result equals the original MatMul in fp32 (the split is exact; only the order of
