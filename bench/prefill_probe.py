@@ -33,6 +33,8 @@ import sys
 
 import numpy as np
 
+from gpt2onnx.errors import first_line
+
 
 def _engine(folder: str, threads: int):
     from gpt2onnx import artifact
@@ -108,7 +110,7 @@ def _attempt(fn) -> dict:
     try:
         return fn()
     except Exception as err:  # noqa: BLE001 (reported)
-        return {"error": str(err).split("Status Message: ")[-1].splitlines()[0][:160]}
+        return {"error": first_line(str(err).split("Status Message: ")[-1])}
 
 
 def diff(x, y) -> dict:

@@ -5,10 +5,10 @@ random or small trained model has none. `inject_outliers` gives a PyTorch GPT-2 
 channels without changing its fp32 function, so the quantization recipes and their
 fidelity gate can be tested on the failure they guard against (docs/quality.md).
 
->>> import sys; sys.path.insert(0, "export")                        # doctest: +SKIP
->>> from outliers import inject_outliers                            # doctest: +SKIP
->>> inject_outliers(model, channels=(3, 17), scale=300.0)           # doctest: +SKIP
-(3, 17)
+For example (export/ is on pytest's path, pyproject.toml)::
+
+    from outliers import inject_outliers
+    inject_outliers(model, channels=(3, 17), scale=300.0)   # -> (3, 17)
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from ._version import __version__
 from .errors import (
     ArtifactError,
     BatchError,
+    DataError,
     ExportError,
     FidelityError,
     Gpt2OnnxError,
@@ -49,6 +50,7 @@ __all__ = [
     "ArtifactError",
     "BatchError",
     "BatchSummary",
+    "DataError",
     "ExportError",
     "FidelityError",
     "Gpt2OnnxError",

@@ -45,7 +45,7 @@ def needs_row_pairs(manifest) -> bool:
     """Whether a folder's graph holds a MatMul whose rows depend on M's parity (see the module doc).
 
     fp32: no. int8 of the ``qgemm`` scheme (u8 x s8 integer GEMM, activations quantized per row;
-    the whole-graph probe tests/row_probe.py finds no bit that differs): no. int4 with 4-bit
+    the whole-graph probe tests/helpers/row_probe.py finds no bit that differs): no. int4 with 4-bit
     weights at block 32 everywhere (the token table too): no. Anything else quantized (8-bit
     MatMulNBits, 4-bit at other block sizes, an 8-bit head): yes.
     """

@@ -28,7 +28,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ArtifactError
+from .errors import ArtifactError, show
 from .fsutil import atomic_write_text
 
 MANIFEST = "gpt2onnx.json"
@@ -159,7 +159,7 @@ def _kv_cache(kv: Any, path: str) -> KVCacheSpec:
     if not (isinstance(kv, dict) and isinstance(kv.get("dtype"), str)):
         raise ArtifactError(f"{path}: kv_cache must be an object with a dtype; the folder is damaged, re-export it")
     if kv["dtype"] not in KV_CACHE_DTYPES:
-        raise ArtifactError(f"{path}: kv_cache dtype {_show(kv['dtype'])} is not one this gpt2onnx knows "
+        raise ArtifactError(f"{path}: kv_cache dtype {show(kv['dtype'])} is not one this gpt2onnx knows "
                             f"({', '.join(KV_CACHE_DTYPES)}); upgrade gpt2onnx or re-export the folder")
     return KVCacheSpec(dtype=kv["dtype"], quant_type=kv.get("quant_type"))
 
@@ -247,30 +247,25 @@ def read_manifest(folder: str) -> Manifest:
         if not isinstance(manifest.get(key), dict if key != "precision" else str):
             raise ArtifactError(f"{path} lacks '{key}'; the folder is damaged, re-export it")
     if manifest["precision"] not in PRECISIONS:
-        raise ArtifactError(f"{path}: precision {_show(manifest['precision'])} is not one this gpt2onnx knows "
+        raise ArtifactError(f"{path}: precision {show(manifest['precision'])} is not one this gpt2onnx knows "
                             f"({', '.join(PRECISIONS)}); upgrade gpt2onnx or re-export the folder")
     dims = manifest["dims"]
     for key in DIMS:
         if not _positive_int(dims.get(key)):
-            raise ArtifactError(f"{path}: dims.{key} must be a positive integer, got {_show(dims.get(key))}; "
+            raise ArtifactError(f"{path}: dims.{key} must be a positive integer, got {show(dims.get(key))}; "
                                 "the folder is damaged, re-export it")
     if dims["head_dim"] * dims["n_head"] != dims["n_embd"]:
         raise ArtifactError(f"{path}: dims.head_dim x n_head != n_embd; the folder is damaged, re-export it")
     for key in ("eos_token_id", "bos_token_id"):
         value = manifest.get(key)
         if key in manifest and not (type(value) is int and 0 <= value < dims["vocab_size"]):
-            raise ArtifactError(f"{path}: {key} must be a token id in [0, {dims['vocab_size']}), got {_show(value)}; "
+            raise ArtifactError(f"{path}: {key} must be a token id in [0, {dims['vocab_size']}), got {show(value)}; "
                                 "the folder is damaged, re-export it")
     return _typed(manifest, path)
 
 
 def _positive_int(value: Any) -> bool:
     return type(value) is int and value >= 1  # not bool, not float
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def verify(folder: str, *, check_hashes: bool = True) -> Manifest:

@@ -45,22 +45,33 @@ class BatchError(Gpt2OnnxError):
     """A batch job cannot start or go on (input missing, output unwritable, output of another job)."""
 
 
-def first_line(error: BaseException | str, limit: int = 160) -> str:
-    """The first line of an error message (a library's exception, say), cut to `limit` characters,
-    for quoting inside one of ours.
+def first_line(error: BaseException | str, limit: int = 160, *, with_type: bool = False) -> str:
+    """The first line of a message (a library's exception, say), its spaces squeezed, cut to
+    `limit` characters ("..." marks a cut), for quoting inside one line of ours.
+
+    `with_type` puts the exception's class name first (for errors that are not ours).
 
     >>> first_line(RuntimeError("bad shape\\n  at node 3"))
     'bad shape'
+    >>> first_line(KeyError("k"), with_type=True), first_line(ValueError(), with_type=True)
+    ("KeyError: 'k'", 'ValueError')
+    >>> first_line("x" * 50, 10)
+    'xxxxxxx...'
     """
     lines = str(error).strip().splitlines()
-    return lines[0][:limit] if lines else type(error).__name__
+    text = " ".join(lines[0].split()) if lines else ""
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    if isinstance(error, BaseException) and (with_type or not text):
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text
 
 
-def show(value) -> str:
-    """repr of a user value, cut to about 40 characters for one-line messages.
+def show(value, limit: int = 40) -> str:
+    """repr of a user value, cut to about `limit` characters for one-line messages.
 
     >>> show("x" * 50)
     "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx..."
     """
     text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."

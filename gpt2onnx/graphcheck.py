@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from .errors import ArtifactError
+from .errors import ArtifactError, show
 
 CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "eos_token_id", "bos_token_id")
 ELEM_TYPES = {1: "fp32", 3: "int8"}  # ONNX TensorProto element types of a KV cache -> manifest kv_cache.dtype
@@ -149,7 +149,7 @@ def check(folder: str, manifest) -> None:
 
     def same(what: str, says: Any, graph: Any) -> None:
         if says != graph:
-            raise ArtifactError(f"{folder}/gpt2onnx.json says {what} {_show(says)} but model.onnx has {_show(graph)}; "
+            raise ArtifactError(f"{folder}/gpt2onnx.json says {what} {show(says, 60)} but model.onnx has {show(graph, 60)}; "
                                 "the manifest was edited or belongs to another graph: re-export the folder")
 
     for key, says, graph in (("inputs", list(manifest.inputs), g.inputs),
@@ -201,9 +201,4 @@ def _check_config(folder: str, values: dict) -> None:
     for key in CONFIG_KEYS:
         if key in config and key in values and config[key] != values[key]:
             raise ArtifactError(f"the manifest of {folder!r} says {key} {values[key]} but config.json says "
-                                f"{_show(config[key])}; the folder is damaged, re-export it")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+                                f"{show(config[key], 60)}; the folder is damaged, re-export it")

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, show
 
 MAX_NEW_TOKENS = 100_000  # hard ceiling; the runtime also checks against the model's context
 MAX_STOP_STRINGS = 16  # as many as any hosted API allows (OpenAI: 4, vLLM: unbounded)
@@ -208,18 +208,12 @@ def _check_keys(d: Mapping[Any, Any]) -> None:
             close = difflib.get_close_matches(str(key), FIELDS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise InvalidRequestError(
-                f"unknown generation parameter {_show(key)}; {hint}allowed: {', '.join(FIELDS)}"
+                f"unknown generation parameter {show(key)}; {hint}allowed: {', '.join(FIELDS)}"
             )
 
 
-def _show(value: Any) -> str:
-    """repr of a user value, cut to about 40 characters for one-line messages."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _fail(key: str, value: Any, allowed: str) -> None:
-    raise InvalidRequestError(f"{key} must be {allowed}, got {_show(value)}")
+    raise InvalidRequestError(f"{key} must be {allowed}, got {show(value)}")
 
 
 def _int(key: str, value: Any, lo: int, hi: int | None, allowed: str | None = None) -> int:

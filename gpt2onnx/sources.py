@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ModelDownloadError, UnsupportedModelError
+from .errors import ModelDownloadError, UnsupportedModelError, first_line
 
 # The published GPT-2 sizes. Their configs are written here so `--random-weights`
 # needs no network: all share vocab 50257 and context 1024.
@@ -167,7 +167,7 @@ def load(source: str, *, random_weights: bool = False, seed: int = 0) -> Source:
         where = "local folder" if is_dir else "Hugging Face Hub"
         error = UnsupportedModelError if is_dir else ModelDownloadError
         raise error(
-            f"could not load {source!r} from the {where} ({str(e).splitlines()[0][:160]}); "
+            f"could not load {source!r} from the {where} ({first_line(e)}); "
             f"pass a local save_pretrained folder, or {RANDOM_WEIGHTS_HINT} to benchmark without weights"
         ) from None
     revision = getattr(config, "_commit_hash", None)

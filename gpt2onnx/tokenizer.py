@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 
-from .errors import ArtifactError, UnsupportedModelError
+from .errors import ArtifactError, UnsupportedModelError, first_line
 
 EOS = "<|endoftext|>"
 
@@ -33,7 +33,7 @@ def from_files(folder: str):
                 t.add_special_tokens([EOS])
             return t
     except Exception as e:  # tokenizers raises plain Exception on bad files
-        raise UnsupportedModelError(f"the tokenizer files in {folder!r} cannot be read ({str(e)[:120]}); "
+        raise UnsupportedModelError(f"the tokenizer files in {folder!r} cannot be read ({first_line(e, 120)}); "
                                     "pass --tokenizer DIR with GPT-2's vocab.json + merges.txt") from None
     raise UnsupportedModelError(
         f"no tokenizer in {folder!r} (tokenizer.json, or vocab.json + merges.txt); pass --tokenizer DIR"

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, first_line
 from ..params import GenerationParams
 
 MAX_PROMPTS_PER_LINE = 100_000  # keeps (line, index) packable into one int64 key
@@ -183,9 +183,4 @@ def output_row(row: Row, **fields) -> dict:
 
 def error_row(row: Row, message: str) -> dict:
     """The output row of a prompt that cannot be generated: ``{"id", "line", "index", "error"}``."""
-    return output_row(row, error=one_line(message))
-
-
-def one_line(message: str, limit: int = 400) -> str:
-    text = " ".join(str(message).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return output_row(row, error=first_line(message, 400))

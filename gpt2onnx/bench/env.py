@@ -24,6 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from .. import cpu
 from .._version import package_versions
 
+# OpenVINO "as on Cascade Lake" (the openvino-capped baseline, gpt2onnx.bench.ovgenai)
+CAPPED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}  # oneDNN's kernels up to Cascade Lake's ISA
+CAPPED_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32"}  # no bf16, as on Cascade Lake
+
 BANDWIDTH_MIB = 1024  # the array summed to measure memory bandwidth (far beyond any cache)
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # gpt2onnx/
 

@@ -54,13 +54,12 @@ import time
 
 from .._version import package_versions
 from .measure import Timing, load_source, make_prompts, measure
+from .env import CAPPED_ENV, CAPPED_PROPERTIES
 
 TOOLS = ("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "nncf", "transformers", "torch")
 # Ops between a stored weight and its use: int8 decompression (Convert, Subtract zero point,
 # Multiply scale) and shape changes.
 _PASS = {"Convert", "Subtract", "Multiply", "Reshape", "Unsqueeze", "Transpose"}
-CAPPED_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}  # oneDNN's kernels up to Cascade Lake's ISA
-CAPPED_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32"}  # no bf16, as on Cascade Lake
 
 
 def prepare_openvino(job: dict) -> dict:

@@ -1,41 +1,23 @@
 """Measure a model folder on this machine, against PyTorch, Optimum and OpenVINO GenAI in the same run.
 
-    For example::
+For example::
 
-        from gpt2onnx.bench import run_bench, format_table
-        rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")
-        print(format_table(rec))
+    from gpt2onnx.bench import run_bench, format_table
+    rec = run_bench("models/gpt2-int8", batch_sizes=[1, 8], out_dir="results")
+    print(format_table(rec))
 
-For every threads x batch size x prompt length, each runtime runs in turn — gpt2onnx,
-then transformers `generate` on PyTorch fp32, then Optimum's `ORTModelForCausalLM` fp32
-and int8, then (opt-in) OpenVINO GenAI's `LLMPipeline` on optimum-intel's int8 export
-(`gpt2onnx.bench.ovgenai`) — each in a fresh process (`gpt2onnx.bench.worker`), so its load time and peak
-RSS (the worker's own VmHWM) are its own. Every runtime gets the same weights (the
-PyTorch model is rebuilt from the source the manifest names), the same prompt token
-ids, the same thread count, greedy decoding and exactly `new_tokens` tokens per row. Each process warms up, then times
-`repeats` runs: time to first token (tokenizing the prompt + prefill + first token),
-the latency of every following step, and tokens/s = batch * new_tokens / wall time.
+This module checks the arguments, runs the grid (threads x batch size x prompt length, every
+runtime in turn, each in a fresh `gpt2onnx.bench.worker` process so its load time and peak RSS
+are its own) and writes the record (`gpt2onnx.bench.record`) to
+``<out>/<date>-<sku or host>-<model>-<precision>.json``, with each decode step's bandwidth
+floor (`floor_ratio`). `gpt2onnx.bench.env` captures the machine and its bandwidth,
+`gpt2onnx.bench.runs` decides which baselines run and makes each run's row,
+`gpt2onnx.bench.table` prints a record. What is measured, exactly: bench/README.md, "What is
+measured".
 
 AMX: the record's ``environment.amx_usable`` says whether this run could use AMX
-(`gpt2onnx.bench.env.amx_usable`); under the no-AMX preload of ``../shared/tools`` it is
-False and every row is "as on a CPU without AMX". Each worker reports its own state; a
-row whose worker differs from the bench is an error, never a figure.
-
-Bandwidth floor: a decode step must read every weight it multiplies once, so its
-latency is at least ``weight_bytes_per_token / memory bandwidth``. Weight bytes are the
-model's initializers (parameters for PyTorch) minus the tables that are only gathered:
-``wpe`` always, ``wte`` unless it is also the (tied) LM head. Bandwidth is numpy summing
-1 GiB of float32 over the benchmark's threads (best of 5). ``floor_ratio`` = decode step
-p50 / floor, each runtime with its own weight bytes (fp32 or int8); at batch > 1 a step
-still reads the weights once.
-
-The record (schema `gpt2onnx.bench.record`) goes to ``<out>/<date>-<sku or host>-<model>-<precision>.json``.
-
-Where the parts are: this module checks the arguments, runs the grid and writes the
-record; `gpt2onnx.bench.env`
-captures the machine and measures the bandwidth; `gpt2onnx.bench.runs` decides which
-baselines can run, starts the worker for each run and turns its timings into a result
-row; `gpt2onnx.bench.table` prints a record as a table.
+(`gpt2onnx.bench.env.amx_usable`); False under the no-AMX preload of ``../shared/tools``. A
+row whose worker's AMX state differs from the bench's is an error, never a figure.
 """
 
 from __future__ import annotations

@@ -206,7 +206,7 @@ def worker_env(job: dict) -> dict[str, str]:
     {'ONEDNN_MAX_CPU_ISA': 'AVX512_CORE_VNNI'}
     """
     if job.get("mode") == "run" and job.get("runtime") == "openvino-capped":
-        from .ovgenai import CAPPED_ENV
+        from .env import CAPPED_ENV
 
         return dict(CAPPED_ENV)
     return {}

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 
+from ..errors import first_line
 from .measure import Timing, load_source, make_prompts, measure, peak_rss_mb
 
 # -- gpt2onnx ------------------------------------------------------------------------
@@ -210,11 +211,6 @@ RUNNERS = {"gpt2onnx": _run_gpt2onnx, "pytorch": _run_pytorch, "optimum": _run_o
            "openvino-capped": _run_openvino}
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{e.__class__.__name__}: {text[0][:300]}" if text else e.__class__.__name__
-
-
 def main() -> int:
     # Keep stdout for the answer alone: whatever libraries print goes to stderr.
     answer = os.fdopen(os.dup(1), "w")
@@ -246,7 +242,7 @@ def main() -> int:
             out["amx_usable"] = amx_usable()
         code = 0
     except Exception as e:  # reported to the parent as the row's error
-        out, code = {"error": _one_line(e)}, 1
+        out, code = {"error": first_line(e, 300, with_type=True)}, 1
     answer.write(json.dumps(out) + "\n")
     answer.flush()
     return code

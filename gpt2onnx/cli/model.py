@@ -9,7 +9,7 @@ from .common import add_param_flags, param_overrides
 
 
 def _export(a) -> int:
-    from ..artifact import read_manifest, summary
+    from ..artifact import summary
     from ..errors import ModelDownloadError, UnsupportedModelError
     from ..exporter import export
     from ..sources import cli_hint
@@ -23,8 +23,8 @@ def _export(a) -> int:
         raise ModelDownloadError(cli_hint(str(e))) from None
     except UnsupportedModelError as e:
         raise type(e)(cli_hint(str(e))) from None
-    print(summary(read_manifest(a.outdir)))
-    print(f"wrote {a.outdir} in {m['export_seconds']:.1f} s")
+    print(summary(m))
+    print(f"wrote {a.outdir} in {m.export_seconds:.1f} s")
     return 0
 
 

@@ -1,11 +1,8 @@
-"""How closely a model follows an fp32 reference on real text: the int8 gate.
+"""How closely a model follows an fp32 reference on real text: the figures the int8/int4 gate judges.
 
-The exporter's parity check (`parity.py`) feeds random token ids; that is enough for an
-fp32 graph, but not for int8. Trained GPT-2 carries a few activation channels hundreds
-of times larger than the rest, and a quantizer that puts activations on one int8 grid
-per tensor or per block lets those channels crush every other channel sharing the grid.
-Random ids through random weights show none of it. So the gate is measured on real
-text, with the sliding windows of the perplexity evaluation::
+Random token ids (the exporter's parity check) cannot show what int8 does to trained GPT-2's
+few huge activation channels, so fidelity is measured on real text, in the sliding windows of
+the perplexity evaluation (docs/quality.md, "`fidelity` and the int8 gate")::
 
     tokens  |------------------------------ text ------------------------------|
     window 1 [=========== scored ===========]
@@ -13,22 +10,18 @@ text, with the sliding windows of the perplexity evaluation::
     window 3                              [ context only    |==== scored ====]
              <-stride->  (every token is scored once, with >= window - stride context)
 
-At every scored position both sessions see the same window; we compare the reference's
-next-token distribution p with the model's q:
+At every scored position both sessions see the same window; with p the reference's
+next-token distribution and q the model's:
 
 - ``top1_agreement``: fraction of positions where argmax p == argmax q;
-- ``decisive_top1_agreement``: the same, on the *decisive* positions only: those where
-  p's favourite beats its runner-up by at least `margin` nats of log-prob (elsewhere a
-  flip is a near-tie); ``decisive_share`` is the fraction of positions that are decisive;
-- ``mean_kl`` / ``p99_kl``: KL(p || q) in nats, mean and 99th percentile;
-- ``ppl_ratio``: perplexity of the model / of the reference on those same tokens.
+- ``decisive_top1_agreement``: the same where p's favourite leads its runner-up by at least
+  `margin` nats (elsewhere a flip is a near-tie); ``decisive_share``: how many positions are;
+- ``mean_kl`` / ``p99_kl``: KL(p || q) in nats; ``ppl_ratio``: perplexity model / reference.
 
-The thresholds, the verdict and the gate text live in `gpt2onnx.eval.gate`, the
-one place the exporter and ``gpt2onnx eval`` take them from.
-
-Sessions are anything with onnxruntime's ``run(None, feeds)`` and ``get_inputs()``:
-an ``onnxruntime.InferenceSession`` of a gpt2onnx graph, or `TorchSession` around a
-PyTorch GPT-2 (only that class imports torch).
+The thresholds, the verdict and the gate text are `gpt2onnx.eval.gate`'s. A session is
+anything with onnxruntime's ``run(None, feeds)`` and ``get_inputs()``: an
+``InferenceSession`` of a gpt2onnx graph, or `TorchSession` around a PyTorch GPT-2 (the one
+class that imports torch).
 """
 
 from __future__ import annotations

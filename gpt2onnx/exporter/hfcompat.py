@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 
-FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
-
 
 def _dump(folder: str, name: str, data: dict) -> None:
     with open(os.path.join(folder, name), "w", encoding="utf-8") as f:

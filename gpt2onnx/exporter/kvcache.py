@@ -3,27 +3,15 @@
 >>> kv_record("fp32")
 {'dtype': 'fp32'}
 
-Why: at batch 8 the fp32 cache outgrows the int8 weights (124M, 8 rows x 257 positions:
-151 MB), so each decode step reads more cache than weights. onnxruntime's CPU
-GroupQueryAttention can keep its past/present in int8 (`k_quant_type` / `v_quant_type`,
-`kv_cache_bit_width=8`, float scales as inputs 12 and 13); it quantizes each new key
-and value as it appends them and reads the cache dequantized, also in the prefill. What
-it does (measured on onnxruntime 1.32 CPU, tests/exporter/test_kvcache.py)::
-
-    q = clip(round_half_even(x / scale), -128, 127)      # saturates, never wraps
-    x' = q * scale                                       # what attention reads, prefill included
-
-The scales are static graph initializers, one per (head, channel) of every layer's K and
-V (``PER_CHANNEL``, shape (1, H, 1, D)), calibrated at export: the fp32 graph runs on a
-slice of real text disjoint from the fidelity gate's (`gpt2onnx.eval.gate.kv_calibration_slice`), each
-channel's |max| over it is taken, and::
-
-    scale = |max| x MARGIN / 127
-
-`MARGIN` leaves room for text louder than the calibration slice: a value past the range
-is clipped, which hurts more than the coarser step (a 1.25 margin costs a third of a bit).
-
-Graph surgery on a built graph (fp32 or already weight-quantized)::
+onnxruntime's CPU GroupQueryAttention keeps an int8 past/present when given ``k_quant_type`` /
+``v_quant_type``, ``kv_cache_bit_width=8`` and float scales as inputs 12 and 13: it stores each
+new key and value as ``clip(round_half_even(x / scale), -128, 127)`` (saturating) and attends
+to ``q * scale``, prefill included (tests/exporter/test_kvcache.py). The scales are static
+initializers, one per (head, channel) of every layer's K and V, (1, H, 1, D), calibrated at
+export on real text the gate does not score (`gpt2onnx.eval.gate.kv_calibration_slice`):
+``scale = |max| x MARGIN / 127``, the margin leaving room for louder text (a clipped value
+hurts more than the coarser step). Why and what it costs: README, docs/quality.md ("int8 KV
+cache"). The surgery on a built graph (fp32 or already weight-quantized)::
 
     past_key_values.{i}.key (B,H,P,D) fp32 ─┐               past ... int8 ─┐   k_scale.{i} (1,H,1,D) ─┐
     past_key_values.{i}.value ──────────────GQA        ->    past ... int8 ─GQA(k/v_quant_type) ──────┘

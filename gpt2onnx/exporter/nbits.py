@@ -1,25 +1,10 @@
-"""The weight passes of a quantized graph: MatMulNBits by algorithm, and the one token table.
+"""The MatMulNBits weight passes: the transformer's MatMuls, and the one token table.
 
-`quantize_matmuls` turns the transformer's MatMuls into ``MatMulNBits`` with
-onnxruntime's round-to-nearest block quantizer (``QuantRecipe.algorithm = "rtn"``),
-symmetric or with uint8 zero points; it honours the exclusions (the fp32 outlier
-MatMuls of the split, the LM head). onnxruntime 1.32's other weight quantizers were
-measured and dropped (docs/quality.md, "int4"): its GPTQ returns round-to-nearest's
-weights bit for bit (the error feedback reads the zero side of its triangular inverse
-Hessian) and its ``MatMulNBitsQuantizer`` GPTQ path ignores ``nodes_to_exclude``;
-HQQ writes float zero points, which put MatMulNBits on a path ~30x slower here.
-
-`tie_table` then quantizes GPT-2's token table (V, E), which is both the token
-embedding and the LM head, once, and lets both nodes read it::
-
-    wte.weight_q (V, E/bs, bs*bits/8) uint8 ─┬─GatherBlockQuantized(ids; scales (V, E/bs, 1))─Reshape─ (B,S,E)
-                                             └─MatMulNBits(x; scales (V, E/bs))────────────────────── logits
-
-MatMulNBits requires B as (N, K/bs, bs*bits/8) and GatherBlockQuantized requires
-scales of the data's rank, so the table is stored 3-D, the gather's output is
-reshaped back to (B, S, E), and only the scales (~1 % of the table) are stored twice.
-Both ops read uint8 data with MatMulNBits' conventions (two 4-bit values per byte,
-low nibble first; no zero points = 8 for 4 bits, 128 for 8 bits).
+`quantize_matmuls` turns the MatMuls into ``MatMulNBits`` with onnxruntime's round-to-nearest
+block quantizer (``QuantRecipe.algorithm = "rtn"``), symmetric or with uint8 zero points,
+honouring exclusions (the fp32 outlier MatMuls, the LM head). `tie_table` quantizes GPT-2's
+token table once for both the embedding and the tied LM head. onnxruntime's other weight
+quantizers (GPTQ, HQQ) were measured and dropped: docs/quality.md, "What was tried and dropped".
 """
 
 from __future__ import annotations
@@ -30,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-ALGORITHMS = ("rtn",)  # see the module docstring for the ones dropped
+from .recipe import QuantRecipe
+
 HEAD = "lm_head"  # name of the LM head MatMul in `graph.build(..., untied_lm_head=True)`
 HEAD_WEIGHT = "lm_head.weight_t"  # its (E, V) weight
 
@@ -48,7 +34,7 @@ def fit_block(block: int, n: int) -> int | None:
     return None
 
 
-def quantize_matmuls(model: onnx.ModelProto, recipe, exclude: list[str]) -> onnx.ModelProto:
+def quantize_matmuls(model: onnx.ModelProto, recipe: QuantRecipe, exclude: list[str]) -> onnx.ModelProto:
     """Every MatMul with a constant weight -> MatMulNBits (`recipe`), except the nodes named in `exclude`."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -110,7 +96,15 @@ def blockwise_symmetric(w: np.ndarray, block_size: int, bits: int) -> tuple[np.n
 
 
 def tie_table(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int, tied: bool) -> dict:
-    """Quantize the token table to `bits` for the embedding and (when `tied`) the LM head too.
+    """Quantize the token table (V, E) to `bits` for the embedding and (when `tied`) the LM head too::
+
+        wte.weight_q (V, E/bs, bs*bits/8) uint8 ─┬─GatherBlockQuantized(ids; scales (V, E/bs, 1))─Reshape─ (B,S,E)
+                                                 └─MatMulNBits(x; scales (V, E/bs))────────────────────── logits
+
+    MatMulNBits wants B as (N, K/bs, bs*bits/8) and GatherBlockQuantized scales of the data's
+    rank, so the table is stored 3-D, the gather's output reshaped back to (B, S, E), and only
+    the scales (~1 % of the table) stored twice. Both read uint8 data with MatMulNBits'
+    conventions (two 4-bit values per byte, low nibble first; no zero points = 8 or 128).
 
     Returns what was done: ``{"embedding": ..., "lm_head": ..., "shared_table": bool,
     "table_block_size": ...}``. A head that is not tied keeps its own table (quantized by
@@ -155,8 +149,6 @@ def _own_head(model: onnx.ModelProto, head, bits: int, block_size: int, accuracy
     """Quantize an untied (or unshareable) LM head on its own; returns its precision."""
     if head is None:
         return "fp32"
-    from .quantize import QuantRecipe
-
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head.name]
     recipe = QuantRecipe(bits=bits, block_size=block_size, accuracy_level=accuracy_level)
     quantized = quantize_matmuls(model, recipe, others)

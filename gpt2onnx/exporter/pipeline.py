@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from .._version import package_versions
+from ..artifact import Manifest
 from ..errors import ExportError, Gpt2OnnxError, ModelDownloadError, ParityError, UnsupportedModelError
 from ..progress import Progress
 
@@ -108,7 +109,7 @@ def _versions() -> dict:
 def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = False,
            random_weights: bool = False, seed: int = 0, tokenizer: str | None = None,
            progress: bool = True, accept_fidelity_miss: bool = False, kv_cache: str = "auto",
-           random_weights_fallback: bool = False) -> dict:
+           random_weights_fallback: bool = False) -> Manifest:
     """Export a GPT-2 to an ONNX model folder and verify it against PyTorch.
 
     Args:
@@ -136,7 +137,8 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
             as it is; a consumer that makes its own float32 past must make it int8.
 
     Returns:
-        The manifest written to ``outdir/gpt2onnx.json``.
+        The manifest written to ``outdir/gpt2onnx.json``, typed as `load` reads it
+        (`gpt2onnx.artifact.Manifest`; ``.to_dict()`` gives the JSON).
 
     Raises:
         UnsupportedModelError: the source is missing or not GPT-2.
@@ -148,7 +150,7 @@ def export(source: str, outdir: str, *, precision: str = "fp32", force: bool = F
     For example::
 
         m = export("gpt2", "out/gpt2", random_weights=True)
-        m["parity"]["fp32_max_abs_diff"] < 1e-3
+        m.parity["fp32_max_abs_diff"] < 1e-3
         # -> True
     """
     cfg = ExportConfig(source=os.fspath(source), outdir=os.fspath(outdir), precision=precision, force=force,
@@ -186,7 +188,7 @@ def _steps(cfg: ExportConfig) -> int:
     return 6 + 2 * quantized + (0 if cfg.kv_wanted == "fp32" else 1 if quantized else 2)
 
 
-def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
+def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> Manifest:
     from .. import artifact
     from .. import sources
     from ..eval import gate
@@ -298,4 +300,4 @@ def _export_into(cfg: ExportConfig, tmp: str, bar: Progress) -> dict:
     with open(os.path.join(tmp, "MODEL_CARD.md"), "w", encoding="utf-8") as f:
         f.write(modelcard.render(manifest))
     artifact.write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
-    return artifact.read_manifest(tmp).to_dict()
+    return artifact.read_manifest(tmp)

@@ -6,40 +6,16 @@ Every transformer MatMul ``X (B, S, K) @ W (K, N)`` becomes (issue #21)::
     X ─QuantizeLinear(s, zp; one block per row)─ q (B, S, K) uint8         round(X / s) + ZP, saturating
     q ─MatMulIntegerToFloat(W8 (K, N) int8, s, w_scale (N,), ZP)─ Y       (q - ZP) @ W8 x s x w_scale
 
-``com.microsoft.MatMulIntegerToFloat`` runs MLAS' u8 x s8 QGEMM (AMX, AVX512-VNNI, AVX-512 or
-AVX2 kernels by CPU) and applies the per-row scale by broadcasting. Measured on this project's
-build machine (bench/qgemm_micro.py, bench/README.md): 2-4x faster than 8-bit MatMulNBits from
-M = 8 rows up.
-
-Why it keeps every row independent of its company: a row's scale comes from that row alone,
-its integer sums are exact (int32), and what follows is per element. So a row gives the same
-bits alone as in any batch, at any M and thread count, and the engine needs no row pairs
-(`gpt2onnx._engine.needs_row_pairs`; tests/runtime/test_qgemm_rows.py).
-
-Why exact on every x86 ISA: on CPUs without VNNI (AVX2: Zen 2, Haswell; AVX-512 Skylake) MLAS
-multiplies u8 x s8 pairs with ``vpmaddubsw``, which saturates their sum at int16: 255 x 127 x 2
-> 32767. One operand is therefore kept to 7 bits (`QuantRecipe.seven_bits`): activations
-(|round(X / s)| <= 63 around zero point 64, so u8 <= 127: 127 x 127 x 2 = 32258) or weights
-(|W8| <= 63, activations u8 <= 255 around 128: 255 x 63 x 2 = 32130). No pair sum can
-saturate, so every kernel computes the same exact int32 sums. The fidelity gate prefers 7-bit
-weights (docs/quality.md: mean KL 5.2e-5 vs 9.7e-5 on the small trained model): `INT8` ships them.
-
-Details:
-
-- Bias: MatMulIntegerToFloat would multiply its bias input by a per-row ``a_scale`` (it scales
-  the finished output), so the bias stays the graph's own Add after it.
-- ``QuantizeLinear`` with a per-row scale is opset 21's blocked form (block = K), which needs a
-  zero-point tensor of the scale's shape: one (B, S, 1) tensor of ZP, made once from the shape
-  of ``input_ids`` and shared by every body MatMul. The graph's opset becomes 21 (`to_opset21`).
-- Inputs that come from GELU: GELU(z) >= -0.17, so ``max(ReduceMax(X), GELU_FLOOR)`` bounds
-  |X| with one pass over X instead of two (the (B, S, 3072) MLP activations at prefill).
-- A row of zeros gets scale 0; whatever QuantizeLinear writes then, the output row is
-  (integers) x 0 = 0, which is right.
-- The token table (tied: embedding and LM head) is stored once, int8 with one scale per token:
-  the embedding gathers rows and dequantizes them; the LM head reads the same bytes as its
-  (E, V) weight through a Transpose of the constant, which onnxruntime folds at load.
-- The outlier split (quantize.split_outliers) runs before, as for MatMulNBits; its fp32
-  MatMuls are left alone.
+Why so: a row's scale is its own and its integer sums are exact, so a row gives the same bits
+alone as in any batch (no row pairs: `gpt2onnx._engine.needs_row_pairs`); one operand keeps to
+7 bits (`QuantRecipe.seven_bits`; `INT8` takes the weights) so that no x86 kernel, AVX2's
+int16 pair sums included, can saturate. The bias stays the graph's own Add (the op would scale
+it by each row's scale); the per-row QuantizeLinear is opset 21's blocked form, whose zero
+point is one (B, S, 1) tensor shared by every MatMul (`to_opset21`); GELU outputs are bounded
+by ``max(ReduceMax(X), GELU_FLOOR)``, one pass instead of two; a zero row's scale 0 gives 0.
+The tied token table is stored once, int8 per token, for the embedding and the LM head; the
+outlier split (`quantize.split_outliers`) runs before. The arithmetic and the measurements:
+docs/quality.md ("int8 on the integer GEMM"), bench/README.md (2026-12-05).
 """
 
 from __future__ import annotations
@@ -49,9 +25,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .nbits import HEAD, HEAD_WEIGHT
+from .recipe import SEVEN_BITS
 
 OPSET = 21  # QuantizeLinear with a block size (one scale per row)
-SEVEN_BITS = ("activations", "weights")  # which operand keeps to |q| <= 63 (see the module doc)
 GELU_FLOOR = 0.171  # GELU(z) >= -0.16997 (erf), -0.17004 (tanh approximation)
 GELU_OPS = ("FastGelu", "BiasGelu", "Gelu")
 

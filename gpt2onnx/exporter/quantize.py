@@ -1,90 +1,35 @@
-"""Quantized weight formats for the exported graph: recipes, the outlier split, the driver.
+"""Quantized weight formats: the named recipes, the order they are tried in, the outlier split, the driver.
 
-A recipe (`QuantRecipe`) says which scheme the transformer's MatMuls take. int8 ships
-``scheme="qgemm"`` (`INT8`): onnxruntime's u8 x s8 integer GEMM with activations quantized
-per row, weights per column, the token table int8 per token (see `qgemm`). The other scheme,
-and int8's fallback when qgemm misses the gate (`INT8_NBITS`), is onnxruntime's
-``MatMulNBits`` (bits, block, zero points, algorithm: see `nbits`) with the token table at
-`lm_head` bits serving as embedding and LM head (stored once for both: `nbits.tie_table`);
-int4 uses it too. The rest of this note is about MatMulNBits.
-``accuracy_level=4`` lets onnxruntime run those MatMuls on int8 dot-product kernels
-(VNNI / AMX where the CPU has them); it is ~30x faster here than the float path
-(``accuracy_level`` unset dequantizes each weight matrix on every call).
+A recipe (`QuantRecipe`, defined in `recipe`) says which scheme the transformer's MatMuls
+take. int8 ships ``scheme="qgemm"`` (`INT8`, see `qgemm`); int8's fallback when that misses
+the gate (`INT8_NBITS`), and int4, use onnxruntime's ``MatMulNBits`` (see `nbits`) with
+``accuracy_level=4``: int8 dot-product kernels, activations quantized per block along K.
+`recipes_to_try` is the ladder the exporter walks; `quantize_model` applies one recipe.
 
-``accuracy_level=4`` also quantizes the *activations* to int8, per block along K (the
-weight block). Trained GPT-2 has a few activation channels hundreds of times
-larger than the rest; sharing a block's int8 grid with one of them rounds its
-neighbours to a few levels.
-So before quantizing, the exporter measures every MatMul input on real text
-(`calibrate`) and splits each MatMul whose input has such channels (LLM.int8()'s
-decomposition, Dettmers et al. 2022)::
-
-    X ──Mul(mask: 0 at outliers)──MatMulNBits(W, outlier rows 0)──┐
-    └──Gather(outlier channels)───MatMul(W[outliers]) in fp32─────Add── Y  (= X @ W)
-
-A model without outliers (random weights, say) gets no extra nodes and loses no speed. The
-qgemm scheme quantizes each row with the scale of its largest value, so it takes the split too.
+Both schemes give activations one scale per row or block, which the few huge activation
+channels of trained GPT-2 would wreck; so the exporter measures every MatMul input on real
+text (`calibrate`) and keeps those channels in fp32 (`split_outliers`, LLM.int8()'s
+decomposition). A model without outliers gets no extra nodes. The measurements:
+docs/quality.md, "The hazard: activation outliers".
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .graph import EXTERNAL_DATA
-from .nbits import ALGORITHMS, fit_block, head_is_tied, quantize_matmuls, tie_table
-from .qgemm import SEVEN_BITS, quantize_qgemm
+from .nbits import fit_block, head_is_tied, quantize_matmuls, tie_table
+from .qgemm import quantize_qgemm
+from .recipe import ALGORITHMS, SCHEMES, SEVEN_BITS, QuantRecipe
 
-SCHEMES = ("MatMulNBits", "qgemm")
-
-
-@dataclass(frozen=True)
-class QuantRecipe:
-    """How a quantized graph is made (recorded in the manifest's ``quantization``)."""
-
-    scheme: str = "MatMulNBits"  # or "qgemm": per-row u8 activations x per-column s8 weights (see qgemm)
-    bits: int = 8  # of the transformer MatMuls
-    block_size: int = 128  # weights per scale along K; smaller = more accurate, more scales, slower
-    symmetric: bool = True  # no zero points (weights centred on 0); False = a uint8 zero point per block
-    accuracy_level: int = 4  # 4 = int8 activations per block -> int8 dot-product kernels
-    algorithm: str = "rtn"  # how the MatMul weights are rounded: round-to-nearest (see nbits for the others tried)
-    lm_head: str = "int8"  # the tied token table as LM head: "int8" or "int4" (the same table as the embedding)
-    embedding: str = "int8"  # the token table as GatherBlockQuantized (position table: 1 M, stays fp32)
-    table_block_size: int = 128  # block of the token table
-    outlier_ratio: float = 6.0  # an input channel whose calibrated |max| is > this x the median's stays fp32
-    max_outliers: int = 16  # per MatMul, the largest first
-    seven_bits: str = "activations"  # qgemm: the operand kept to |q| <= 63 (AVX2 int16 saturation; see qgemm)
-
-    def __post_init__(self):
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if self.scheme == "qgemm" and (self.bits, self.lm_head) != (8, "int8"):
-            raise ValueError("the qgemm scheme is 8-bit: bits=8, lm_head and embedding 'int8'")
-        if self.seven_bits not in SEVEN_BITS:
-            raise ValueError(f"seven_bits must be one of {SEVEN_BITS}, got {self.seven_bits!r}")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.lm_head != self.embedding:
-            raise ValueError("the LM head and the embedding share one table: give them the same precision")
-
-    @property
-    def label(self) -> str:
-        """What the exporter's progress calls this recipe."""
-        if self.scheme == "qgemm":
-            return f"qgemm (7-bit {self.seven_bits})"
-        return f"block {self.block_size}"
-
-    @property
-    def table_bits(self) -> int:
-        return int(self.lm_head.removeprefix("int"))
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
+__all__ = ["ALGORITHMS", "FALLBACK_BLOCK", "INT4", "INT4_LADDER", "INT4_TABLE8", "INT8", "INT8_NBITS", "INT8_QGEMM",
+           "SCHEMES", "SEVEN_BITS", "Int8Recipe", "QuantRecipe", "calibrate", "fit_block", "outlier_channels",
+           "quantize_model", "recipes_to_try", "split_outliers"]
 
 Int8Recipe = QuantRecipe  # the name before int4 existed
 
@@ -212,7 +157,10 @@ def outlier_channels(stats: dict[str, np.ndarray], recipe: QuantRecipe = INT8) -
 
 
 def split_outliers(model: onnx.ModelProto, outliers: dict[str, list[int]]) -> list[str]:
-    """Rewrite each MatMul whose weight is in `outliers` as inlier part + fp32 outlier part.
+    """Rewrite each MatMul whose weight is in `outliers` as inlier part + fp32 outlier part::
+
+        X ──Mul(mask: 0 at outliers)──MatMul(W, outlier rows 0; quantized later)──┐
+        └──Gather(outlier channels)───MatMul(W[outliers]) in fp32─────────────────Add── Y  (= X @ W)
 
     Returns the names of the new fp32 MatMuls (to exclude from quantization). The
     result equals the original MatMul in fp32 (the split is exact; only the order of

@@ -1,23 +1,11 @@
-"""Optional integrations with serving and data platforms.
+"""Optional integrations with serving and data platforms: `azureml` (+ `azureml_kit`),
+`azureml_batch`, `azureml_bench_kit`, `mlflow` (+ `mlflow_pyfunc`), `ray`.
 
-Each module imports its platform only when used, so importing one never fails for lack
-of an extra, and the CLI can register their commands without paying for the import:
-
-- `gpt2onnx.integrations.azureml` (extra ``[azureml]``): the Azure ML online-endpoint
-  scoring entry (`init` / `run`); `gpt2onnx.integrations.azureml_kit` writes its
-  deployment kit.
-- `gpt2onnx.integrations.mlflow` (extra ``[mlflow]``): package a model folder as an
-  MLflow pyfunc model with the Azure ML gpt2 signature (`package_mlflow`).
-- `gpt2onnx.integrations.azureml_batch`: Azure ML batch-endpoint scoring entry
-  (`init` / `run` over JSONL and CSV files).
-- `gpt2onnx.integrations.ray` (extra ``[ray]``): a callable class for
-  `ray.data.Dataset.map_batches` (`Gpt2OnnxPredictor`).
-
-The batch integrations (Azure ML batch, Ray) run their rows in memory through the core
-of ``gpt2onnx batch``, `gpt2onnx.batch.iter_results`, so a row is parsed, validated,
-batched and reported exactly as the CLI job does it, without its files:
-
-For example::
+Each module imports its platform only when used, so importing one never fails for lack of its
+extra, and the CLI registers their commands without paying for the import. The batch
+integrations (Azure ML batch, Ray) run their rows in memory through the core of ``gpt2onnx
+batch``, `gpt2onnx.batch.iter_results`, so a row is parsed, validated, batched and reported
+exactly as in a CLI job, without its files::
 
     from gpt2onnx.batch import iter_results
     list(iter_results(gen, [{"id": "a", "prompt": "Hello"}], params={"max_new_tokens": 5}))

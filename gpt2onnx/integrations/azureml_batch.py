@@ -1,41 +1,14 @@
 """Azure ML batch-endpoint scoring entry: ``init()`` once per process, ``run(mini_batch)`` per mini-batch.
 
-A batch deployment hands `run` a list of input FILE paths (``mini_batch_size`` of them).
-Every prompt of every file gives one JSON row, in file order then line order:
-
-    {"file": "part-001.jsonl", "id": "q1", "line": 1, "index": 0, "text": "...",
-     "prompt_tokens": 5, "generated_tokens": 50, "finish_reason": "length", "seconds": 0.41}
-    {"file": "part-001.jsonl", "id": "line-2", "line": 2, "index": 0, "error": "line 2 is not valid JSON: ..."}
-    {"file": "gone.csv", "id": null, "line": 0, "index": 0, "error": "cannot read gone.csv: it does not exist"}
-
-so with ``output_action: append_row`` and ``output_file_name: predictions.jsonl`` the job
-writes one JSONL file. Input files:
-
-- ``*.jsonl`` / ``*.json`` / ``*.ndjson``: the `gpt2onnx batch` line format
-  (``{"id", "prompt", <params>}`` or ``{"input_data": [...], "params": {...}}``).
-- ``*.csv`` / ``*.tsv``: a ``prompt`` column, an optional ``id`` column, and optional
-  columns named after generation parameters (cells are JSON: ``20``, ``true``,
-  ``["\\n"]``; an empty cell keeps the default). ``line`` is the record number (1 = the
-  first row after the header). A column misspelling a parameter (``tempreature``) gives
-  its records an error row with a did-you-mean; other columns are ignored.
-
-Rows run in memory through the core of ``gpt2onnx batch`` (`gpt2onnx.batch.iter_results`:
-the same parsing, checks, batching and error rows; no temporary file, hash, lock or
-fsync: a retried mini-batch simply runs again). A bad line, a bad record, an unreadable
-or unsupported file becomes error rows naming the file; the job goes on. The deployment is configured by environment variables:
-
-    GPT2ONNX_THREADS     intra-op threads per process (default: the physical cores it may use)
-    GPT2ONNX_PARAMS      job defaults as a JSON object, e.g. {"max_new_tokens": 40}
-    GPT2ONNX_BATCH_SIZE  prompts per model call (default 8)
-    GPT2ONNX_MODEL_DIR   the model folder, absolute or under AZUREML_MODEL_DIR (default: the
-                         one folder with a gpt2onnx.json up to 2 levels below, as online)
-    GPT2ONNX_OUTPUT      "rows" (default): `run` returns the rows, for output_action
-                         append_row; "files": each input file's rows go to
-                         $AZUREML_BI_OUTPUT_PATH/<file>.out.jsonl and `run` returns the
-                         file paths, for output_action summary_only
-
-Use it as the deployment's scoring script, e.g. a ``batch_driver.py`` holding
-``from gpt2onnx.integrations.azureml_batch import init, run`` (see docs/azureml_batch.md).
+A batch deployment hands `run` input file paths: JSONL in the `gpt2onnx batch` line format, or
+CSV/TSV with a ``prompt`` column (and optional ``id`` and parameter columns). Every prompt of
+every file gives one JSON row, ``{"file", "id", "line", "index", ...}`` with the result or an
+``"error"``, in file then line order (``output_action: append_row``), or one output file per
+input (``GPT2ONNX_OUTPUT=files``). Rows run in memory through the core of ``gpt2onnx batch``
+(`gpt2onnx.batch.iter_results`: the same parsing, checks, batching and error rows) with no file,
+lock or fsync of their own: Azure ML retries a failed mini-batch whole. A bad line, record or
+file becomes error rows naming the file; the job goes on. The ``GPT2ONNX_*`` variables, the
+formats and a deployment: docs/azureml_batch.md.
 """
 
 from __future__ import annotations

@@ -3,37 +3,19 @@
     gpt2onnx mlflow out/gpt2-int8 out/gpt2-int8-mlflow
     az ml model create -f out/gpt2-int8-mlflow/model.yml -g RG -w WORKSPACE
 
-The MLflow model answers the requests of the Azure ML registry's gpt2 model
-(``{"input_data": ["..."], "params": {"top_p": 1.0, "temperature": 0.8, ...}}`` -> a list
-of strings) with onnxruntime instead of torch:
-
-    OUT/
-      MLmodel              signature (one string column in and out, params with the card's
-                           defaults), metadata (model-card tags, gpt2onnx facts)
-      MODEL_CARD.md        the datasheet, also under artifacts/
-      model.yml            `az ml model create -f` spec (type mlflow_model, tags)
-      requirements.txt     onnxruntime, numpy, tokenizers, tqdm (+ mlflow); no torch
-      code/gpt2onnx/       this package, so the model loads where gpt2onnx is not installed
-      gpt2onnx_pyfunc.py   the models-from-code entry: set_model(python_model())
-      artifacts/NAME/      the model folder (artifact "model_dir"), verified at load
-
-Why ``code_paths`` and not ``gpt2onnx`` in the requirements: gpt2onnx is not on a package
-index the serving environment can reach, and its runtime is pure Python (1-2 MB), so the
-model carries it. Why models-from-code and not a pickled `PythonModel`: MLflow 3 is
-deprecating pickle deserialization, and a script does not tie the model to the
-cloudpickle and Python versions of the machine that packaged it.
+The model answers the Azure ML registry gpt2 model's requests (``{"input_data": [...],
+"params": {...}}`` -> a list of strings) with onnxruntime instead of torch. It carries this
+package as ``code_paths`` (gpt2onnx is on no index the serving side can reach; its runtime is
+pure Python) and is a models-from-code model, not a pickle (MLflow is retiring pickles, and a
+script ties it to no cloudpickle or Python version). The folder it writes and why:
+docs/mlflow.md. The served model (`predict`, the params and their defaults) is
+`gpt2onnx.integrations.mlflow_pyfunc`; its names are re-exported here, where every packaged
+model's code file imports `python_model`.
 
 For example::
 
     package_mlflow("out/gpt2-int8", "out/gpt2-int8-mlflow")
     # -> 'out/gpt2-int8-mlflow'
-    import mlflow
-    model = mlflow.pyfunc.load_model("out/gpt2-int8-mlflow")
-    model.predict(["Hello,"], params={"max_new_tokens": 20, "seed": 1})
-
-The served model itself (its `predict`, the signature's params and defaults) is
-`gpt2onnx.integrations.mlflow_pyfunc`; its names are re-exported here, where the code
-file of every packaged model imports `python_model`.
 """
 
 from __future__ import annotations

@@ -34,11 +34,9 @@ import numpy as np
 
 from ..batch import iter_results
 from ..batch.core import check_batch_size
-from ..batch.rows import one_line
-from ..errors import ArtifactError, InvalidRequestError
+from ..errors import ArtifactError, InvalidRequestError, first_line
 from ..params import GenerationParams, looks_like_param, resolve
 
-OUTPUT_COLUMNS = ("text", "prompt_tokens", "generated_tokens", "finish_reason", "error")
 # Integer parameters: Arrow turns an int column with nulls into float64, so 5.0 must read as 5.
 INT_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationParams) if f.type in ("int", "int | None"))
 
@@ -98,7 +96,7 @@ class Gpt2OnnxPredictor:
                 requests.append(_request(batch, i, param_cols))
             except Exception as e:  # a cell numpy cannot give back as a plain value: this row only
                 requests.append(None)
-                unreadable[i] = one_line(f"row cannot be read ({e.__class__.__name__}: {e})")
+                unreadable[i] = f"row cannot be read ({first_line(e, 300, with_type=True)})"
         by_line = {r["line"]: r for r in iter_results(self.generator, requests, batch_size=self.batch_size,
                                                       params=self.params)}
         # request i is line i + 1 and gives one row (a None gives none): "prompt" is never "input_data"

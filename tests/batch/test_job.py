@@ -20,7 +20,7 @@ from gpt2onnx.batch import BatchError, BatchSummary, run_batch
 from gpt2onnx.batch.rows import NO_PROMPT
 from gpt2onnx.errors import ArtifactError
 
-from damaged_folders import SURFACE_CASES
+from helpers.damaged_folders import SURFACE_CASES
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 
@@ -256,7 +256,7 @@ def test_unwritable_output_is_one_clear_error(job, gen, tmp_path):
 
 @pytest.mark.parametrize("name", SURFACE_CASES)
 def test_run_batch_refuses_before_writing_rows(damaged, probed, tmp_path, name):
-    """A damaged model folder (tests/damaged_folders.py) is refused with load's line before OUTPUT or its .state
+    """A damaged model folder (tests/helpers/damaged_folders.py) is refused with load's line before OUTPUT or its .state
     is created (it left an empty output and a .state behind)."""
     assert probed[name]["load"][0] == "ArtifactError"  # safe in process: the subprocess survived it
     src = tmp_path / "in.jsonl"

@@ -18,7 +18,7 @@ import pytest
 import gpt2onnx
 from gpt2onnx.batch import BatchError, run_batch
 
-from conftest import in_threads
+from helpers.threads import in_threads
 
 WAIT_S = 120
 

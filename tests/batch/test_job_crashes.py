@@ -23,7 +23,7 @@ import pytest
 import gpt2onnx
 from gpt2onnx import cli
 from gpt2onnx.batch import BatchError, run_batch
-from gpt2onnx.batch import state as batchoutput
+from gpt2onnx.batch import state
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 WAIT_S = 60  # bound on waiting for a hook or a subprocess; nothing here should come close
@@ -79,7 +79,7 @@ def job(tmp_path_factory, gen):
 HOOKED = r"""
 import os, sys, time
 from gpt2onnx import batch, cli, runtime
-from gpt2onnx.batch import state as batchoutput
+from gpt2onnx.batch import state
 
 hook, marker = os.environ.get("HOOK", ""), os.environ.get("MARKER", "")
 
@@ -95,7 +95,7 @@ elif hook == "state":                       # the state's temp file written and 
     def fsync(fd):
         real_fsync(fd)
         park()
-    batchoutput.os.fsync = fsync
+    state.os.fsync = fsync
 elif hook.startswith("after-fsync-"):       # right after the Nth fsync of this run
     n = int(hook.rsplit("-", 1)[1])
     def fsync(fd):
@@ -103,19 +103,19 @@ elif hook.startswith("after-fsync-"):       # right after the Nth fsync of this 
         calls[0] += 1
         if calls[0] == n:
             park()
-    batchoutput.os.fsync = fsync
+    state.os.fsync = fsync
 elif hook == "mid-line":                    # the 3rd batch written up to the middle of a row
-    real_write, writes = batchoutput.Writer.write, [0]
+    real_write, writes = state.Writer.write, [0]
     def write(self, rows):
         writes[0] += 1
         if writes[0] < 3:
             return real_write(self, rows)
-        data = b"".join(batchoutput._dump(r) for r in rows)
-        self.f.write(data[: len(data) - len(batchoutput._dump(rows[-1])) // 2])
+        data = b"".join(state._dump(r) for r in rows)
+        self.f.write(data[: len(data) - len(state._dump(rows[-1])) // 2])
         self.f.flush()
         real_fsync(self.f.fileno())
         park()
-    batchoutput.Writer.write = write
+    state.Writer.write = write
 elif hook == "slow":                        # 1 ms more per row, so random kills land inside the job
     real_complete = batch.core.complete
     def complete(row, result, seconds):
@@ -274,7 +274,7 @@ def test_batch_on_a_full_disk_keeps_rows_and_resumes(job, gen, small_disk, tiny_
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             real_fsync(fd)
 
-        monkeypatch.setattr(batchoutput.os, "fsync", fsync)
+        monkeypatch.setattr(state.os, "fsync", fsync)
     out = mnt / "out.jsonl"
     assert os.path.getsize(d / "ref.jsonl") > 16 * 1024, "the job must not fit the small disk"
     rc = cli.main(["batch", tiny_int8, str(d / "in.jsonl"), str(out), "--batch-size", "4", "--threads", "1",
@@ -285,7 +285,7 @@ def test_batch_on_a_full_disk_keeps_rows_and_resumes(job, gen, small_disk, tiny_
     kept = read_rows(out)  # every line complete
     assert len(kept) >= 10 and kept == ref[: len(kept)]
     if remount is None:
-        monkeypatch.setattr(batchoutput.os, "fsync", real_fsync)  # space freed
+        monkeypatch.setattr(state.os, "fsync", real_fsync)  # space freed
     else:
         remount("ro")  # a read-only disk: refused before anything is touched
         with pytest.raises(BatchError, match=r"cannot open output .*Read-only file system.*writable"):

@@ -1,6 +1,6 @@
 """Bad input through a batch job: the request table as rows, JSONL quirks, a 1 MB prompt, random lines.
 
-The table of requests is tests/bad_requests.py. A bad request is an error row
+The table of requests is tests/helpers/bad_requests.py. A bad request is an error row
 {"id", "line", "index", "error"} with one line, and the job goes on; a good one gives the
 text the API generates. Random JSONL lines (hypothesis) never crash run_batch: every
 non-blank line gives its rows, keyed (line, index), once each, in order.
@@ -24,8 +24,8 @@ from gpt2onnx import cli
 from gpt2onnx.batch import MAX_PROMPTS_PER_LINE, run_batch
 from gpt2onnx.params import FIELDS
 
-from bad_requests import CASES, IDS, MB, good_results, jsonl_line, one_line
-from random_inputs import JSON, PARAM_VALUES, SCALE, SETTINGS
+from helpers.bad_requests import CASES, IDS, MB, good_results, jsonl_line, one_line
+from helpers.random_inputs import JSON, PARAM_VALUES, SCALE, SETTINGS
 
 CONTEXT = 64  # the tiny model's
 

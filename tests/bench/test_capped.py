@@ -166,7 +166,7 @@ def test_capped_records_never_merge_with_the_machines_own(tiny_int8, fake_worker
 
 
 def _noamx_so(tmp_path) -> str | None:
-    from conftest import shared_path
+    from helpers.paths import shared_path
 
     src = shared_path("tools", "noamx.c")
     if not shutil.which("cc") or not os.path.isfile(src):
@@ -204,7 +204,7 @@ def _issue21_records(root, rec):
 
 def test_issue21_table_takes_medians_of_per_round_ratios_and_refuses_a_wrong_amx_state(tiny_int8, tmp_path,
                                                                                          fake_workers):
-    from conftest import REPO
+    from helpers.paths import REPO
 
     rec = bench.run_bench(tiny_int8, baselines=[], out_dir=None, **SMALL)
     _issue21_records(tmp_path, rec)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from gpt2onnx.bench import record as results
 from gpt2onnx.errors import ArtifactError
 
-from conftest import BENCH_FIXTURES as FIXTURES
+from helpers.paths import BENCH_FIXTURES as FIXTURES
 
 
 

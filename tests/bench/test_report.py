@@ -11,7 +11,7 @@ import pytest
 from gpt2onnx.bench import record as results, report
 from gpt2onnx.errors import ArtifactError, Gpt2OnnxError, InvalidRequestError
 
-from conftest import BENCH_FIXTURES as FIXTURES, REPO
+from helpers.paths import BENCH_FIXTURES as FIXTURES, REPO
 
 NAMES = ("f4s_v2.json", "d4as_v4.json", "e4s_v3.json")
 F4S_CPU = "Intel(R) Xeon(R) Platinum 8272CL CPU @ 2.60GHz"

@@ -10,7 +10,7 @@ import pytest
 from gpt2onnx.bench import skus
 from gpt2onnx.errors import Gpt2OnnxError, InvalidRequestError
 
-from conftest import REPO, shared_path
+from helpers.paths import REPO, shared_path
 
 CARD = ("seeds", "002_c6dbc762f0944603.txt")  # the Azure ML gpt2 model card, in the shared folder
 GIB = 1024**3

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import REPO, SHARED, shared_path
+from helpers.paths import REPO, SHARED, shared_path
 
 # A quoted absolute path into a home or work folder, or this machine's own checkout / shared folder.
 ABSOLUTE = re.compile("|".join([r"""["'](/work|/home|/Users|/root)/"""]
@@ -30,7 +30,7 @@ def test_no_absolute_paths_in_the_package_tests_or_scripts():
             for n, line in enumerate(f, 1):
                 if ABSOLUTE.search(line):
                     found.append(f"{os.path.relpath(path, REPO)}:{n}: {line.strip()}")
-    assert not found, "absolute paths (use conftest.shared_path or tmp_path):\n" + "\n".join(found)
+    assert not found, "absolute paths (use helpers.paths.shared_path or tmp_path):\n" + "\n".join(found)
 
 
 def test_the_shared_folder_is_beside_the_repository_and_a_missing_file_fails_loudly():

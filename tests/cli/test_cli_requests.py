@@ -1,6 +1,6 @@
 """Bad input through `gpt2onnx generate`: the request table, flag types, argparse errors, bad argv bytes.
 
-The table of requests is tests/bad_requests.py. Each bad request is exit code 1 and one
+The table of requests is tests/helpers/bad_requests.py. Each bad request is exit code 1 and one
 line on stderr, nothing on stdout; each good one prints what the API generates.
 Decisions are in docs/reliability.md.
 """
@@ -18,7 +18,7 @@ import pytest
 import gpt2onnx
 from gpt2onnx import cli
 
-from bad_requests import CASES, IDS, MB, NOT_ON_CLI, good_results, one_line
+from helpers.bad_requests import CASES, IDS, MB, NOT_ON_CLI, good_results, one_line
 
 
 @pytest.fixture(scope="module")

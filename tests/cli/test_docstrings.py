@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from conftest import REPO
+from helpers.paths import REPO
 
 SKIP = re.compile(r"doctest:[^\n]*\+SKIP")
 # Docstrings being rewritten elsewhere (issue #23): their examples are theirs to turn into

@@ -11,7 +11,7 @@ from gpt2onnx.cli import main
 from gpt2onnx.eval import DEFAULT_LIMITS, GATE_TEXT, fidelity
 from gpt2onnx.exporter import policy
 
-from conftest import WIKI_SLICE
+from helpers.paths import WIKI_SLICE
 
 
 @pytest.fixture

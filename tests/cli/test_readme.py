@@ -18,7 +18,7 @@ import pytest
 
 from gpt2onnx.cli import build_parser
 
-from conftest import REPO as ROOT
+from helpers.paths import REPO as ROOT
 
 README = os.path.join(ROOT, "README.md")
 # What scripts/quickstart.sh leaves behind (scripts/setup.sh makes .venv with `python -m venv`).

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO as ROOT
+from helpers.paths import REPO as ROOT
 
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh")) + glob.glob(os.path.join(ROOT, "bench", "*.sh"))
                  + [os.path.join(ROOT, ".ci", "run")])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from gpt2onnx.eval import fidelity
 from gpt2onnx.errors import Gpt2OnnxError, InvalidRequestError
 from gpt2onnx.eval import DataError, evaluate, lambada, read_lambada, read_text, wikitext2_text
 
-from conftest import REPO, WIKI_SLICE
+from helpers.paths import WIKI_SLICE
 
 
 
@@ -233,14 +232,8 @@ def test_wikitext2_and_lambada_do_not_import_torch(tiny_fp32, wiki_small, tmp_pa
 # -- the training recipe (export/train_small.py), at toy size -------------------------
 
 def test_train_small_recipe_runs_and_learns(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "train_small", os.path.join(REPO, "export", "train_small.py"))
-    ts = importlib.util.module_from_spec(spec)
-    sys.modules["train_small"] = ts  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(ts)
-    finally:
-        del sys.modules["train_small"]
+    import train_small as ts  # export/ is on pytest's path (pyproject.toml)
+
     recipe = ts.Recipe(n_layer=1, n_head=2, n_embd=32, context=32, batch_size=4, lr=3e-3, max_steps=40)
     out = tmp_path / "small"
     r = ts.train(str(out), WIKI_SLICE, recipe, log=lambda s: None)

@@ -12,7 +12,7 @@ from gpt2onnx.eval import fidelity
 from gpt2onnx.eval.fidelity import measure
 from gpt2onnx.eval.gate import GATE, check, gate_text
 
-from conftest import WIKI_SLICE
+from helpers.paths import WIKI_SLICE
 
 
 def _session(path: str):
@@ -124,7 +124,7 @@ def test_outlier_injection_keeps_the_fp32_function(tiny_src):
 def sensitive_src(tmp_path_factory) -> str:
     """A tiny GPT-2 whose blocks matter: with the default init (std 0.02) the residual
     stream is nearly all embedding and no quantization error reaches the logits."""
-    from conftest import save_tiny_gpt2
+    from helpers.models import save_tiny_gpt2
 
     return save_tiny_gpt2(str(tmp_path_factory.mktemp("src") / "sensitive"), initializer_range=0.2)
 
@@ -221,7 +221,7 @@ def test_eval_does_not_miss_a_random_weight_int8_the_exporter_passed(tiny_src, t
 
     out = str(tmp_path / "rnd-int8")
     m = gpt2onnx.export(tiny_src, out, precision="int8", random_weights=True, seed=3, progress=False)
-    assert m["fidelity"]["status"] == "passed" and m["fidelity"]["gated"] == "random weights: mean_kl only"
+    assert m.fidelity["status"] == "passed" and m.fidelity["gated"] == "random weights: mean_kl only"
     data = os.path.join(os.path.dirname(policy.__file__), "..", "data", "gate_text.txt")
     r = evaluate(out, "fidelity", data=data, limit=8, progress=False, threads=1)  # reference: the recorded source
     assert r["gate_missed"] == [] and r["gated"] == "random weights: mean_kl only" and r["gate"] == {"mean_kl": 0.01}
@@ -234,7 +234,7 @@ def test_eval_does_not_miss_a_random_weight_int8_the_exporter_passed(tiny_src, t
 def test_a_reference_of_another_model_is_refused_in_one_line(tiny_int8, tmp_path, capsys):
     """A distilgpt2-like reference (fewer layers) for a gpt2-like model, as a folder and as a source."""
     import gpt2onnx
-    from conftest import save_tiny_gpt2
+    from helpers.models import save_tiny_gpt2
     from gpt2onnx.cli import main
     from gpt2onnx.errors import InvalidRequestError
     from gpt2onnx.eval import evaluate

@@ -20,7 +20,7 @@ from gpt2onnx.errors import UnsupportedModelError
 from gpt2onnx.exporter import graph
 from gpt2onnx.exporter.policy import cpu_session
 
-from conftest import ODD, TINY
+from helpers.models import ODD, TINY
 
 
 def gpt2_config(**fields) -> SimpleNamespace:

@@ -20,7 +20,7 @@ from gpt2onnx.eval.gate import GATE
 from gpt2onnx.graphio import GraphSpec, log_softmax, open_session
 from gpt2onnx.exporter import parity
 
-from conftest import TINY, train_tokenizer
+from helpers.models import TINY, train_tokenizer
 
 PROMPTS = ["The game", "Valkyria Chronicles III is a tactical role", "In 2011 the", "He"]
 

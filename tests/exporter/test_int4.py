@@ -90,7 +90,7 @@ def test_shared_table_gives_the_same_logits_as_a_private_copy(tiny_int4, tmp_pat
 def test_the_gate_rejects_a_bad_int4_recipe(tmp_path, monkeypatch):
     """Outlier channels, the split switched off, 4-bit block 128: the int4 gate misses, no folder is written;
     with --accept-fidelity-miss the folder says so in its manifest and card."""
-    from conftest import save_tiny_gpt2
+    from helpers.models import save_tiny_gpt2
     from outliers import inject_outliers
 
     from gpt2onnx import sources
@@ -111,10 +111,10 @@ def test_the_gate_rejects_a_bad_int4_recipe(tmp_path, monkeypatch):
         gpt2onnx.export(src, str(tmp_path / "bad"), precision="int4", progress=False)
     assert not (tmp_path / "bad").exists() and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
     m = gpt2onnx.export(src, str(tmp_path / "kept"), precision="int4", progress=False, accept_fidelity_miss=True)
-    assert m["fidelity"]["missed"] and m["fidelity"]["status"].startswith("missed")
+    assert m.fidelity["missed"] and m.fidelity["status"].startswith("missed")
     # 128 fitted to n_embd 32; --kv-cache auto: with the int8 cache, then again with an fp32 cache
-    assert [(t["block_size"], t["kv_cache"]) for t in m["quantization"]["tried"]] == [(32, "int8"), (32, "fp32")]
-    assert m["kv_cache"] == {"dtype": "fp32"} and m["fidelity"]["kv_cache"] == "fp32"
+    assert [(t["block_size"], t["kv_cache"]) for t in m.quantization["tried"]] == [(32, "int8"), (32, "fp32")]
+    assert m.kv_cache.dtype == "fp32" and m.fidelity["kv_cache"] == "fp32"
     assert "WARNING: this int4 export MISSED the gate" in (tmp_path / "kept" / "MODEL_CARD.md").read_text()
 
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import damaged_folders
+from helpers import damaged_folders
 import gpt2onnx
 from gpt2onnx.errors import FidelityError
 from gpt2onnx import artifact
@@ -22,7 +22,7 @@ from gpt2onnx.exporter import kvcache, policy, quantize
 from gpt2onnx.eval import gate
 from gpt2onnx.eval.gate import GATE, GATE_WINDOWS, KV_CALIBRATION_TOKENS, kv_calibration_slice
 
-from conftest import WIKI_SLICE
+from helpers.paths import WIKI_SLICE
 
 H, D = 2, 8
 
@@ -128,7 +128,7 @@ def test_fp32_kv_export_records_an_fp32_cache(tiny_fp32, tiny_int8_kvfp32):
 
 def _copy_with_manifest(src: str, dst, edit) -> str:
     shutil.copytree(src, dst)
-    damaged_folders._manifest(dst, edit)
+    damaged_folders.edit_manifest(dst, edit)
     return str(dst)
 
 
@@ -195,8 +195,8 @@ def test_auto_falls_back_to_an_fp32_cache_when_the_int8_cache_misses(tiny_src, t
 
     monkeypatch.setattr(policy, "check", check)
     m = gpt2onnx.export(tiny_src, tmp_path / "auto", precision="int8", progress=True)
-    assert m["kv_cache"] == {"dtype": "fp32"} and m["fidelity"]["status"] == "passed"
-    tried = m["quantization"]["tried"]
+    assert m.kv_cache.dtype == "fp32" and m.fidelity["status"] == "passed"
+    tried = m.quantization["tried"]
     assert [t["kv_cache"] for t in tried] == ["int8"] * int8_rungs + ["fp32"] and int8_rungs == 2  # qgemm, block 32
     assert all(t["missed"] for t in tried[:-1]) and not tried[-1]["missed"] and tried[-1]["what"] == tried[0]["what"]
     assert "again with an fp32 KV cache" in capsys.readouterr().err
@@ -216,4 +216,4 @@ def test_a_kv_cache_that_misses_the_gate_is_refused_unless_accepted(tiny_src, tm
         gpt2onnx.export(tiny_src, tmp_path / "missed", kv_cache="int8", progress=False)
     assert not (tmp_path / "missed").exists()
     m = gpt2onnx.export(tiny_src, tmp_path / "kept", kv_cache="int8", accept_fidelity_miss=True, progress=False)
-    assert m["fidelity"]["status"].startswith("missed, accepted") and m["kv_cache"]["dtype"] == "int8"
+    assert m.fidelity["status"].startswith("missed, accepted") and m.kv_cache.dtype == "int8"

@@ -15,7 +15,7 @@ from gpt2onnx import artifact
 from gpt2onnx.cli import main
 from gpt2onnx.errors import ExportError, ParityError, UnsupportedModelError
 
-from conftest import save_tiny_gpt2
+from helpers.models import save_tiny_gpt2
 
 
 def _ops(folder):
@@ -109,21 +109,24 @@ def test_int8_folder(tiny_int8):
 def test_odd_shapes_export(odd_src, tmp_path):
     for precision in ("fp32", "int8"):
         m = gpt2onnx.export(odd_src, str(tmp_path / precision), precision=precision, progress=False)
-        assert m["dims"]["n_head"] == 3 and m["dims"]["vocab_size"] == 997
-        assert m["parity"]["fp32_max_abs_diff"] <= 1e-3
+        assert m.dims.n_head == 3 and m.dims.vocab_size == 997
+        assert m.parity["fp32_max_abs_diff"] <= 1e-3
 
 
 def test_bin_weights_and_random_weights(tmp_path):
     src = save_tiny_gpt2(str(tmp_path / "bin"), safe=False, seed=3)
     assert os.path.exists(os.path.join(src, "pytorch_model.bin"))
     m = gpt2onnx.export(src, str(tmp_path / "o1"), progress=False)
-    assert m["parity"]["fp32_max_abs_diff"] <= 1e-3
+    assert m.parity["fp32_max_abs_diff"] <= 1e-3
+    with open(tmp_path / "o1" / artifact.MANIFEST, encoding="utf-8") as f:  # typed, and what the folder holds
+        assert isinstance(m, artifact.Manifest) and m == artifact.read_manifest(str(tmp_path / "o1"))
+        assert m.to_dict() == json.load(f)
     r = gpt2onnx.export(src, str(tmp_path / "o2"), random_weights=True, seed=7, progress=False)
-    assert r["source"]["random_weights"] is True and r["source"]["seed"] == 7 and r["tags"]["weights"] == "random"
+    assert r.source.random_weights is True and r.source.seed == 7 and r.tags["weights"] == "random"
     assert "RANDOM WEIGHTS" in open(tmp_path / "o2" / "MODEL_CARD.md", encoding="utf-8").read()
     assert "RANDOM WEIGHTS" in artifact.summary(artifact.read_manifest(str(tmp_path / "o2")))
     # random weights really differ from the saved ones
-    assert r["files"]["model.onnx.data"]["sha256"] != m["files"]["model.onnx.data"]["sha256"]
+    assert r.files["model.onnx.data"]["sha256"] != m.files["model.onnx.data"]["sha256"]
 
 
 def test_existing_outdir_refused_then_force(tiny_src, tmp_path):
@@ -199,7 +202,7 @@ def test_tokenizer_errors(tmp_path, tiny_src):
     with pytest.raises(UnsupportedModelError, match="50257 tokens but the model only 1000"):
         gpt2onnx.export(src, str(tmp_path / "o"), tokenizer=data, progress=False)
     m = gpt2onnx.export(src, str(tmp_path / "o"), tokenizer=tiny_src, progress=False)
-    assert m["files"]["tokenizer.json"]["bytes"] > 0
+    assert m.files["tokenizer.json"]["bytes"] > 0
 
 
 def test_output_errors(tiny_src, tmp_path):
@@ -255,7 +258,7 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
     import dataclasses
 
     import gpt2onnx
-    from conftest import save_tiny_gpt2
+    from helpers.models import save_tiny_gpt2
     from gpt2onnx import sources
     from gpt2onnx.exporter import quantize
     from gpt2onnx.artifact import read_manifest
@@ -266,20 +269,20 @@ def test_fidelity_gate_refuses_an_int8_export_that_misses_it(tmp_path, monkeypat
     inject_outliers(src.model, channels=(3, 17), scale=300.0)
     src.model.save_pretrained(src_dir)
     m = gpt2onnx.export(src_dir, str(tmp_path / "ok"), precision="int8", progress=False)
-    assert m["fidelity"]["status"] == "passed" and len(m["quantization"]["outlier_channels"]) == 4
-    assert [t["what"] for t in m["quantization"]["tried"]] == ["qgemm (7-bit weights)"]
+    assert m.fidelity["status"] == "passed" and len(m.quantization["outlier_channels"]) == 4
+    assert [t["what"] for t in m.quantization["tried"]] == ["qgemm (7-bit weights)"]
 
     monkeypatch.setattr(quantize, "INT8", dataclasses.replace(quantize.INT8, outlier_ratio=float("inf")))
     with pytest.raises(FidelityError, match="misses the fidelity gate.*mean_kl.*--accept-fidelity-miss"):
         gpt2onnx.export(src_dir, str(tmp_path / "bad"), precision="int8", progress=False)
     assert not (tmp_path / "bad").exists() and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
     m = gpt2onnx.export(src_dir, str(tmp_path / "kept"), precision="int8", progress=False, accept_fidelity_miss=True)
-    assert m["fidelity"]["missed"] and m["fidelity"]["status"].startswith("missed")
+    assert m.fidelity["missed"] and m.fidelity["status"].startswith("missed")
     # --kv-cache auto: qgemm, then MatMulNBits (block 128 fitted to n_embd 32), with the int8 cache, then again
     # with an fp32 cache; all missed, the last kept
-    assert [(t["what"], t["kv_cache"]) for t in m["quantization"]["tried"]] == [
+    assert [(t["what"], t["kv_cache"]) for t in m.quantization["tried"]] == [
         ("qgemm (7-bit weights)", "int8"), ("block 32", "int8"), ("qgemm (7-bit weights)", "fp32"), ("block 32", "fp32")]
-    assert all(t["missed"] for t in m["quantization"]["tried"]) and m["kv_cache"] == {"dtype": "fp32"}
+    assert all(t["missed"] for t in m.quantization["tried"]) and m.kv_cache.dtype == "fp32"
     assert gpt2onnx.load(str(tmp_path / "kept")).generate("a", max_new_tokens=2)[0].generated_tokens == 2
     assert read_manifest(str(tmp_path / "kept")).to_dict()["fidelity"]["missed"]
     assert "WARNING: this int8 export MISSED the gate" in (tmp_path / "kept" / "MODEL_CARD.md").read_text()
@@ -289,7 +292,7 @@ def test_a_fidelity_miss_retries_with_matmulnbits_then_the_finer_block(tmp_path,
     """n_embd 64: qgemm first; when it misses, MatMulNBits block 64, then block 32, each written over (not
     appended to) the one before."""
     import gpt2onnx
-    from conftest import save_tiny_gpt2
+    from helpers.models import save_tiny_gpt2
     from gpt2onnx.exporter import policy
 
     src_dir = save_tiny_gpt2(str(tmp_path / "src"), n_embd=64, n_head=2)
@@ -302,13 +305,13 @@ def test_a_fidelity_miss_retries_with_matmulnbits_then_the_finer_block(tmp_path,
 
     monkeypatch.setattr(policy, "check", check_missing_the_first)
     m = gpt2onnx.export(src_dir, str(tmp_path / "m"), precision="int8", progress=False)
-    assert [(t["what"], bool(t["missed"])) for t in m["quantization"]["tried"]] == [
+    assert [(t["what"], bool(t["missed"])) for t in m.quantization["tried"]] == [
         ("qgemm (7-bit weights)", True), ("block 64", True), ("block 32", False)]
-    q = m["quantization"]
-    assert (q["scheme"], q["block_size"]) == ("MatMulNBits", 32) and m["fidelity"]["status"] == "passed"
-    assert m["opset"] == 17  # the qgemm graph's opset 21 did not stick
+    q = m.quantization
+    assert (q["scheme"], q["block_size"]) == ("MatMulNBits", 32) and m.fidelity["status"] == "passed"
+    assert m.opset == 17  # the qgemm graph's opset 21 did not stick
     monkeypatch.setattr(policy, "check", real_check)
-    once = gpt2onnx.export(src_dir, str(tmp_path / "once"), precision="int8", progress=False)["quantization"]["tried"]
+    once = gpt2onnx.export(src_dir, str(tmp_path / "once"), precision="int8", progress=False).quantization["tried"]
     assert [t["what"] for t in once] == ["qgemm (7-bit weights)"]
     data = {d: os.path.getsize(tmp_path / d / "model.onnx.data") for d in ("m", "once")}
     assert data["m"] < 1.5 * data["once"], data  # the retry rewrote the data file, did not append to it

@@ -16,8 +16,9 @@ from gpt2onnx import runtime
 from gpt2onnx.integrations import azureml, azureml_kit
 from gpt2onnx.errors import ArtifactError, Gpt2OnnxError
 
-from conftest import azmlinfsrv, deployment_root, in_threads
-from damaged_folders import SURFACE_CASES
+from helpers.azureml import azmlinfsrv, deployment_root
+from helpers.threads import in_threads
+from helpers.damaged_folders import SURFACE_CASES
 
 WAIT_S = 120  # bound on a thread's wait; nothing here comes close
 

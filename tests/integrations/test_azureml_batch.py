@@ -12,7 +12,7 @@ import gpt2onnx
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
 from gpt2onnx.integrations import azureml_batch as ab
 
-from conftest import deployment_root
+from helpers.azureml import deployment_root
 
 PARAMS = {"max_new_tokens": 6}
 

@@ -18,7 +18,7 @@ from gpt2onnx.bench import record as results, skus
 from gpt2onnx.cli import main
 from gpt2onnx.integrations import azureml_bench_kit as kit
 
-from conftest import BENCH_FIXTURES as FIXTURES, REPO
+from helpers.paths import BENCH_FIXTURES as FIXTURES, REPO
 
 SKUS = ["Standard_F4s_v2", "Standard_D4as_v4", "Standard_E4s_v3"]
 FIXTURE_OF = {"Standard_F4s_v2": "f4s_v2.json", "Standard_D4as_v4": "d4as_v4.json", "Standard_E4s_v3": "e4s_v3.json"}

@@ -1,6 +1,6 @@
 """Bad input through the Azure ML scoring entry: run() in process and the real azmlinfsrv over HTTP.
 
-The table of requests is tests/bad_requests.py: each bad one is HTTP 400 {"error": "<one
+The table of requests is tests/helpers/bad_requests.py: each bad one is HTTP 400 {"error": "<one
 line>"}, never a 500, each good one the text the API generates. Body quirks (BOM, CRLF,
 content types, wrong JSON types) and random bytes, text and JSON (hypothesis) never make
 run() raise. Decisions are in docs/reliability.md.
@@ -21,9 +21,9 @@ import gpt2onnx
 from gpt2onnx.integrations import azureml, azureml_kit
 from gpt2onnx.params import FIELDS
 
-from bad_requests import CASES, IDS, MB, good_results, one_line
-from conftest import azmlinfsrv, deployment_root
-from random_inputs import JSON, PARAM_VALUES, SCALE, SETTINGS
+from helpers.bad_requests import CASES, IDS, MB, good_results, one_line
+from helpers.azureml import azmlinfsrv, deployment_root
+from helpers.random_inputs import JSON, PARAM_VALUES, SCALE, SETTINGS
 
 BOM = "\ufeff".encode("utf-8")
 BOUND_S = 60  # an HTTP call that takes longer is a hang (a 1 MB prompt is refused in ~3 s on one slow core)

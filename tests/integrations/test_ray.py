@@ -15,7 +15,7 @@ from gpt2onnx.batch.rows import NO_PROMPT
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
 from gpt2onnx.integrations.ray import Gpt2OnnxPredictor, generate_dataset
 
-from conftest import REPO
+from helpers.paths import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 

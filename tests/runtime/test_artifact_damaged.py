@@ -1,6 +1,6 @@
 """Damaged model folders: each is refused at load with one line that says what to do.
 
-The table of damages is tests/damaged_folders.py. Every damaged folder is loaded in a
+The table of damages is tests/helpers/damaged_folders.py. Every damaged folder is loaded in a
 SUBPROCESS first (API, `gpt2onnx generate`, `gpt2onnx inspect`; the `probed` fixture), so a
 native crash in onnxruntime would show up as a failed test naming the folder, not as a dead
 test run. run_batch and Azure ML init() refuse the same folders (tests/batch/test_job.py,
@@ -20,7 +20,7 @@ import pytest
 import gpt2onnx
 from gpt2onnx.errors import ArtifactError
 
-from damaged_folders import CONTENT_ONLY, DAMAGE, IDS
+from helpers.damaged_folders import CONTENT_ONLY, DAMAGE, IDS
 
 
 @pytest.mark.parametrize("name,damage,verify,err", DAMAGE, ids=IDS)

@@ -19,7 +19,7 @@ import gpt2onnx
 from gpt2onnx import GenerationParams
 from gpt2onnx.errors import InvalidRequestError
 
-from conftest import in_threads
+from helpers.threads import in_threads
 
 WAIT_S = 120
 PROMPTS = ["The tower is", "In 1998 the", "", "a b c d e f g h", "\U0001f642 unicode \u00e9t\u00e9"]

@@ -91,7 +91,7 @@ def test_stats_since_gives_a_jobs_counts():
 
 
 def test_threads_share_one_cache(tmp_path):
-    from conftest import in_threads
+    from helpers.threads import in_threads
 
     c = PrefixCache(block=4, capacity_bytes=20_000)
     keys = c.keys(range(4 * 40))

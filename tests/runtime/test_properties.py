@@ -17,7 +17,7 @@ import gpt2onnx
 from gpt2onnx import GenerationParams
 from gpt2onnx.errors import InvalidRequestError
 
-from random_inputs import SCALE, SETTINGS
+from helpers.random_inputs import SCALE, SETTINGS
 
 CONTEXT = 64  # the tiny model's
 

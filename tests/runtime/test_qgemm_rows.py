@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gpt2onnx.artifact import read_manifest
 from gpt2onnx.exporter.qgemm import quantize_qgemm
-from row_probe import probe
+from helpers.row_probe import probe
 
 
 def projection(tmp_path, seven_bits: str) -> str:
@@ -70,7 +70,7 @@ def test_tiny_model_rows_alone_equal_rows_in_batches_of_2_to_8(tiny_int8):
 def wide(tmp_path_factory) -> dict:
     """A tiny GPT-2 128 wide (block 128, where MatMulNBits' row pairs show), exported both ways: {scheme: dir}."""
     import gpt2onnx
-    from conftest import save_tiny_gpt2
+    from helpers.models import save_tiny_gpt2
     from gpt2onnx.exporter import quantize
 
     root = tmp_path_factory.mktemp("wide")

@@ -1,6 +1,6 @@
 """Bad input through the Python API: `generate`, `generate_tokens`, request shapes, `load` arguments.
 
-The table of requests is tests/bad_requests.py; the CLI, run_batch and Azure ML run it too.
+The table of requests is tests/helpers/bad_requests.py; the CLI, run_batch and Azure ML run it too.
 Each bad request is one `InvalidRequestError` line, raised at the call (streaming included),
 each good one generates. Decisions are in docs/reliability.md.
 """
@@ -13,7 +13,7 @@ import gpt2onnx
 from gpt2onnx import GenerationParams
 from gpt2onnx.errors import ArtifactError, InvalidRequestError
 
-from bad_requests import CASES, IDS, MB, good_results, one_line
+from helpers.bad_requests import CASES, IDS, MB, good_results, one_line
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 import gpt2onnx.textstream
 from gpt2onnx.textstream import TextStream
 
-from conftest import shared_path
+from helpers.paths import shared_path
 
 
 @functools.cache

@@ -1,7 +1,7 @@
 """tokenizer: the packaged GPT-2 tokenizer, tokenizers from files, and the model folder's own.
 
 No network: the packaged vocabulary ships in gpt2onnx/data; the tiny models' tokenizer is
-trained in conftest.py.
+trained in tests/helpers/models.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 from gpt2onnx import tokenizer
 from gpt2onnx.errors import ArtifactError, UnsupportedModelError
 
-from conftest import TOKENIZER_VOCAB, WIKI_SLICE
+from helpers.models import TOKENIZER_VOCAB
+from helpers.paths import WIKI_SLICE
 
 TEXTS = ["Hello world", "", " leading space", "tabs\tand\nnewlines\r\n", "caf\u00e9 \u4e2d\u6587 \U0001f642",
          "<|endoftext|>The end", "@-@ 1998 ."]

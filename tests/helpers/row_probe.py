@@ -7,7 +7,7 @@ is tried. Partners either share the target's length (one batched prefill, M = ro
 tokens) or have other lengths (prefilled one by one, then decoded together). The target
 is fed the same tokens in both runs; its logits must be equal bit for bit, at every step.
 
-    python tests/row_probe.py MODEL_DIR [--threads 1,2] [--lengths 1-33] [--steps 3]
+    python tests/helpers/row_probe.py MODEL_DIR [--threads 1,2] [--lengths 1-33] [--steps 3]
 
 prints the number of cases and lists those where a bit differed (exit status 1 if any).
 `probe` is the same from Python (tests/runtime/test_qgemm_rows.py).

@@ -18,7 +18,8 @@ import sys
 from gpt2onnx import artifact
 
 
-def _manifest(d, change) -> None:
+def edit_manifest(d, change) -> None:
+    """Load `d`'s manifest, let `change` edit the dict in place, write it back (no rehash)."""
     path = os.path.join(d, artifact.MANIFEST)
     with open(path, encoding="utf-8") as f:
         m = json.load(f)
@@ -30,7 +31,7 @@ def _manifest(d, change) -> None:
 def _rehash(d) -> None:
     """Rewrite the file table (and the manifest's own sha256) as if the damage had happened before the
     manifest was written."""
-    _manifest(d, lambda m: (m.update(files=artifact.describe_files(d)), _self_hash(m)))
+    edit_manifest(d, lambda m: (m.update(files=artifact.describe_files(d)), _self_hash(m)))
 
 
 def _self_hash(m: dict) -> None:
@@ -44,7 +45,7 @@ def _edit(change, *, self_hash: bool = True):
         def apply(m: dict) -> None:
             change(m)
             _self_hash(m) if self_hash else m.pop(artifact.SELF_HASH, None)
-        _manifest(d, apply)
+        edit_manifest(d, apply)
     return damage
 
 
@@ -128,36 +129,36 @@ DAMAGE = [
      r"gpt2onnx.json is not valid JSON"),
     ("manifest-empty", lambda d: _write(J(d, "gpt2onnx.json"), b""), True, r"gpt2onnx.json is not valid JSON"),
     ("manifest-a-list", lambda d: _write(J(d, "gpt2onnx.json"), b"[1, 2]"), True, r"is not a gpt2onnx manifest"),
-    ("manifest-newer", lambda d: _manifest(d, lambda m: m.update(format_version=artifact.FORMAT_VERSION + 1)), True,
+    ("manifest-newer", lambda d: edit_manifest(d, lambda m: m.update(format_version=artifact.FORMAT_VERSION + 1)), True,
      r"model folder format 2 is newer than this gpt2onnx supports \(1\); upgrade gpt2onnx"),
-    ("format_version-string", lambda d: _manifest(d, lambda m: m.update(format_version="1")), True,
+    ("format_version-string", lambda d: edit_manifest(d, lambda m: m.update(format_version="1")), True,
      r"has no valid format_version"),
-    ("format_version-bool", lambda d: _manifest(d, lambda m: m.update(format_version=True)), True,
+    ("format_version-bool", lambda d: edit_manifest(d, lambda m: m.update(format_version=True)), True,
      r"has no valid format_version"),
-    ("manifest-wrong-sha256", lambda d: _manifest(d, lambda m: m["files"]["tokenizer.json"].update(sha256="0" * 64)),
+    ("manifest-wrong-sha256", lambda d: edit_manifest(d, lambda m: m["files"]["tokenizer.json"].update(sha256="0" * 64)),
      True, r"tokenizer.json does not match its sha256"),
-    ("manifest-no-dims", lambda d: _manifest(d, lambda m: m.pop("dims")), True, r"lacks 'dims'"),
-    ("manifest-no-files", lambda d: _manifest(d, lambda m: m.pop("files")), True, r"lacks 'files'"),
-    ("manifest-no-model-entry", lambda d: _manifest(d, lambda m: m["files"].pop("model.onnx")), True,
+    ("manifest-no-dims", lambda d: edit_manifest(d, lambda m: m.pop("dims")), True, r"lacks 'dims'"),
+    ("manifest-no-files", lambda d: edit_manifest(d, lambda m: m.pop("files")), True, r"lacks 'files'"),
+    ("manifest-no-model-entry", lambda d: edit_manifest(d, lambda m: m["files"].pop("model.onnx")), True,
      r"lists no model.onnx"),
-    ("dims-a-string", lambda d: _manifest(d, lambda m: m.update(dims="x")), True, r"lacks 'dims'"),
-    ("dims-n_layer-string", lambda d: _manifest(d, lambda m: m["dims"].update(n_layer="x")), True,
+    ("dims-a-string", lambda d: edit_manifest(d, lambda m: m.update(dims="x")), True, r"lacks 'dims'"),
+    ("dims-n_layer-string", lambda d: edit_manifest(d, lambda m: m["dims"].update(n_layer="x")), True,
      r"dims.n_layer must be a positive integer, got 'x'; the folder is damaged, re-export it"),
-    ("dims-n_head-missing", lambda d: _manifest(d, lambda m: m["dims"].pop("n_head")), True,
+    ("dims-n_head-missing", lambda d: edit_manifest(d, lambda m: m["dims"].pop("n_head")), True,
      r"dims.n_head must be a positive integer, got None"),
-    ("dims-head_dim-inconsistent", lambda d: _manifest(d, lambda m: m["dims"].update(head_dim=8)), True,
+    ("dims-head_dim-inconsistent", lambda d: edit_manifest(d, lambda m: m["dims"].update(head_dim=8)), True,
      r"head_dim x n_head != n_embd"),
-    ("dims-n_positions-lie", lambda d: _manifest(d, lambda m: m["dims"].update(n_positions=1024)), True,
+    ("dims-n_positions-lie", lambda d: edit_manifest(d, lambda m: m["dims"].update(n_positions=1024)), True,
      r"says n_positions 1024 but config.json says 64"),
-    ("dims-vocab-lie", lambda d: _manifest(d, lambda m: m["dims"].update(vocab_size=500)), True,
+    ("dims-vocab-lie", lambda d: edit_manifest(d, lambda m: m["dims"].update(vocab_size=500)), True,
      r"says vocab_size 500 but config.json says 1000"),
-    ("eos-null", lambda d: _manifest(d, lambda m: m.update(eos_token_id=None)), True,
+    ("eos-null", lambda d: edit_manifest(d, lambda m: m.update(eos_token_id=None)), True,
      r"eos_token_id must be a token id in \[0, 1000\), got None"),
-    ("bos-out-of-vocab", lambda d: _manifest(d, lambda m: m.update(bos_token_id=50256)), True,
+    ("bos-out-of-vocab", lambda d: edit_manifest(d, lambda m: m.update(bos_token_id=50256)), True,
      r"bos_token_id must be a token id in \[0, 1000\), got 50256"),
-    ("bytes-a-string", lambda d: _manifest(d, lambda m: m["files"]["config.json"].update(bytes="x")), True,
+    ("bytes-a-string", lambda d: edit_manifest(d, lambda m: m["files"]["config.json"].update(bytes="x")), True,
      r"config.json is \d+ bytes, the manifest says x"),
-    ("file-entry-escapes", lambda d: _manifest(d, lambda m: m["files"].update({"../model.onnx": {}})), True,
+    ("file-entry-escapes", lambda d: edit_manifest(d, lambda m: m["files"].update({"../model.onnx": {}})), True,
      r"bad file entry '../model.onnx'"),
     ("tokenizer-missing", lambda d: os.remove(J(d, "tokenizer.json")), True, r"tokenizer.json is missing"),
     ("tokenizer-corrupt", lambda d: (_write(J(d, "tokenizer.json"), b'{"version": "1.0", "model": 7}'), _rehash(d)),
@@ -214,7 +215,7 @@ DAMAGE = [
     ("dims-vocab-with-config", lambda d: (_config(d, vocab_size=1001), _edit(
         lambda m: m["dims"].update(vocab_size=1001))(d)), True, r"says dims.vocab_size 1001 but model.onnx has 1000"),
     # Any other edit: the manifest's own sha256.
-    ("random_weights-edited", lambda d: _manifest(d, lambda m: m["source"].update(random_weights=True)), True,
+    ("random_weights-edited", lambda d: edit_manifest(d, lambda m: m["source"].update(random_weights=True)), True,
      r"gpt2onnx.json was edited after export \(its content does not match its manifest_sha256\); restore"),
     ("empty-folder", lambda d: [os.remove(J(d, n)) for n in os.listdir(d)], True,
      r"is not a gpt2onnx model folder \(no gpt2onnx.json\); export one with 'gpt2onnx export SOURCE OUTDIR'"),
