@@ -4,20 +4,11 @@
     done = step(batch, group=True)   # {slot: (V,) logits} of finished prompts
 
 Why fixed blocks: block j's keys and values are then a function of tokens [0, (j + 1) B)
-only, computed the same way whether the prompt runs alone, in any batch, admitted
-mid-flight, after a kill and resume, or after blocks 0..j-1 came from the prefix cache
-(`_prefix`); so a cache hit cannot change a token. `bench/prefill_probe.py` checks the
-graph keeps that promise. Measured on onnxruntime 1.32 (tiny and 124M; fp32 and int8
-weights; fp32 and int8 KV cache): a block's logits and cache bits are the same after a
-computed or a copied past, with garbage past its length or not, split into calls of other
-query counts, beside other rows, with any ``logits_to_keep``; chunked equals one-shot. The
-odd tail of a prompt still needs its pad token where rows go in pairs (int8 MatMulNBits:
-without it the last row differs), which `_run` adds as a one-shot prefill does.
-
-onnxruntime's limit, found by the probe: GroupQueryAttention refuses S > 1 new tokens over
-a non-empty past at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past
-context is given"). So a block after the first runs one row per call; first blocks (empty
-past) of prompts of the same first-block length run together, as equal prompts did.
+only, computed the same way alone, in any batch, admitted mid-flight, after a resume, or
+after blocks 0..j-1 came from the prefix cache (`_prefix`): a cache hit cannot change a
+token. What `bench/prefill_probe.py` measured, and onnxruntime's one limit (GroupQueryAttention
+takes S > 1 new tokens over a non-empty past only at batch 1, so a block after the first runs
+one row per call): docs/reliability.md, "Chunked prefill and the prefix cache".
 
 When (`_scheduler`): while no row decodes, every waiting prompt is prefilled; while rows
 decode, one block per decode step, the oldest waiting prompt first, so a decoding row waits
