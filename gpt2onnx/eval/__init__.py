@@ -1,9 +1,11 @@
 """Measure a model folder: WikiText-2 perplexity, LAMBADA, fidelity against fp32.
 
->>> from gpt2onnx.eval import evaluate
->>> evaluate("out/gpt2-int8", "wikitext2")["ppl"]                          # doctest: +SKIP
->>> evaluate("out/gpt2-int8", "lambada", limit=500)["accuracy"]             # doctest: +SKIP
->>> evaluate("out/gpt2-int8", "fidelity", reference="out/gpt2-fp32")        # doctest: +SKIP
+For example::
+
+    from gpt2onnx.eval import evaluate
+    evaluate("out/gpt2-int8", "wikitext2")["ppl"]
+    evaluate("out/gpt2-int8", "lambada", limit=500)["accuracy"]
+    evaluate("out/gpt2-int8", "fidelity", reference="out/gpt2-fp32")
 
 ``wikitext2`` and ``lambada`` need only the runtime (onnxruntime + numpy + tokenizers):
 each window or passage is one run of the model folder's session from an empty cache,
@@ -40,8 +42,9 @@ DEFAULT_LIMITS = {"wikitext2": 20, "lambada": 500, "fidelity": 4}  # fidelity: t
 def fidelity_verdict(figures: dict, manifest, vocab_size: int) -> list[str]:
     """What missed the gate, by the exporter's own rule (`gpt2onnx.eval.gate`): one model, one verdict.
 
-    >>> fidelity_verdict(figures, gen.manifest, gen.vocab_size)    # doctest: +SKIP
-    []
+    For example::
+
+        fidelity_verdict(figures, gen.manifest, gen.vocab_size)   # -> []
     """
     return fidelity_gate(figures, manifest, vocab_size)[2]
 
@@ -131,9 +134,10 @@ def evaluate(model_dir: str, task: str, *, data: str | None = None, reference: s
         DataError: the data file is missing or malformed.
         ArtifactError: the model folder is damaged.
 
-    >>> r = evaluate("out/gpt2", "wikitext2", limit=8, progress=False)   # doctest: +SKIP
-    >>> sorted(r)[:3]                                                     # doctest: +SKIP
-    ['bits_per_byte', 'bytes_scored', 'data']
+    For example::
+
+        r = evaluate("out/gpt2", "wikitext2", limit=8, progress=False)
+        sorted(r)[:3]   # -> ['bits_per_byte', 'bytes_scored', 'data']
     """
     if task not in TASKS:
         raise InvalidRequestError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

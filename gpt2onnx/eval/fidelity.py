@@ -133,9 +133,10 @@ def measure(ref_session, session, token_ids, *, window: int, stride: int, limit:
         ``ppl_ref``, ``ppl``, ``ppl_ratio`` (model / ref, on the same tokens), ``positions``
         and ``windows``.
 
-    >>> figures = measure(fp32_session, int8_session, ids, window=512, stride=256)  # doctest: +SKIP
-    >>> check(figures)                                                              # doctest: +SKIP
-    []
+    For example::
+
+        figures = measure(fp32_session, int8_session, ids, window=512, stride=256)
+        check(figures)   # -> []
     """
     ids = np.asarray(token_ids, np.int64).ravel()
     if ids.size < 2:

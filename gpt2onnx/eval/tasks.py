@@ -1,6 +1,8 @@
 """The measurements of `gpt2onnx.eval`: strided perplexity and LAMBADA over one session.
 
->>> perplexity(session, ids, max_length=1024, stride=512)["ppl"]      # doctest: +SKIP
+For example::
+
+    perplexity(session, ids, max_length=1024, stride=512)["ppl"]
 
 Sessions are anything `gpt2onnx.eval.GraphSpec` accepts: an onnxruntime
 session of a gpt2onnx graph, or a `fidelity.TorchSession`.
