@@ -185,3 +185,32 @@ def test_in_place_cache_equals_plain_session_loop(which, request):
         feeds = folder.spec.feeds(np.array([[tok]]), 1, past=past)
     ours = gen.generate(PROMPTS[3], max_new_tokens=12, ignore_eos=True)[0].token_ids
     assert list(ours) == plain
+
+
+@pytest.mark.parametrize("folder", ["tiny_fp32", "tiny_kv8"])
+def test_sessions_take_gqa_default_path(folder, request, monkeypatch):
+    """graphio.open_session builds GroupQueryAttention's non-flash kernels (issue #21: the flash
+    path is slower on CPU prefill) and leaves the process environment as it found it."""
+    import os
+
+    import onnxruntime as ort
+
+    from gpt2onnx import graphio
+
+    path = request.getfixturevalue(folder)
+    path = path["int8"] if isinstance(path, dict) else path
+    model = os.path.join(path, "model.onnx")
+    monkeypatch.delenv(graphio.GQA_FLASH_ENV, raising=False)
+    ours = graphio.open_session(model, 1)
+    assert graphio.GQA_FLASH_ENV not in os.environ
+    by_path = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv(graphio.GQA_FLASH_ENV, value)
+        by_path[value] = ort.InferenceSession(model, graphio.session_options(1), providers=["CPUExecutionProvider"])
+    spec = graphio.GraphSpec.of(ours)
+    ids = np.random.default_rng(0).integers(0, 1000, (3, 40))
+    feeds = spec.feeds(ids)
+    got, flash, plain = (s.run(None, feeds)[0] for s in (ours, by_path["0"], by_path["1"]))
+    assert not np.array_equal(flash, plain)  # the two paths round differently: the check below can fail
+    np.testing.assert_array_equal(got, plain)
+    np.testing.assert_allclose(flash, plain, rtol=1e-3, atol=1e-3)
