@@ -21,6 +21,7 @@ from gpt2onnx.batch.rows import NO_PROMPT
 from gpt2onnx.errors import ArtifactError
 
 from helpers.damaged_folders import SURFACE_CASES
+from helpers.procs import ctrl_c_after
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 
@@ -195,20 +196,12 @@ def test_out_of_order_rows_are_never_duplicated(job, gen, tmp_path):
 
 def test_interrupted_in_process_then_resumed(job, gen, tmp_path, monkeypatch):
     d, ref = job
-    real = gen.generate_iterable
-
-    def flaky(requests, batch_size, **kw):  # Ctrl-C after 20 rows have finished
-        for k, item in enumerate(real(requests, batch_size=batch_size, **kw)):
-            if k == 20:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(gen, "generate_iterable", flaky)
+    ctrl_c_after(gen, monkeypatch, 20)  # Ctrl-C after 20 rows have finished
     with pytest.raises(KeyboardInterrupt):
         run_batch(gen, d / "in.jsonl", tmp_path / "out.jsonl", batch_size=4, progress=False)
     partial = read_rows(tmp_path / "out.jsonl")
     assert 4 <= len(partial) < 150 and without_timing(partial) == without_timing(ref[: len(partial)])
-    monkeypatch.setattr(gen, "generate_iterable", real)
+    monkeypatch.undo()  # the real generate_iterable again
     s = run_batch(gen, d / "in.jsonl", tmp_path / "out.jsonl", batch_size=4, progress=False)
     assert s.skipped_already_done == len(partial)
     assert without_timing(read_rows(tmp_path / "out.jsonl")) == without_timing(ref)

@@ -25,6 +25,8 @@ from gpt2onnx import cli
 from gpt2onnx.batch import BatchError, run_batch
 from gpt2onnx.batch import state
 
+from helpers.procs import reap, sigkill
+
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 WAIT_S = 60  # bound on waiting for a hook or a subprocess; nothing here should come close
 
@@ -142,12 +144,9 @@ def _run_until_parked(cmd, hook: str, marker) -> None:
                                         + proc.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, f"hook {hook} never reached"
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(WAIT_S) == -signal.SIGKILL
+        sigkill(proc, WAIT_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT_S)
+        reap(proc, WAIT_S)
         proc.stderr.close()
         if os.path.exists(marker):
             os.remove(marker)

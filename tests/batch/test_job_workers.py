@@ -25,6 +25,8 @@ from gpt2onnx import cli
 from gpt2onnx.batch import run_batch
 from gpt2onnx.errors import InvalidRequestError
 
+from helpers.procs import reap, sigkill
+
 from test_job_crashes import make_input, read_rows
 
 WAIT_S = 60
@@ -109,12 +111,9 @@ def test_finished_rows_reach_the_output_while_a_later_row_runs(job, tiny_int8, t
         workers = _wait_for_rows(proc, out, stuck - 4)  # 2 x batch size: what the stuck worker holds at most
         time.sleep(1)  # nothing after the stuck row may follow
         assert read_rows(out) == ref[:len(read_rows(out))] and stuck - 4 <= len(read_rows(out)) <= stuck
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(WAIT_S) == -signal.SIGKILL
+        sigkill(proc, WAIT_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT_S)
+        reap(proc, WAIT_S)
     deadline = time.monotonic() + 10
     while any(_alive(w) for w in workers):
         assert time.monotonic() < deadline, "a worker outlived its parent"
@@ -196,12 +195,9 @@ def test_parent_killed_leaves_no_worker_and_resumes(job, tiny_int8, tmp_path):
     proc = _start(job, tiny_int8, out)
     try:
         workers = _wait_for_rows(proc, out, 20)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(WAIT_S) == -signal.SIGKILL
+        sigkill(proc, WAIT_S)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT_S)
+        reap(proc, WAIT_S)
     deadline = time.monotonic() + 10  # each worker notices within a second that its parent is gone
     while any(_alive(w) for w in workers):
         assert time.monotonic() < deadline, "a worker outlived its parent"

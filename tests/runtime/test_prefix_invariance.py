@@ -18,6 +18,8 @@ import gpt2onnx
 from gpt2onnx._engine import Engine
 from gpt2onnx.batch import run_batch
 
+from helpers.procs import ctrl_c_after
+
 BLOCK = 8  # the default block of the tiny models' 64-token context (an eighth): heads of 3 blocks
 
 
@@ -146,15 +148,7 @@ def test_jobs_count_hits_and_write_the_same_rows_on_or_off_and_after_a_resume(ti
     assert static.prefix_cache_hits > 0
 
     fresh = gpt2onnx.load(tiny_int8, threads=1)  # killed after 10 rows, resumed by a new process
-    real = fresh.generate_iterable
-
-    def flaky(requests, batch_size, **kw):
-        for k, item in enumerate(real(requests, batch_size=batch_size, **kw)):
-            if k == 10:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(fresh, "generate_iterable", flaky)
+    ctrl_c_after(fresh, monkeypatch, 10)
     with pytest.raises(KeyboardInterrupt):
         run_batch(fresh, tmp_path / "in.jsonl", tmp_path / "resumed.jsonl", batch_size=3)
     again = gpt2onnx.load(tiny_int8, threads=1)
