@@ -3,7 +3,7 @@
 # random weights (the default int8 folder), with AMX and as on Cascade Lake, in interleaved
 # rounds; prints a markdown table (medians of per-round ratios) and writes it beside the records.
 #
-#   bash bench/issue21_table.sh                      # on a quiet machine; ~15 min on 2 vCPUs
+#   bash bench/issue21_table.sh                      # on a quiet machine; ~4 min of benchmarks on 2 vCPUs
 #   GPT2ONNX_OPENVINO_PYTHON=~/ov/bin/python bash bench/issue21_table.sh   # OpenVINO in another venv
 #
 # Each round: `gpt2onnx bench` at b1 (32-token prompt) and b8 (128-token prompts), 128 new
