@@ -154,7 +154,7 @@ def _run_optimum(job: dict) -> dict:
     from .runs import onnx_weight_bytes
 
     _torch_threads(job["threads"])
-    so = ort.SessionOptions()
+    so = ort.SessionOptions()  # not graphio's: the baseline keeps onnxruntime's default CPU arena
     so.intra_op_num_threads = job["threads"]
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
